@@ -1,0 +1,486 @@
+"""The HomeLLM architecture: a Llama/Qwen2-class decoder-only transformer.
+
+Everything lives in this one file and depends only on torch:
+
+    tokens -> embedding -> n_layer x [RMSNorm -> GQA attention (RoPE) -> +residual
+                                      RMSNorm -> SwiGLU MLP           -> +residual]
+           -> RMSNorm -> lm_head (tied to the embedding or not) -> logits
+
+Parameter names follow the Hugging Face Llama/Qwen2 layout (q_proj, gate_proj, ...) and
+RoPE uses the same "rotate half" convention, so export_hf.py maps weights one to one
+without permuting q/k.
+
+Generation uses a static KV cache: buffers of the final size are allocated once per
+generate() call and written in place, so decode steps run on fixed shapes (no torch.cat).
+
+Run `python model.py config/home_25m.py` to print a preset's parameter count and FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # None -> n_head (plain multi-head attention); 1 -> MQA
+    n_embd: int = 768
+    ffn_hidden: Optional[int] = None  # None -> Llama's rule, see default_ffn_hidden()
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2 puts a bias on the q/k/v projections
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = default_ffn_hidden(self.n_embd)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick n_head among the divisors of n_embd (e.g. {_near_divisor(self.n_embd, self.n_head)})"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                f"each KV head must serve the same number of query heads (e.g. n_kv_head={_near_divisor(self.n_head, self.n_kv_head)})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = n_embd/n_head = {self.head_dim} is odd, but RoPE rotates pairs of "
+                "dimensions; change n_embd or n_head so that head_dim is even"
+            )
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Build from a dict that may carry extra keys (e.g. a whole train config)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def default_ffn_hidden(n_embd: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of the classic 4*n_embd (three matrices instead of two keep
+    the parameter count), rounded up to a multiple of 256 for friendly matmul shapes."""
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _near_divisor(n: int, want: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32: the mean of squares in bf16/fp16 loses precision or overflows.
+        # Cast back before the gain, exactly as HF Llama does, so exported logits match.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_seq_len, head_dim) for the "rotate half" layout: dimension
+    i and i + head_dim/2 form one rotating pair with frequency theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D). Rotates each (x_i, x_{i+D/2}) pair by its angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys/values for one layer: (batch, n_kv_head, length, head_dim).
+    Written in place at the given positions, so decoding never reallocates."""
+
+    def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, positions=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            # Attend over the whole static cache; `mask` hides the slots not written yet.
+            k, v = self.cache.update(positions, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            # SDPA picks the flash / memory-efficient kernel on CUDA; GQA is handled inside
+            # the kernel, so K/V are never materialized n_head/n_kv_head times.
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, positions=None, mask=None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, positions, mask))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Not persistent: derived from the config, so checkpoints stay weights-only.
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of storing them (switchable
+        # at run time; train.py sets it from --grad_checkpoint).
+        self.grad_checkpoint = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init: N(0, init_std) for embeddings and linear weights, zero biases, unit norm gains.
+        The two projections that write into the residual stream (o_proj, down_proj) get
+        init_std / sqrt(2 * n_layer), so the residual's variance does not grow with depth
+        (GPT-2's scaling)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std / scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab), or (logits, loss) when targets
+        are given; loss is the mean cross-entropy over targets != -1."""
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.layers:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------- generation
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        """Allocate every layer's static KV cache (batch, n_kv_head, length, head_dim)."""
+        p = self.embed.weight
+        for block in self.layers:
+            block.attn.cache = KVCache(batch, self.config.n_kv_head, length, self.config.head_dim, p.dtype, p.device)
+        self.register_buffer(
+            "cache_mask", torch.tril(torch.ones(length, length, dtype=torch.bool, device=p.device)), persistent=False
+        )
+
+    def clear_cache(self) -> None:
+        for block in self.layers:
+            block.attn.cache = None
+        self.cache_mask = None
+
+    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run tokens idx (B, T) that sit at `positions` (T,) through the model, reading and
+        writing the KV cache. Returns logits of the last position only: (B, vocab)."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = self.cache_mask[positions]  # (T, cache_len): row i sees slots <= positions[i]
+        x = self.embed(idx)
+        for block in self.layers:
+            x = block(x, cos, sin, positions, mask)
+        return self.lm_head(self.norm(x[:, -1]))
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_id: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, shape (B,), as soon as it is sampled.
+
+        The prompt is prefilled in one pass, then one token per step. Stops after
+        max_new_tokens, when every row has produced eos_id (rows that finished early keep
+        yielding eos_id), or when the context window is full. The generator's return value
+        (StopIteration.value) says which: "max_new_tokens", "eos" or "max_seq_len".
+        """
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if T >= self.config.max_seq_len:
+            raise ValueError(f"the prompt has {T} tokens but max_seq_len={self.config.max_seq_len}; shorten it")
+        length = min(T + max_new_tokens, self.config.max_seq_len)
+        was_training = self.training
+        self.eval()
+        self.setup_cache(B, length)
+        try:
+            positions = torch.arange(T, device=idx.device)
+            logits = self.forward_cached(idx, positions)
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for step in range(max_new_tokens):
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    token = torch.where(finished, torch.full_like(token, eos_id), token)
+                    finished |= token == eos_id
+                yield token
+                if eos_id is not None and bool(finished.all()):
+                    return "eos"
+                if step + 1 == max_new_tokens:
+                    break
+                if T + step + 1 >= self.config.max_seq_len:
+                    return "max_seq_len"  # prompt + new tokens fill the context window
+                logits = self.forward_cached(token[:, None], positions.new_tensor([T + step]))
+            return "max_new_tokens"
+        finally:
+            self.clear_cache()
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Non-streaming convenience: returns idx with the new tokens appended (B, T + n)."""
+        stream = self.generate_stream(idx, max_new_tokens, **kwargs)
+        new_tokens = []
+        while True:
+            try:
+                new_tokens.append(next(stream))
+            except StopIteration as stop:
+                if stop.value == "max_seq_len":
+                    warnings.warn(
+                        f"generation stopped after {len(new_tokens)} new tokens: the context "
+                        f"window max_seq_len={self.config.max_seq_len} is full"
+                    )
+                break
+        return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else idx
+
+    # ------------------------------------------------------------------------- accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied lm_head is counted once). non_embedding leaves out the
+        token embedding table, which is a lookup, not compute; an untied lm_head stays in."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the config alone (no tensors), so even a 3B preset is instant."""
+    d, hd = cfg.n_embd, cfg.head_dim
+    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
+    attn = d * q_out + 2 * d * kv_out + q_out * d + (q_out + 2 * kv_out) * cfg.qkv_bias
+    mlp = 3 * d * cfg.ffn_hidden
+    per_layer = attn + mlp + 2 * d  # two RMSNorm gains
+    embedding = cfg.vocab_size * d
+    lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    total = embedding + cfg.n_layer * per_layer + d + lm_head
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding, "per_layer": per_layer}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at context length seq_len.
+
+    6 FLOPs per matmul weight and token (2 forward, 4 backward), counting the lm_head matmul
+    even when tied (it is real compute), plus attention's two T x T products: per layer and
+    token 2*2*seq_len*(n_head*head_dim) forward, x3 with backward. GQA shows up through the
+    smaller k/v projections; the score matmuls are per query head. Like PaLM's formula this
+    counts the full seq_len, not the causal half.
+    """
+    counts = count_params(cfg)
+    matmul_weights = counts["non_embedding"] - (2 * cfg.n_layer + 1) * cfg.n_embd  # drop norm gains
+    if cfg.qkv_bias:
+        matmul_weights -= cfg.n_layer * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    if cfg.tie_embeddings:
+        matmul_weights += cfg.vocab_size * cfg.n_embd
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+    return 6.0 * matmul_weights + attention
+
+
+def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the hardware's peak FLOP/s."""
+    return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy. top_k keeps the k most likely
+    tokens; top_p keeps the smallest set whose probability reaches p (always at least one)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1")
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first never drops.
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def describe(cfg: ModelConfig, seq_len: Optional[int] = None) -> str:
+    counts = count_params(cfg)
+    seq_len = seq_len or cfg.max_seq_len
+    return (
+        f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding "
+        f"(vocab_size={cfg.vocab_size}, tied={cfg.tie_embeddings})\n"
+        f"layers={cfg.n_layer} n_embd={cfg.n_embd} heads={cfg.n_head} kv_heads={cfg.n_kv_head} "
+        f"head_dim={cfg.head_dim} ffn_hidden={cfg.ffn_hidden} max_seq_len={cfg.max_seq_len}\n"
+        f"training FLOPs per token at seq_len {seq_len}: {flops_per_token(cfg, seq_len):.4g}"
+    )
+
+
+def model_config_from_preset(values: dict, default_vocab_size: int = 32000) -> ModelConfig:
+    """A ModelConfig from a config/ preset's keys: block_size stands in for max_seq_len when
+    the preset does not set it, and presets that leave vocab_size to the tokenizer are counted
+    at default_vocab_size."""
+    values = dict(values)
+    if values.get("max_seq_len") is None and values.get("block_size") is not None:
+        values["max_seq_len"] = values["block_size"]
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = default_vocab_size
+    return ModelConfig.from_dict(values)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+
+    from configurator import ConfigError, read_config_file
+
+    parser = argparse.ArgumentParser(description="Print a preset's parameter count and FLOPs per token.")
+    parser.add_argument("config", help="a config/ preset, e.g. config/home_25m.py")
+    parser.add_argument("--vocab_size", type=int, default=32000, help="used when the preset leaves vocab_size to the tokenizer")
+    args = parser.parse_args(argv)
+    try:
+        cfg = model_config_from_preset(read_config_file(args.config), args.vocab_size)
+    except (ConfigError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(describe(cfg))
+
+
+if __name__ == "__main__":
+    main()

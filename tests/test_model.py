@@ -1,0 +1,342 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import model
+from model import ModelConfig, Transformer, apply_rope, count_params, flops_per_token, sample_next_token
+
+torch.set_num_threads(2)
+
+
+def tiny(**overrides) -> ModelConfig:
+    values = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def build(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny(**overrides)).eval()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_derives_llama_ffn_width_and_mha_default():
+    assert model.default_ffn_hidden(4096) == 11008  # Llama-7B
+    assert model.default_ffn_hidden(512) == 1536
+    assert ModelConfig(n_embd=768, n_head=12).ffn_hidden == 2048
+    assert ModelConfig(n_embd=768, n_head=12).n_kv_head == 12
+    assert ModelConfig(n_embd=768, n_head=12, ffn_hidden=1000).ffn_hidden == 1000
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4"),
+        (dict(n_head=4, n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+        (dict(n_embd=36, n_head=12, n_kv_head=12), "head_dim = n_embd/n_head = 3 is odd"),
+        (dict(n_layer=0), "n_layer=0 must be a positive integer"),
+        (dict(vocab_size=-5), "vocab_size=-5 must be a positive integer"),
+        (dict(dropout=1.5), "dropout=1.5 must be in [0, 1)"),
+    ],
+)
+def test_config_rejects_bad_values_with_the_fix(overrides, message):
+    with pytest.raises(ValueError) as err:
+        tiny(**overrides)
+    assert message in str(err.value)
+
+
+def test_config_error_suggests_a_divisor():
+    with pytest.raises(ValueError, match=r"e\.g\. 5\)"):
+        tiny(n_embd=40, n_head=6)
+
+
+def test_config_round_trips_through_dict():
+    cfg = tiny(qkv_bias=True, tie_embeddings=False)
+    assert ModelConfig.from_dict({**cfg.to_dict(), "learning_rate": 1e-3}) == cfg
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def test_forward_shapes_and_loss_ignores_minus_one():
+    m = build()
+    idx = torch.randint(0, 97, (3, 10))
+    targets = torch.randint(0, 97, (3, 10))
+    logits, loss = m(idx, targets)
+    assert logits.shape == (3, 10, 97)
+    expected = F.cross_entropy(logits.view(-1, 97), targets.view(-1))
+    assert torch.allclose(loss, expected)
+    targets[:, :5] = -1
+    _, loss_masked = m(idx, targets)
+    expected_masked = F.cross_entropy(logits[:, 5:].reshape(-1, 97), targets[:, 5:].reshape(-1))
+    assert torch.allclose(loss_masked, expected_masked)
+
+
+def test_initial_loss_is_near_uniform():
+    m = build()
+    _, loss = m(torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32)))
+    assert abs(loss.item() - math.log(97)) < 0.1
+
+
+def test_forward_rejects_sequences_longer_than_the_context():
+    m = build(max_seq_len=8)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
+        m(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    m = build()
+    idx = torch.randint(0, 97, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 97
+    before, after = m(idx), m(changed)
+    assert torch.equal(before[:, :9], after[:, :9])
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    gqa = build(n_head=4, n_kv_head=2)
+    mha = build(seed=1, n_head=4, n_kv_head=4)
+    state = gqa.state_dict()
+    head_dim, group = 8, 2
+    for key, value in state.items():
+        if key.endswith(("k_proj.weight", "v_proj.weight")):
+            # (n_kv_head*head_dim, d) -> each KV head copied for the query heads it serves
+            value = value.view(2, head_dim, -1).repeat_interleave(group, dim=0).reshape(4 * head_dim, -1)
+        mha.state_dict()[key].copy_(value)
+    idx = torch.randint(0, 97, (2, 12))
+    assert torch.allclose(gqa(idx), mha(idx), atol=1e-5)
+
+
+def manual_attention(attn, x, cos, sin):
+    """Textbook softmax attention with explicit K/V repetition and a causal mask."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rep = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    y = scores.softmax(-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("n_kv_head, qkv_bias", [(4, False), (2, True), (1, False)])
+def test_sdpa_attention_equals_manual_softmax_attention(n_kv_head, qkv_bias):
+    m = build(n_kv_head=n_kv_head, qkv_bias=qkv_bias)
+    if qkv_bias:  # zero-initialized biases would not exercise the bias path
+        for block in m.layers:
+            torch.nn.init.normal_(block.attn.q_proj.bias)
+            torch.nn.init.normal_(block.attn.k_proj.bias)
+    attn = m.layers[0].attn
+    x = torch.randn(2, 11, 32)
+    cos, sin = m.rope_cos[:11], m.rope_sin[:11]
+    assert torch.allclose(attn(x, cos, sin), manual_attention(attn, x, cos, sin), atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cos, sin = model.rope_cos_sin(16, 64, theta=10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(m, n):
+        qm = apply_rope(q.view(1, 1, 1, 16), cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k.view(1, 1, 1, 16), cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-4)
+    assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-5)  # position 0 is identity
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_rope_theta_changes_the_rotation():
+    cos_a, _ = model.rope_cos_sin(16, 8, theta=10000.0)
+    cos_b, _ = model.rope_cos_sin(16, 8, theta=1e6)
+    assert torch.equal(cos_a[:, 0], cos_b[:, 0])  # the fastest pair always has frequency 1
+    assert not torch.allclose(cos_a[:, 2], cos_b[:, 2])  # slower pairs rotate slower with a larger theta
+
+
+def test_tied_embeddings_share_one_tensor():
+    m = build(tie_embeddings=True)
+    assert m.lm_head.weight is m.embed.weight
+    assert m.num_params() == count_params(m.config)["total"]
+    with torch.no_grad():
+        m.embed.weight[3, 0] = 123.0
+    assert m.lm_head.weight[3, 0].item() == 123.0
+    untied = build(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+    assert untied.num_params() - m.num_params() == 97 * 32
+
+
+def test_rms_norm_matches_definition():
+    norm = model.RMSNorm(8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 8)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert torch.allclose(norm(x), expected, atol=1e-6)
+    # Statistics in fp32: 300^2 overflows fp16's range (65504), so an fp16 mean would be inf.
+    big = torch.full((1, 8), 300.0, dtype=torch.float16)
+    out = model.RMSNorm(8, eps=1e-6)(big)
+    assert torch.isfinite(out).all() and torch.allclose(out.float(), torch.ones(1, 8), atol=1e-3)
+
+
+def test_residual_projections_get_depth_scaled_init():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=8, n_head=4, n_embd=256))
+    q_std = m.layers[0].attn.q_proj.weight.std().item()
+    o_std = m.layers[0].attn.o_proj.weight.std().item()
+    assert q_std == pytest.approx(0.02, rel=0.05)
+    assert o_std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+def test_grad_checkpointing_gives_equal_gradients():
+    m = build()
+    m.train()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+
+    def grads():
+        m.zero_grad()
+        m(idx, targets)[1].backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    plain = grads()
+    m.grad_checkpoint = True
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def uncached_greedy(m, idx, n):
+    for _ in range(n):
+        idx = torch.cat([idx, m(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(n_kv_head=1), dict(n_kv_head=4, qkv_bias=True, tie_embeddings=False), dict(rope_theta=1e6)],
+)
+def test_cached_greedy_equals_uncached_greedy(overrides):
+    m = build(**overrides)
+    if overrides.get("qkv_bias"):
+        for block in m.layers:
+            torch.nn.init.normal_(block.attn.k_proj.bias)
+    prompt = torch.randint(0, 97, (3, 7))
+    cached = m.generate(prompt, 30, temperature=0)
+    assert cached.shape == (3, 37)
+    assert torch.equal(cached, uncached_greedy(m, prompt, 30))
+
+
+def test_kv_cache_is_static_and_written_in_place():
+    m = build()
+    stream = m.generate_stream(torch.randint(0, 97, (1, 5)), 12, temperature=0)
+    next(stream)
+    cache = m.layers[0].attn.cache
+    assert cache.k.shape == (1, 2, 17, 8)  # batch, n_kv_head, prompt + new, head_dim
+    pointer = cache.k.data_ptr()
+    for _ in range(10):
+        next(stream)
+        assert m.layers[0].attn.cache.k.data_ptr() == pointer
+    assert cache.k[0, :, :15].abs().sum() > 0  # slots 0..14 were written in place
+    list(stream)
+    assert m.layers[0].attn.cache is None  # released after generation
+
+
+def test_generation_stops_at_eos_and_reports_it():
+    m = build()
+    prompt = torch.randint(0, 97, (1, 4))
+    first = m.generate(prompt, 1, temperature=0)[0, -1].item()
+    stream = m.generate_stream(prompt, 50, temperature=0, eos_id=first)
+    tokens = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            tokens.append(next(stream))
+    assert stop.value.value == "eos"
+    assert [t.item() for t in tokens] == [first]
+
+
+def test_generation_stops_cleanly_at_the_context_window():
+    m = build(max_seq_len=12)
+    with pytest.warns(UserWarning, match="max_seq_len=12 is full"):
+        out = m.generate(torch.randint(0, 97, (2, 5)), 100, temperature=0.8, top_k=5)
+    assert out.shape == (2, 12)
+    with pytest.raises(ValueError, match="shorten it"):
+        m.generate(torch.zeros(1, 12, dtype=torch.long), 3)
+
+
+def test_top_k_never_samples_outside_the_k_most_likely():
+    logits = torch.randn(4, 50)
+    allowed = torch.topk(logits, 5, dim=-1).indices
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        token = sample_next_token(logits, temperature=1.5, top_k=5, generator=g)
+        assert (allowed == token[:, None]).any(dim=-1).all()
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    seen = {sample_next_token(logits, top_p=0.75, generator=g).item() for _ in range(400)}
+    assert seen == {0, 1}  # 0.5 < 0.75, 0.5 + 0.3 reaches it: the nucleus is {0, 1}
+    seen = {sample_next_token(logits, top_p=0.2, generator=g).item() for _ in range(100)}
+    assert seen == {0}  # the most likely token is always kept
+
+
+def test_temperature_zero_is_greedy_and_sampling_is_seeded():
+    logits = torch.randn(3, 20)
+    assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1))
+    a = sample_next_token(logits, generator=torch.Generator().manual_seed(7))
+    b = sample_next_token(logits, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(qkv_bias=True, tie_embeddings=False), dict(n_kv_head=1, ffn_hidden=100)],
+)
+def test_count_params_matches_the_built_model(overrides):
+    m = build(**overrides)
+    counts = count_params(m.config)
+    assert counts["total"] == m.num_params()
+    assert counts["non_embedding"] == m.num_params(non_embedding=True)
+
+
+def matmul_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
+    """SDPA written as plain matmuls, so FlopCounterMode sees its FLOPs on CPU too."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    T = q.shape[-2]
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_flops_per_token_matches_a_flop_counter(monkeypatch):
+    cfg = tiny(n_layer=3, n_embd=64, n_head=4, n_kv_head=2, vocab_size=101)
+    m = Transformer(cfg)
+    B, T = 2, 32
+    idx = torch.randint(0, 101, (B, T))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", matmul_sdpa)
+    with FlopCounterMode(display=False) as counter:
+        m(idx, idx)[1].backward()
+    assert counter.get_total_flops() == pytest.approx(flops_per_token(cfg, T) * B * T, rel=0.01)
+
+
+def test_mfu_is_achieved_over_peak():
+    cfg = tiny()
+    fpt = flops_per_token(cfg, 64)
+    assert model.estimate_mfu(cfg, 64, tokens_per_s=1000.0, peak_flops=fpt * 4000.0) == pytest.approx(0.25)
