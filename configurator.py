@@ -1,0 +1,228 @@
+"""Typed config files and --key=value overrides for HomeLLM's scripts.
+
+    python train.py [config/FILE.py ...] [--key=value ...]
+
+A script's settings are a dataclass. Its defaults are overridden by each config file in
+order, then by each --key=value in order. A config file is plain Python run in a namespace of
+its own (runpy), so it may compute values (`batch_size = 4 * 2`) but can never touch this
+module or the caller; the public names it leaves behind are the keys it sets. Every value is
+checked against its field's annotation, and any mistake raises ConfigError, which
+parse_args_or_exit turns into one line on stderr and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import os
+import runpy
+import sys
+import traceback
+import types
+from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+_NO = object()  # _convert's "does not fit", since None is a legitimate value
+_CLI = "the command line"
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or on the command line; the message says how to fix it."""
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """The keys a user may set (init fields) with their types; get_type_hints resolves the string
+    annotations that `from __future__ import annotations` leaves behind."""
+    hints = get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls) if f.init}
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _convert(value: object, tp: Any) -> object:
+    """value as an instance of tp (an int widened for a float field), or _NO when it does not fit."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if tp is None or tp is type(None):
+        return None if value is None else _NO
+    if origin is Literal:  # compare types too: True == 1, yet Literal[1] must not take True
+        return value if any(value == a and type(value) is type(a) for a in args) else _NO
+    if origin is Union or origin is types.UnionType:  # Optional[X] and X | None land here
+        for arg in args:
+            out = _convert(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if tp in (int, float) and isinstance(value, bool):  # bool subclasses int; --n_layer=True is a typo
+        return _NO
+    if tp is float and isinstance(value, int):
+        return float(value)
+    cls = origin or tp
+    if isinstance(cls, type):
+        return value if isinstance(value, cls) else _NO
+    return value  # an annotation we cannot check (a TypeVar, a Protocol): trust the value
+
+
+def _unknown(key: str, known: dict, source: str) -> str:
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{near[0]}'?" if near else "run with --help to list the valid keys"
+    return f"unknown config key '{key}' in {source}; {hint}"
+
+
+def _check(cls: type, values: dict[str, object], source: str) -> dict[str, object]:
+    """values converted to their fields' types; a ConfigError names the first bad key."""
+    known = _fields(cls)
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(_unknown(key, known, source))
+        tp, f = known[key]
+        converted = _convert(value, tp)
+        if converted is _NO:
+            raise ConfigError(
+                f"config key '{key}' in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+            )
+        choices = f.metadata.get("choices")
+        if choices is not None and converted is not None and converted not in choices:
+            allowed = ", ".join(map(repr, choices))
+            raise ConfigError(f"config key '{key}' in {source} must be one of {allowed}, got {value!r}")
+        out[key] = converted
+    return out
+
+
+def _parse_value(raw: str, tp: Any) -> object:
+    """A command-line string as a Python literal, true/false for bools, and the raw string where
+    the field takes a str, so --out_dir=out-ru and --device=cuda need no quotes."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw
+    if raw in ("true", "false") and _convert(raw == "true", tp) is not _NO:
+        return raw == "true"
+    if _convert(value, tp) is _NO and _convert(raw, tp) is not _NO:
+        return raw  # e.g. --run_name=2024 for a str field stays "2024"
+    return value
+
+
+def read_config_file(path: str) -> dict[str, object]:
+    """The public names a config file assigns (modules, functions and classes are skipped)."""
+    if not path.endswith(".py"):
+        raise ConfigError(f"config file '{path}' is not a .py file; pass a Python config such as config/home_25m.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; check the path (presets live in config/)")
+    try:
+        namespace = runpy.run_path(path, run_name="__config__")
+    except Exception as err:  # any bug in the file: report where it is, not our traceback
+        lines = [fr.lineno for fr in traceback.extract_tb(err.__traceback__) if fr.filename == os.path.abspath(path)]
+        where = f" line {lines[-1]}" if lines else ""
+        raise ConfigError(f"config file '{path}'{where} failed: {type(err).__name__}: {err}") from err
+    skip = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, skip)}
+
+
+def apply_overrides(cfg: T, values: dict[str, object], source: str) -> T:
+    """A new cfg with values type-checked and applied; source names them in error messages.
+    Note dataclasses.replace copies every other field as __post_init__ left it."""
+    checked = _check(type(cfg), values, source)
+    try:
+        return dataclasses.replace(cfg, **checked)
+    except ValueError as err:  # the dataclass's own __post_init__ validation
+        raise ConfigError(f"invalid config from {source}: {err}") from err
+
+
+def parse_args(cls: type[T], argv: list[str]) -> T:
+    """cls built from its defaults <- config files (in order) <- --key=value (in order)."""
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls))
+        raise SystemExit(0)
+    known = _fields(cls)
+    files: list[str] = []
+    overrides: dict[str, object] = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if key not in known:
+                raise ConfigError(_unknown(key, known, _CLI))
+            tp = known[key][0]
+            if not eq and _convert(True, tp) is _NO:
+                raise ConfigError(f"--{key} needs a value; write --{key}=VALUE")
+            overrides[key] = _parse_value(raw, tp) if eq else True  # a bare --flag means True
+        elif arg.endswith(".py"):
+            files.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}'; pass a config file ending in .py or --key=value")
+    # Merge everything and build once: built step by step, __post_init__ would judge (and fill
+    # in) half-applied settings, e.g. a file's n_embd before the command line's n_head.
+    values: dict[str, object] = {}
+    for path in files:
+        values.update(_check(cls, read_config_file(path), path))
+    values.update(_check(cls, overrides, _CLI))
+    for key, (_, f) in known.items():
+        if key not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{key}' has no default; set it in a config file or with --{key}=VALUE")
+    try:
+        return cls(**values)
+    except ValueError as err:
+        source = " + ".join(files + ([_CLI] if overrides else [])) or "the defaults"
+        raise ConfigError(f"invalid config from {source}: {err}") from err
+
+
+def parse_args_or_exit(cls: type[T], argv: Optional[list[str]] = None) -> T:
+    """parse_args for a script's main(): a config mistake prints one line and exits 2."""
+    try:
+        return parse_args(cls, sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def format_help(cls: type) -> str:
+    """Usage plus one aligned row per key: name, type, default, help text and choices."""
+    rows = []
+    for key, (tp, f) in _fields(cls).items():
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        note = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            note = f"{note} (one of {', '.join(map(repr, f.metadata['choices']))})".strip()
+        rows.append((f"--{key}", _type_name(tp), default, note))
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+    lines = [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    prog = os.path.basename(sys.argv[0]) or "script.py"
+    return (
+        f"usage: python {prog} [config/FILE.py ...] [--key=value ...]\n"
+        "Config files apply in order, then --key=value overrides; a bare --flag sets a bool key to True.\n\n"
+        "keys (type, default):\n" + "\n".join(lines)
+    )
+
+
+def _json_safe(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return str(value)  # a Path, a torch.dtype: a readable record rather than a crash
+
+
+def config_to_dict(cfg: object) -> dict[str, object]:
+    """JSON-safe settings for out_dir/config.json and checkpoints; init fields only, so the dict
+    can go back through cls(**d) or apply_overrides."""
+    keep = {f.name for f in dataclasses.fields(cfg) if f.init}
+    return {k: _json_safe(v) for k, v in dataclasses.asdict(cfg).items() if k in keep}
+
+
+def format_config(cfg: object) -> str:
+    """Aligned `key = value` lines, values as Python literals (pasteable into a config file)."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    width = max(map(len, values), default=0)
+    return "\n".join(f"{k:<{width}} = {v!r}" for k, v in values.items())
