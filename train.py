@@ -53,7 +53,8 @@ class TrainConfig:
     n_kv_head: Optional[int] = None
     n_embd: int = 768
     ffn_hidden: Optional[int] = None
-    block_size: int = field(default=1024, metadata={"help": "training context length; also the model's max_seq_len"})
+    block_size: int = field(default=1024, metadata={"help": "training context length (tokens per sequence)"})
+    max_seq_len: Optional[int] = field(default=None, metadata={"help": "the model's context window (RoPE table, generation limit); None: block_size"})
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
@@ -93,7 +94,7 @@ class TrainConfig:
         return ModelConfig(
             vocab_size=self.vocab_size or vocab_size, n_layer=self.n_layer, n_head=self.n_head,
             n_kv_head=self.n_kv_head, n_embd=self.n_embd, ffn_hidden=self.ffn_hidden,
-            max_seq_len=self.block_size, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+            max_seq_len=self.max_seq_len or self.block_size, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
             tie_embeddings=self.tie_embeddings, qkv_bias=self.qkv_bias, dropout=self.dropout,
         )
 

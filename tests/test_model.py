@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -340,3 +341,55 @@ def test_mfu_is_achieved_over_peak():
     cfg = tiny()
     fpt = flops_per_token(cfg, 64)
     assert model.estimate_mfu(cfg, 64, tokens_per_s=1000.0, peak_flops=fpt * 4000.0) == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS = ["tiny_cpu", "home_25m", "home_80m", "home_200m", "qwen_2_5b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_comment_states_the_computed_parameter_count(name):
+    from configurator import read_config_file
+
+    path = f"config/{name}.py"
+    text = open(path, encoding="utf-8").read()
+    found = re.search(
+        r"# Parameters \(python model\.py (\S+)(?: --vocab_size=(\d+))?\): ([\d,]+) total, ([\d,]+) non-embedding", text
+    )
+    assert found, f"{path} lacks the '# Parameters (...)' comment"
+    assert found.group(1) == path
+    cfg = model.model_config_from_preset(read_config_file(path), int(found.group(2) or 32000))
+    counts = count_params(cfg)
+    assert found.group(3) == f"{counts['total']:,}"
+    assert found.group(4) == f"{counts['non_embedding']:,}"
+
+
+def test_home_presets_have_the_classic_shapes():
+    from configurator import read_config_file
+
+    shapes = {name: read_config_file(f"config/{name}.py") for name in ("home_25m", "home_80m", "home_200m")}
+    assert [(v["n_embd"], v["n_layer"], v["n_head"]) for v in shapes.values()] == [(512, 8, 8), (768, 12, 12), (1024, 16, 16)]
+
+
+def test_qwen_preset_shape_and_memory_table_match_the_code():
+    from configurator import read_config_file
+
+    path = "config/qwen_2_5b.py"
+    values = read_config_file(path)
+    cfg = model.model_config_from_preset(values)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.ffn_hidden) == (36, 2048, 16, 8, 11008)
+    assert (cfg.max_seq_len, cfg.rope_theta, cfg.vocab_size, cfg.qkv_bias) == (32768, 1e6, 151936, True)
+    assert 3.1e9 < count_params(cfg)["total"] < 3.3e9  # not 2.5B: the comment must not say so either
+    table = model.memory_table(cfg, values["batch_size"], values["block_size"], 8).splitlines()[1:]
+    text = open(path, encoding="utf-8").read()
+    for line in table:
+        assert f"# {line}\n" in text
+
+
+def test_model_cli_prints_a_presets_counts(capsys):
+    model.main(["config/home_25m.py", "--vocab_size=1000"])
+    out = capsys.readouterr().out
+    cfg = model.model_config_from_preset({"n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 1024}, 1000)
+    assert f"parameters: {count_params(cfg)['total']:,} total" in out
+    assert "FSDP x8" in out

@@ -1,0 +1,38 @@
+# Qwen2.5-3B-shaped model (36 layers, hidden 2048, 16 heads, 8 KV heads, FFN 11008, qkv bias,
+# RoPE theta 1e6, context 32768, vocab 151936). Despite the file name the arithmetic says:
+# Parameters (python model.py config/qwen_2_5b.py): 3,199,240,192 total, 2,888,075,264 non-embedding
+# Memory per GPU (rough arithmetic from model.estimate_train_memory_gb, bf16, batch 1 x 4096):
+#   DDP      grad_checkpoint=False:   70.1 GiB (states 47.7 + activations 16.6 + logits 5.8)
+#   DDP      grad_checkpoint=True :   54.5 GiB (states 47.7 + activations 1.0 + logits 5.8)
+#   FSDP x8  grad_checkpoint=False:   28.3 GiB (states 6.0 + activations 16.6 + logits 5.8)
+#   FSDP x8  grad_checkpoint=True :   12.8 GiB (states 6.0 + activations 1.0 + logits 5.8)
+# Hardware: FSDP (the default here) over 4-8 GPUs of 40-80 GB. DDP keeps the whole optimizer
+# state on every GPU: only 80 GB cards with grad_checkpoint, and little room to spare.
+#   torchrun --nproc_per_node=8 train.py config/qwen_2_5b.py
+vocab_size = 151936
+n_layer = 36
+n_head = 16
+n_kv_head = 8
+n_embd = 2048
+ffn_hidden = 11008
+qkv_bias = True
+tie_embeddings = True
+rope_theta = 1e6
+norm_eps = 1e-6
+max_seq_len = 32768  # the model's context window; training windows are block_size
+block_size = 4096
+
+data_dir = "data/fineweb2_ru"
+out_dir = "out-qwen-2-5b"
+parallel = "fsdp"
+grad_checkpoint = True
+dtype = "bfloat16"
+
+batch_size = 1
+gradient_accumulation_steps = 16
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 2000
+max_iters = 100000
+eval_interval = 1000
+eval_iters = 20
