@@ -1,0 +1,308 @@
+"""train.py end to end on a tiny generated dataset: loss, accumulation, DDP/FSDP via
+torchrun (gloo on CPU), exact resume after kill -9, atomic saves, signals, bad input."""
+
+import base64
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import train
+from train import TrainConfig, TrainError, TokenShards, get_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small model that still has every feature on: GQA, qkv bias, untied head would be
+# another variant; these runs take well under a second per step on 2 cores.
+TINY = [
+    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32",
+    "--batch_size=4", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=3",
+    "--eval_iters=2", "--log_interval=1", "--device=cpu", "--compile=False",
+]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> str:
+    """A byte-level tiktoken dataset of patterned Latin and Cyrillic text."""
+    root = tmp_path_factory.mktemp("data")
+    ranks = {bytes([i]): i for i in range(256)}
+    (root / "bytes.tiktoken").write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+    rng = random.Random(0)
+    words = ["привет", "мир", "кот", "спит", "the", "cat", "sat", "on", "mat", "дом", "и", "a"]
+    with open(root / "corpus.txt", "w", encoding="utf-8") as f:
+        for _ in range(1500):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + "\n")
+    out = root / "ds"
+    prepare.main([
+        "--input", str(root / "corpus.txt"), "--tokenizer", str(root / "bytes.tiktoken"),
+        "--out_dir", str(out), "--val_fraction", "0.1", "--workers", "1",
+    ])
+    return str(out)
+
+
+def run_inprocess(argv: list[str]) -> None:
+    train.main(argv)
+
+
+def metrics(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + random.randint(0, 500)), str(REPO / "train.py"), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout=180) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_loss_falls_and_outputs_are_written(dataset, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20"])
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 41))
+    assert losses[1] > 4.5 and losses[40] < losses[1] - 1.5  # starts near ln(257), then learns
+    records = metrics(out)
+    for key in ("step", "loss", "lr", "tokens_per_s", "grad_norm", "mfu", "peak_mem_mb"):
+        assert key in records[0]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    meta = json.loads((Path(dataset) / "meta.json").read_text())
+    val = meta["splits"]["val"]
+    assert evals[1]["val_bpb"] == pytest.approx(evals[1]["val_loss"] / math.log(2) * val["tokens"] / val["bytes"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["max_iters"] == 40 and config["model"]["n_kv_head"] == 2
+    assert (out / meta["tokenizer"]["file"]).exists()  # sample.py finds the tokenizer here
+
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "model_config", "train_config", "step", "tokens_seen", "best_val_loss",
+                "tokenizer", "rng", "sampler", "world_size", "scaler"):
+        assert key in ckpt
+    assert ckpt["step"] == 40 and ckpt["world_size"] == 1
+    assert ckpt["tokens_seen"] == 40 * 4 * 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_000020.pt", "ckpt_000040.pt"]
+
+
+def test_gradient_accumulation_matches_a_bigger_micro_batch(dataset, tmp_path):
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'a'}", "--max_iters=6", "--eval_interval=100", "--batch_size=4", "--gradient_accumulation_steps=1"])
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'b'}", "--max_iters=6", "--eval_interval=100", "--batch_size=1", "--gradient_accumulation_steps=4"])
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4)
+
+
+def test_lr_schedule_warms_up_from_nonzero_and_decays_to_min_lr():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    lrs = [get_lr(s, cfg) for s in range(120)]
+    assert 0 < lrs[0] < lrs[5] < lrs[9] <= 1e-3
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lrs[100] == lrs[119] == 1e-4
+
+
+def test_weight_decay_only_on_matrices():
+    from model import ModelConfig, Transformer
+
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, qkv_bias=True))
+    opt = train.make_optimizer(m, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_global_batch_sampling_is_defined_by_seed_and_step(tmp_path):
+    meta = {"dtype": "uint32", "splits": {"train": {"shards": [{"file": "a.bin", "tokens": 50}, {"file": "b.bin", "tokens": 8}, {"file": "c.bin", "tokens": 100}]}}}
+    np.arange(50, dtype=np.uint32).tofile(tmp_path / "a.bin")
+    np.arange(8, dtype=np.uint32).tofile(tmp_path / "b.bin")
+    (np.arange(100, dtype=np.uint32) + 1000).tofile(tmp_path / "c.bin")
+    data = TokenShards(str(tmp_path), meta, "train", block_size=9)
+    assert data.num_windows == (50 - 9) + 0 + (100 - 9)  # a 10-token window never fits shard b
+    picks = data.sample([7, 3], 500)
+    assert picks == data.sample([7, 3], 500) and picks != data.sample([7, 4], 500)
+    assert {s for s, _ in picks} == {0, 2}
+    x, y = data.read(picks[:50], torch.device("cpu"))
+    assert x.shape == y.shape == (50, 9)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.all(x[:, -1] - x[:, 0] == 8)  # contiguous windows, never across a shard boundary
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main([f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no dataset at") and "python prepare.py" in err and "\n" not in err
+
+
+def test_nonfinite_loss_skips_then_stops_without_touching_the_checkpoint(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=4"])
+    before = (out / "ckpt.pt").read_bytes()
+    # An absurd learning rate drives the weights to inf within a step or two.
+    with pytest.raises(SystemExit) as exit_:
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=100",
+                       "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0", "--nonfinite_patience=3"])
+    assert exit_.value.code == 1
+    captured = capsys.readouterr()
+    assert "update skipped (1/3)" in captured.out
+    assert "non-finite for 3 steps in a row" in captured.err
+    assert (out / "ckpt.pt").read_bytes() == before
+    skipped = [r for r in metrics(out) if r.get("loss", 0) is None]
+    assert skipped and all(r["step"] > 4 for r in skipped)  # recorded as null, never NaN
+
+
+def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"step": 1}, str(tmp_path), 1, keep=0)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"step": 2}, str(tmp_path), 2, keep=0)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_resume_refuses_another_model_config(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2"])
+    with pytest.raises(SystemExit):
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--n_layer=3"])
+    err = capsys.readouterr().err
+    assert "the model config differs: n_layer=2 (checkpoint) vs 3 (now)" in err and "--init_from=" in err
+
+
+def test_init_from_a_checkpoint_warm_starts_the_weights(dataset, tmp_path):
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'a'}", "--max_iters=20", "--eval_interval=20"])
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'b'}", "--max_iters=1", "--eval_interval=1",
+                   f"--init_from={tmp_path / 'a' / 'ckpt.pt'}"])
+    assert train_losses(tmp_path / "b")[1] < train_losses(tmp_path / "a")[1] - 1.0
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_max_time_min_stops_cleanly_with_a_checkpoint(dataset, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000", "--max_time_min=0.02"])
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 0 < step < 100000
+    assert max(train_losses(out)) == step
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout=120.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def kill_after_first_checkpoint(cmd_proc: subprocess.Popen, out: Path) -> int:
+    wait_for(out / "ckpt.pt", cmd_proc)
+    os.killpg(cmd_proc.pid, signal.SIGKILL)
+    cmd_proc.wait()
+    return torch.load(out / "ckpt.pt", weights_only=True)["step"]
+
+
+RESUME_RUN = [*TINY, "--max_iters=30", "--eval_interval=5", "--block_size=64", "--batch_size=8"]
+
+
+def comparable(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss")) for r in records]
+
+
+def test_resume_after_kill_is_bit_exact_single_process(dataset, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run_inprocess([*RESUME_RUN, f"--data_dir={dataset}", f"--out_dir={ref}"])
+    proc = subprocess.Popen([sys.executable, "train.py", *RESUME_RUN, f"--data_dir={dataset}", f"--out_dir={cut}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    saved_step = kill_after_first_checkpoint(proc, cut)
+    assert proc.returncode == -signal.SIGKILL and saved_step < 30
+    run_inprocess([*RESUME_RUN, f"--data_dir={dataset}", f"--out_dir={cut}"])
+    assert comparable(metrics(cut)) == comparable(metrics(ref))  # exact float equality
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output and "(stopped by signal)" in output
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step == max(train_losses(out))
+
+
+def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exactly(dataset, tmp_path):
+    one, ddp, cut = tmp_path / "one", tmp_path / "ddp", tmp_path / "cut"
+    args = [*RESUME_RUN, f"--data_dir={dataset}", "--batch_size=4"]
+    ref = torchrun([*args, f"--out_dir={ddp}"])
+    run_inprocess([*args, f"--out_dir={one}", "--gradient_accumulation_steps=2"])
+    log = finish(ref)
+    assert "4 x 1 accum x 2 ranks = 8 sequences" in log
+    a, b = train_losses(one), train_losses(ddp)
+    assert a.keys() == b.keys() == set(range(1, 31))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4)
+
+    proc = torchrun([*args, f"--out_dir={cut}"], start_new_session=True)
+    saved_step = kill_after_first_checkpoint(proc, cut)
+    assert saved_step < 30
+    finish(torchrun([*args, f"--out_dir={cut}"]))
+    assert comparable(metrics(cut)) == comparable(metrics(ddp))  # bit-exact across the kill
+
+    # The same checkpoint cannot continue on one process: its RNG/data state is per rank.
+    with pytest.raises(SystemExit):
+        run_inprocess([*args, f"--out_dir={cut}", "--max_iters=40"])
+
+
+def test_fsdp_two_ranks_train_save_and_resume(dataset, tmp_path):
+    out = tmp_path / "fsdp"
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--parallel=fsdp", "--eval_interval=4", "--lr_decay_iters=8"]
+    log = finish(torchrun([*args, "--max_iters=4"]))
+    assert "parallel: fsdp" in log
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and ckpt["parallel"] == "fsdp"
+    assert ckpt["model"]["embed.weight"].shape == (257, 32)  # gathered full tensors, not shards
+    finish(torchrun([*args, "--max_iters=8"]))
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    # FSDP and a single process compute the same thing: compare against one process, 2x accumulation.
+    single = tmp_path / "single"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={single}", "--eval_interval=4", "--lr_decay_iters=8", "--max_iters=8", "--gradient_accumulation_steps=2"])
+    for step, loss in train_losses(single).items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-4)
