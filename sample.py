@@ -1,0 +1,479 @@
+"""Sample text from a trained HomeLLM checkpoint, streamed to the terminal as it is generated.
+
+    python sample.py --start "Привет"                          # latest checkpoint in out/
+    python sample.py --ckpt out/ckpt_000500.pt --start FILE:prompt.txt --num_samples 3
+    python sample.py --interactive                             # type a line, the model continues
+
+The checkpoint carries its model config and the tokenizer record of the data it was trained
+on, so nothing else needs to be passed. Generated text goes to stdout (as UTF-8, a character
+at a time even when its bytes are split over several tokens); notes go to stderr.
+
+export_hf.py and bench.py reuse find_checkpoint, load_checkpoint, build_model,
+load_checkpoint_tokenizer and TextStreamer / stream_decode from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from model import ModelConfig, Transformer
+from prepare import Tokenizer, TokenizerError, load_tokenizer
+
+SEPARATOR = "-" * 40  # printed on its own line between samples
+REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a whole UTF-8 character
+
+
+class SampleError(RuntimeError):
+    """A problem the user can fix (missing or foreign checkpoint, bad flag); main() prints the
+    message as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
+    """The checkpoint to load: `ckpt` when given, else out_dir/ckpt.pt (train.py's latest)."""
+    if ckpt:
+        if not os.path.isfile(ckpt):
+            raise SampleError(f"checkpoint {ckpt} does not exist")
+        return ckpt
+    path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(out_dir):
+        raise SampleError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
+    # ckpt.pt is always the latest; if only numbered copies are left, take the newest of them.
+    numbered = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
+    if numbered:
+        return os.path.join(out_dir, numbered[-1])
+    raise SampleError(f"no checkpoint at {path}; run train.py first (it writes ckpt.pt into --out_dir) or pass --ckpt PATH")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True: a checkpoint is tensors and plain data, and a .pt from
+    a stranger must not be able to run code while it is unpickled."""
+    if not os.path.isfile(path):
+        raise SampleError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: stderr stays one line
+            # mmap (zip format only, which torch.save writes): only the tensors we touch are
+            # read, so the optimizer state in a training checkpoint costs no memory here.
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:
+        # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
+        # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
+        culprit = re.search(r"GLOBAL (\S+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and culprit:
+            raise SampleError(
+                f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
+                "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
+            ) from None
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
+        raise SampleError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise SampleError(f"{path} is not a HomeLLM checkpoint: expected a dict with 'model' and 'model_config', as train.py writes")
+    return ckpt
+
+
+def build_model(ckpt: dict, device: str, dtype: torch.dtype, name: str = "the checkpoint") -> Transformer:
+    """The Transformer described by ckpt["model_config"] with ckpt["model"] loaded strictly, in
+    eval mode. `name` (the checkpoint's path) only makes error messages clearer."""
+    try:
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise SampleError(f"{name} has an invalid model_config: {err}") from None
+    with torch.device(device):  # allocate on the target device directly, no CPU copy first
+        model = Transformer(cfg)
+    # Compare keys and shapes ourselves: load_state_dict's own error is a multi-line dump.
+    state, expected = ckpt["model"], model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and getattr(state[k], "shape", None) != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise SampleError(f"{name} does not match its model_config: {'; '.join(problems[:3])}{more}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise SampleError(f"{name} does not match its model_config: {str(err).splitlines()[0]}") from None
+    return model.to(dtype=dtype).eval()
+
+
+def load_checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> Tokenizer:
+    """The tokenizer the checkpoint was trained with. train.py copies its file next to ckpt.pt;
+    a checkpoint moved without it falls back to the data directory it was trained on."""
+    info = ckpt.get("tokenizer")
+    if not isinstance(info, dict):
+        raise SampleError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
+    file = info.get("file") or ""
+    here = os.path.dirname(os.path.abspath(ckpt_path))
+    data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
+    candidates = [d for d in (here, data_dir) if d]
+    base_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, file))), None)
+    if base_dir is None:
+        raise SampleError(
+            f"the tokenizer file {file or '(none recorded)'} of {ckpt_path} is neither next to it nor in its "
+            f"data_dir {data_dir}; copy {file or 'it'} from the prepared dataset into {here}"
+        )
+    try:
+        return load_tokenizer(info, base_dir)
+    except TokenizerError as err:
+        raise SampleError(str(err)) from None  # prepare.py's message already names the file and the fix
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+
+class TextStreamer:
+    """Turns token ids, fed one at a time, into text chunks whose concatenation is exactly
+    tokenizer.decode(context + ids)[len(tokenizer.decode(context)):].
+
+    Each step decodes a short window of ids twice, without and with the new token, and emits
+    the difference. Two things make this necessary rather than decoding each token alone:
+    a character can be split over tokens (byte-level BPE, SentencePiece byte fallback), and a
+    decoder treats the first token of a text specially (SentencePiece drops its leading
+    space). A decode ending in U+FFFD is an unfinished character: it is held back until the
+    next token completes it, or until end() when the bytes really are invalid.
+    """
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.decode: Callable[[list[int]], str] = tokenizer.decode
+        # A few tokens of context so decode() sees the first new token where it really sits
+        # (mid-text, with its leading space). `context` should end on a character boundary,
+        # as anything from encode() does.
+        self.ids = list(context)[-4:]
+        self.start = 0  # the window decoded each step is ids[start:]
+        self.done = len(self.ids)  # ids[:done] are already emitted (or were context)
+        self.text = ""  # everything emitted so far
+
+    def put(self, token_id: int) -> str:
+        """Add one token; return the text it completes (often "", e.g. half a character)."""
+        self.ids.append(int(token_id))
+        emitted = self.decode(self.ids[self.start : self.done])
+        current = self.decode(self.ids[self.start :])
+        if current.endswith(REPLACEMENT) or len(current) <= len(emitted):
+            return ""
+        chunk = current[len(emitted) :]
+        # Slide the window: what was just emitted becomes the next step's left context.
+        self.start, self.done = self.done, len(self.ids)
+        self.text += chunk
+        return chunk
+
+    def end(self) -> str:
+        """Flush what is held back: after the last token, U+FFFD means truly invalid bytes."""
+        emitted = self.decode(self.ids[self.start : self.done])
+        chunk = self.decode(self.ids[self.start :])[len(emitted) :]
+        self.start = self.done = len(self.ids)
+        self.text += chunk
+        return chunk
+
+
+def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
+    """Yield correctly decoded text chunks for ids as they arrive (see TextStreamer)."""
+    streamer = TextStreamer(tokenizer, context)
+    for token_id in ids:
+        chunk = streamer.put(token_id)
+        if chunk:
+            yield chunk
+    tail = streamer.end()
+    if tail:
+        yield tail
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name} was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise SampleError(f"--device {name}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SampleError(f"--device {name} was asked for but MPS is not available here; use --device cpu")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise SampleError(f"--device {name} is not one of auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 halves memory and runs on tensor cores; elsewhere fp32 is the safe choice.
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def read_prompt(start: str) -> str:
+    """--start is the text itself, or FILE:path to read it from a UTF-8 file."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:") :]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise SampleError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise SampleError(f"cannot read prompt file {path}: {err.strerror}") from None
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    # An empty prompt (or one a normalizing tokenizer encodes to nothing, like " ") starts a
+    # fresh document: the end-of-text token is what precedes every document in training.
+    return tokenizer.encode(text) or [tokenizer.eot_id]
+
+
+def fit_context(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """The most recent tokens that leave room for max_new_tokens in the context window. When
+    max_new_tokens alone (nearly) fills the window, keep half of it for the context anyway;
+    generation then stops when the window is full."""
+    keep = max(max_seq_len - max_new_tokens, max_seq_len // 2, 1)
+    return ids[-keep:]
+
+
+def stream_sample(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    context: list[int],
+    write: Callable[[str], None],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: Optional[float] = None,
+    stop_at_eot: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[list[int], str, str]:
+    """Continue `context`, writing text as soon as each character is complete. Returns
+    (new token ids, new text, why it stopped: "max_new_tokens" | "eos" | "max_seq_len" |
+    "interrupted"). Ctrl-C ends this generation only; the caller decides what follows."""
+    device = next(model.parameters()).device
+    eos_id = tokenizer.eot_id if stop_at_eot else None
+    idx = torch.tensor([context], dtype=torch.long, device=device)
+    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+    streamer = TextStreamer(tokenizer, context)
+    new_ids: list[int] = []
+    reason = "max_new_tokens"
+    try:
+        while True:
+            try:
+                token = int(next(stream)[0])
+            except StopIteration as stop:
+                reason = stop.value or reason
+                break
+            if token == eos_id:
+                continue  # the end-of-text token ends the sample; it is not text to print
+            if token >= tokenizer.vocab_size:
+                continue  # a padding row of a model vocab larger than the tokenizer's: no text
+            new_ids.append(token)
+            chunk = streamer.put(token)
+            if chunk:
+                write(chunk)
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    finally:
+        stream.close()  # frees the KV cache even when interrupted
+    tail = streamer.end()
+    if tail:
+        write(tail)
+    return new_ids, streamer.text, reason
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.")
+    p.add_argument("--out_dir", default="out", help="where train.py wrote ckpt.pt (default: out)")
+    p.add_argument("--ckpt", default=None, help="an explicit checkpoint file (overrides --out_dir)")
+    p.add_argument("--start", default="", help='prompt text, or FILE:path to read it from a file; empty starts a fresh document')
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples, one after another")
+    p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample / per turn")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: no limit)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set reaching probability p")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: different every run)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a CUDA GPU that supports it, else float32")
+    p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past the end-of-text token instead of stopping there")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (CUDA, not --interactive): pays off for many or long samples")
+    p.add_argument("--interactive", action="store_true", help="a REPL: each line you type extends the text; Ctrl-C stops a generation, Ctrl-D exits")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num_samples < 1:
+        raise SampleError(f"--num_samples={args.num_samples} must be at least 1")
+    if args.max_new_tokens < 1:
+        raise SampleError(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature < 0:
+        raise SampleError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise SampleError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise SampleError(f"--top_p={args.top_p} must be in (0, 1]")
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def use_utf8(stream) -> None:
+    # The model's text is Unicode whatever the terminal's locale says; write (and read) UTF-8.
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(encoding="utf-8", errors="replace")
+
+
+def read_line() -> str:
+    """One line typed by the user, without its newline; EOFError on Ctrl-D / end of input."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        return input("> ")
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def run_interactive(model: Transformer, tokenizer: Tokenizer, start_text: str, settings: dict, write) -> None:
+    """Each typed line is appended (on a new line) to the text so far, and the model continues
+    it; an empty line lets the model simply go on. The whole text is re-encoded each turn, so
+    the model sees the tokens it was trained on rather than token-by-token joins."""
+    max_seq_len, max_new_tokens = model.config.max_seq_len, settings["max_new_tokens"]
+    text = start_text
+    cropped_before = False
+    note("interactive: type a line and press Enter, the model continues the text; an empty line lets it go on. "
+         "Ctrl-C stops a generation, Ctrl-D exits.")
+    while True:
+        try:
+            line = read_line()
+        except EOFError:
+            note("")
+            return
+        except KeyboardInterrupt:
+            note("")
+            continue
+        if line:
+            text = f"{text}\n{line}" if text else line
+        ids = prompt_ids(tokenizer, text)
+        context = fit_context(ids, max_seq_len, max_new_tokens)
+        if len(context) < len(ids) and not cropped_before:
+            note(f"(the text is now longer than {len(context)} tokens, max_seq_len={max_seq_len} minus "
+                 f"max_new_tokens={max_new_tokens}; from here on the model sees only the most recent ones)")
+            cropped_before = True
+        _, new_text, reason = stream_sample(model, tokenizer, context, write, **settings)
+        write("\n")
+        if reason == "interrupted":
+            note("[stopped]")
+        text += new_text
+
+
+def run_samples(model: Transformer, tokenizer: Tokenizer, prompt_text: str, num_samples: int, settings: dict, write) -> bool:
+    """Print num_samples continuations of the prompt. Returns False when Ctrl-C cut it short."""
+    max_seq_len, max_new_tokens = model.config.max_seq_len, settings["max_new_tokens"]
+    ids = prompt_ids(tokenizer, prompt_text)
+    context = fit_context(ids, max_seq_len, max_new_tokens)
+    if len(context) < len(ids):
+        note(f"(the prompt has {len(ids)} tokens; the model sees the last {len(context)} of them, "
+             f"leaving room for max_new_tokens={max_new_tokens} within max_seq_len={max_seq_len})")
+    # The prompt as the model sees it, so prompt + continuation read as one text.
+    shown_prompt = tokenizer.decode(ids) if prompt_text else ""
+    for i in range(num_samples):
+        if i:
+            write(SEPARATOR + "\n")
+        write(shown_prompt)
+        _, _, reason = stream_sample(model, tokenizer, context, write, **settings)
+        write("\n")
+        if reason == "interrupted":
+            return False
+        if reason == "max_seq_len":
+            note(f"[stopped early: the context window max_seq_len={max_seq_len} is full]")
+    return True
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    use_utf8(sys.stdout)
+    use_utf8(sys.stdin)
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()  # stream: each character appears as soon as it is complete
+
+    try:
+        check_args(args)
+        prompt_text = read_prompt(args.start)  # before loading anything: a typo fails fast
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        path = find_checkpoint(args.out_dir, args.ckpt)
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, device, dtype, name=path)
+        tokenizer = load_checkpoint_tokenizer(ckpt, path)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise SampleError(
+                f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
+                "the tokenizer file next to the checkpoint is not the one it was trained with"
+            )
+        step = ckpt.get("step", "?")
+        del ckpt  # the weights now live in the model
+        if args.compile:
+            if not device.startswith("cuda"):
+                note("--compile is only used on CUDA; running without it")
+            elif args.interactive:
+                # The KV cache is sized prompt + max_new_tokens, so every turn would recompile.
+                note("--compile would recompile on every turn of --interactive; running without it")
+            else:
+                # Decode steps dominate sampling and all go through forward_cached. Samples of
+                # one prompt share shapes, so the compiled code is reused from the second on.
+                model.forward_cached = torch.compile(model.forward_cached)
+        generator = torch.Generator(device=device)
+        if args.seed is not None:
+            generator.manual_seed(args.seed)
+        else:
+            generator.seed()
+        settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
+        note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
+        if args.interactive:
+            run_interactive(model, tokenizer, prompt_text, settings, write)
+        elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):
+            sys.exit(130)  # Ctrl-C: the usual exit status of an interrupted program
+    except SampleError as err:
+        sys.exit("error: " + " ".join(str(err).split()))  # one line, even if a library's text had several
+    except KeyboardInterrupt:
+        note("")
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python's final flush of
+        # stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
