@@ -302,6 +302,7 @@ class Transformer(nn.Module):
         top_p: Optional[float] = None,
         eos_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        vocab_limit: Optional[int] = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, shape (B,), as soon as it is sampled.
 
@@ -309,6 +310,8 @@ class Transformer(nn.Module):
         max_new_tokens, when every row has produced eos_id (rows that finished early keep
         yielding eos_id), or when the context window is full. The generator's return value
         (StopIteration.value) says which: "max_new_tokens", "eos" or "max_seq_len".
+        vocab_limit: only ids below it are sampled (a model's vocab padded past its
+        tokenizer's, like Qwen2.5's 151936 rows for 151665 tokens, has rows with no text).
         """
         B, T = idx.shape
         if T == 0:
@@ -324,6 +327,8 @@ class Transformer(nn.Module):
             logits = self.forward_cached(idx, positions)
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
+                if vocab_limit is not None and vocab_limit < logits.size(-1):
+                    logits[:, vocab_limit:] = float("-inf")
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     token = torch.where(finished, torch.full_like(token, eos_id), token)

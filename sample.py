@@ -268,7 +268,7 @@ def stream_sample(
     device = next(model.parameters()).device
     eos_id = tokenizer.eot_id if stop_at_eot else None
     idx = torch.tensor([context], dtype=torch.long, device=device)
-    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, tokenizer.vocab_size)
     streamer = TextStreamer(tokenizer, context)
     new_ids: list[int] = []
     reason = "max_new_tokens"
@@ -281,8 +281,6 @@ def stream_sample(
                 break
             if token == eos_id:
                 continue  # the end-of-text token ends the sample; it is not text to print
-            if token >= tokenizer.vocab_size:
-                continue  # a padding row of a model vocab larger than the tokenizer's: no text
             new_ids.append(token)
             chunk = streamer.put(token)
             if chunk:

@@ -412,6 +412,11 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Optional[str]:
 
 
 def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist) -> None:
+    if "optimizer" not in ckpt or "world_size" not in ckpt:
+        raise TrainError(
+            f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
+            f"train into another out_dir with --init_from={path}"
+        )
     saved = ModelConfig.from_dict(ckpt["model_config"])
     if saved != model_cfg:
         diffs = [f"{k}={v!r} (checkpoint) vs {getattr(model_cfg, k)!r} (now)" for k, v in asdict(saved).items() if getattr(model_cfg, k) != v]
@@ -436,9 +441,12 @@ def build_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[Tra
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
     elif cfg.init_from.startswith("hf:"):
-        from export_hf import load_hf_model
+        from export_hf import HFError, load_hf_model
 
-        model_cfg, init_state = load_hf_model(cfg.init_from[3:])
+        try:
+            model_cfg, init_state = load_hf_model(cfg.init_from[3:])
+        except HFError as err:
+            raise TrainError(str(err)) from None
     else:
         ckpt = load_checkpoint_file(cfg.init_from)
         model_cfg, init_state = ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]

@@ -393,3 +393,12 @@ def test_model_cli_prints_a_presets_counts(capsys):
     cfg = model.model_config_from_preset({"n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 1024}, 1000)
     assert f"parameters: {count_params(cfg)['total']:,} total" in out
     assert "FSDP x8" in out
+
+
+def test_vocab_limit_keeps_generation_inside_the_tokenizer():
+    m = build()
+    with torch.no_grad():
+        m.lm_head.weight[90:] += 5.0  # make the padding rows the most likely ones (tied: embed too)
+    out = m.generate(torch.randint(0, 90, (2, 4)), 20, temperature=1.0, vocab_limit=90)
+    assert out[:, 4:].max().item() < 90
+    assert m.generate(torch.randint(0, 90, (2, 4)), 20, temperature=1.0)[:, 4:].max().item() >= 90
