@@ -1,0 +1,1518 @@
+"""prepare.py: turn a text corpus into token shards that train.py reads with np.memmap.
+
+    python prepare.py                                   # built-in demo: Python stdlib source -> data/demo
+    python prepare.py --input corpus.jsonl.gz           # -> data/corpus, SentencePiece BPE sp:32000
+    python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
+    python prepare.py --input web.jsonl --tokenizer cl100k_base
+
+The pipeline streams: the main process reads ~1 MB blocks of whole lines and hands them to a pool of
+worker processes that parse, split train/val, tokenize and return numpy arrays; the main process
+writes those arrays, in input order, to raw little-endian shard files. Nothing holds a whole input
+file (unless --txt_mode file makes it one document) or the token stream in memory, and the output
+does not depend on --workers.
+
+Output layout (_prepare_into lists every meta.json field):
+    <out_dir>/train_000000.bin ...  val_000000.bin ...  tokenizer.model|tokenizer.tiktoken  meta.json
+
+Other modules use the Tokenizer wrapper: load_tokenizer(meta["tokenizer"], data_dir), or simply
+load_dataset_tokenizer(data_dir). bench_prepare/benchmark measure this script against the bare
+tokenizer (bench.py calls them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
+# The demo model is tiny and trains on ~12 MB of Python, so a 4k vocabulary keeps the embedding
+# table small while still merging common identifiers and indentation runs into single tokens.
+DEFAULT_DEMO_TOKENIZER = "sp:4096"
+DEMO_OUT_DIR = "data/demo"
+DEFAULT_VAL_FRACTION = 0.005
+# The demo corpus has only ~730 documents; 2% gives ~15 files (~250 kB) so val loss is not noise.
+DEMO_VAL_FRACTION = 0.02
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
+DEFAULT_CHUNK_MB = 1.0
+
+# Used for a bare .tiktoken file, which stores only ranks and not the regex it was trained with.
+# This is the cl100k_base split pattern (contractions, letter runs, up to 3 digits, punctuation,
+# newline runs, other whitespace); override it with --tiktoken_pattern.
+DEFAULT_TIKTOKEN_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+ENDOFTEXT = "<|endoftext|>"
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base")
+DOWNLOAD_TIMEOUT_S = 30.0  # tiktoken's own download has no timeout and can hang behind firewalls
+OFFLINE_ENV = "HOMELLM_OFFLINE"  # set to 1 to never touch the network
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+TXT_SUFFIXES = (".txt", ".txt.gz")
+DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+MAX_REPORTED_SKIPS = 10
+
+
+class PrepareError(Exception):
+    """A problem with the user's input or flags; main() prints it as one line, no traceback."""
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer cannot be created or loaded; the message is one sentence saying what to do."""
+
+
+class DatasetError(RuntimeError):
+    """A prepared dataset directory is missing or unreadable."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@dataclass
+class Tokenizer:
+    """One interface over SentencePiece and tiktoken, so train.py/sample.py need not care."""
+
+    kind: str  # "sentencepiece" | "tiktoken"
+    vocab_size: int
+    eot_id: int  # appended after every document
+    bos_id: int | None = None
+    impl: Any = field(default=None, repr=False)  # SentencePieceProcessor | tiktoken.Encoding
+    special_ids: frozenset[int] = field(default=frozenset(), repr=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, with no BOS and no EOT."""
+        if self.kind == "sentencepiece":
+            return self.impl.encode(text, out_type=int)
+        # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text.
+        return self.impl.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() over a list; single-threaded because we parallelize with processes instead.
+        (SentencePiece also accepts UTF-8 bytes here.)"""
+        if self.kind == "sentencepiece":
+            return self.impl.encode(texts, out_type=int, num_threads=1)
+        encode = self.impl.encode_ordinary
+        return [encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        """Inverse of encode; invalid UTF-8 byte sequences become U+FFFD.
+
+        Special tokens decode as each library does: SentencePiece drops eos, tiktoken writes
+        "<|endoftext|>". Split on eot_id first if you want documents.
+        """
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self.impl.decode(ids)
+        return self.impl.decode(ids, errors="replace")
+
+    def token_bytes(self, id: int) -> bytes:
+        """Raw bytes that token id stands for; special and control tokens stand for no bytes."""
+        id = int(id)
+        if id in self.special_ids:
+            return b""
+        if self.kind == "tiktoken":
+            return self.impl.decode_single_token_bytes(id)
+        sp = self.impl
+        if sp.is_byte(id):  # byte-fallback piece "<0xNN>"
+            return bytes([int(sp.id_to_piece(id)[3:5], 16)])
+        return sp.id_to_piece(id).replace("\u2581", " ").encode("utf-8")
+
+
+def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
+    """Load the tokenizer described by meta["tokenizer"] from the dataset directory base_dir."""
+    kind = info.get("kind")
+    path = os.path.join(base_dir, info.get("file") or "")
+    if kind not in ("sentencepiece", "tiktoken"):
+        raise TokenizerError(f"Unknown tokenizer kind {kind!r} in meta.json; re-run prepare.py.")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"Tokenizer file {path} is missing; re-run prepare.py for this dataset.")
+    if kind == "sentencepiece":
+        return _load_sentencepiece(path, info.get("eot_id"), info.get("bos_id"))
+    ranks = read_tiktoken_ranks(path)
+    return _make_tiktoken(info.get("name"), info["pat_str"], ranks, info["special_tokens"], info["eot_id"])
+
+
+def load_meta(data_dir: str) -> dict:
+    """Read <data_dir>/meta.json written by prepare.py."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"No dataset at {data_dir} (no meta.json); run `python prepare.py` first.") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"Cannot read {path} ({e}); re-run prepare.py for this dataset.") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{path} has format_version {meta.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}; re-run prepare.py."
+        )
+    return meta
+
+
+def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
+    """The tokenizer a prepared dataset was built with."""
+    return load_tokenizer(load_meta(data_dir)["tokenizer"], data_dir)
+
+
+def _load_sentencepiece(path: str, eot_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
+    """A SentencePiece model; eot/bos default to the model's own eos/bos pieces, but a recorded
+    eot_id wins (a model imported from elsewhere may end documents with another piece)."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text
+        raise TokenizerError(f"Cannot load SentencePiece model {path} ({e}); pass a valid .model file.") from None
+    if eot_id is None:
+        if sp.eos_id() < 0:
+            raise TokenizerError(
+                f"SentencePiece model {path} has no eos token to end documents with; "
+                "use a model trained with eos_id >= 0 or let prepare.py train one with sp:N."
+            )
+        eot_id, bos_id = sp.eos_id(), (sp.bos_id() if sp.bos_id() >= 0 else None)
+    specials = frozenset(i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i))
+    return Tokenizer("sentencepiece", sp.get_piece_size(), int(eot_id), bos_id, sp, specials)
+
+
+def _make_tiktoken(
+    name: str | None, pat_str: str, ranks: dict[bytes, int], special_tokens: dict[str, int], eot_id: int
+) -> Tokenizer:
+    import tiktoken
+
+    enc = tiktoken.Encoding(
+        name=name or "homellm-local", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens
+    )
+    return Tokenizer("tiktoken", enc.n_vocab, eot_id, None, enc, frozenset(special_tokens.values()))
+
+
+def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """Parse a .tiktoken file: one `base64(token bytes) rank` per line.
+
+    We parse it ourselves instead of tiktoken.load.load_tiktoken_bpe, which also caches local
+    files by path in the tiktoken cache and would then return stale ranks if the file changed.
+    """
+    ranks: dict[bytes, int] = {}
+    try:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise TokenizerError(
+                        f"{path}:{line_no} is not a `base64-token rank` line; pass a valid .tiktoken file."
+                    ) from None
+    except OSError as e:
+        raise TokenizerError(f"Cannot read tiktoken file {path} ({e.strerror}); check the path.") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"{path} lacks {len(missing)} of the 256 single-byte tokens, so some text could not be "
+            "encoded; pass a complete byte-level BPE .tiktoken file."
+        )
+    return ranks
+
+
+def write_tiktoken_ranks(ranks: dict[bytes, int], path: str) -> None:
+    with open(path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+@dataclass
+class TokenizerPlan:
+    """What --tokenizer asked for, validated before any real work starts."""
+
+    spec: str
+    kind: str  # "sentencepiece" | "tiktoken"
+    train_vocab: int | None = None  # sp:N -> train a BPE with N pieces
+    path: str | None = None  # local .model / .tiktoken file
+    name: str | None = None  # named tiktoken encoding
+    pat_str: str | None = None
+    encoding: Any = field(default=None, repr=False)  # loaded named tiktoken encoding
+
+
+def resolve_tokenizer(spec: str, tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN) -> TokenizerPlan:
+    """Interpret --tokenizer: "sp:N", a SentencePiece .model path, a tiktoken name or .tiktoken path.
+
+    Named tiktoken encodings are loaded right here (from the tiktoken cache, or downloaded with a
+    timeout unless HOMELLM_OFFLINE=1), so an offline machine fails before any corpus is read.
+    """
+    m = re.fullmatch(r"sp:(\d+)", spec.strip())
+    if m:
+        n = int(m.group(1))
+        if not 260 <= n <= 1_000_000:
+            raise TokenizerError(
+                f"--tokenizer {spec}: N must be between 260 (256 byte pieces + specials) and 1000000, "
+                "e.g. sp:32000."
+            )
+        return TokenizerPlan(spec, "sentencepiece", train_vocab=n)
+    if spec in TIKTOKEN_NAMES:
+        return TokenizerPlan(spec, "tiktoken", name=spec, encoding=_load_named_tiktoken(spec))
+    if spec.endswith(".model") or spec.endswith(".tiktoken"):
+        if not os.path.isfile(spec):
+            raise TokenizerError(f"Tokenizer file {spec} does not exist; check the --tokenizer path.")
+        if spec.endswith(".model"):
+            return TokenizerPlan(spec, "sentencepiece", path=spec)
+        return TokenizerPlan(spec, "tiktoken", path=spec, pat_str=tiktoken_pattern)
+    raise TokenizerError(
+        f"Unknown --tokenizer {spec!r}; use sp:N (e.g. sp:32000), a SentencePiece .model file, "
+        f"a .tiktoken file or one of: {', '.join(TIKTOKEN_NAMES)}."
+    )
+
+
+def _tiktoken_cache_dir() -> str:
+    # Mirrors tiktoken.load.read_file_cached, only to name the directory in error messages.
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _load_named_tiktoken(name: str) -> Any:
+    """tiktoken.get_encoding(name), but never hanging on the network and failing in one sentence."""
+    import tiktoken
+    import tiktoken.load
+    import urllib.request
+
+    # tiktoken looks in its cache and otherwise calls tiktoken.load.read_file, which downloads with
+    # `requests` and no timeout. We swap in a fetcher that honours a timeout and the offline switch.
+    original_read_file = tiktoken.load.read_file
+
+    def read_file(blobpath: str) -> bytes:
+        if "://" not in blobpath:
+            return original_read_file(blobpath)
+        if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+            raise OSError(f"{OFFLINE_ENV} is set")
+        with urllib.request.urlopen(blobpath, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            return response.read()
+
+    tiktoken.load.read_file = read_file
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise TokenizerError(
+            f"Cannot load tiktoken encoding {name!r}: it is not in the tiktoken cache "
+            f"({_tiktoken_cache_dir()}) and could not be downloaded ({reason}); use a local .tiktoken "
+            "file, a machine where the encoding is cached, or --tokenizer sp:N."
+        ) from None
+    finally:
+        tiktoken.load.read_file = original_read_file
+
+
+SENTENCEPIECE_TRAINER_OPTIONS: dict[str, Any] = dict(
+    model_type="bpe",
+    byte_fallback=True,  # any byte sequence round-trips; no <unk> ever
+    character_coverage=0.9995,  # rare characters fall back to bytes instead of wasting pieces
+    split_digits=True,  # small models learn arithmetic-ish patterns better digit by digit
+    # Keep the text exactly as given: no NFKC, no collapsing of spaces, no fake leading space.
+    # Indentation in code and line breaks in prose must survive decode(encode(x)) == x.
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,  # "    " becomes one token: Python indentation is cheap
+    # SentencePiece writes spaces as "▁"; if that piece is missing from the vocabulary (text
+    # without spaces), spaces byte-fall-back to its UTF-8 bytes and decode as "▁", not " ".
+    required_chars="\u2581",
+    max_sentence_length=1 << 14,  # bytes; our sample pieces are at most ~4000 characters
+    hard_vocab_limit=False,  # a tiny corpus yields fewer pieces instead of an error
+    unk_id=0,
+    eos_id=1,
+    bos_id=-1,
+    pad_id=-1,
+    minloglevel=2,
+)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> None:
+    """Train a byte-fallback BPE on texts (documents) and write the model to path."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentencepiece_sentences(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            num_threads=os.cpu_count() or 1,  # not --workers: the model file must not depend on it
+            **SENTENCEPIECE_TRAINER_OPTIONS,
+        )
+    except RuntimeError as e:
+        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m:
+            raise TokenizerError(
+                f"sp:{vocab_size} is too small for this text: it needs at least {m.group(2)} pieces "
+                "(256 byte pieces, specials and the common characters); use a larger N."
+            ) from None
+        raise TokenizerError(f"SentencePiece training failed ({str(e).splitlines()[0]}).") from None
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def _sentencepiece_sentences(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
+    # The trainer silently drops "sentences" longer than max_sentence_length, so long documents
+    # are cut into pieces, at line breaks where possible. Newlines stay inside the pieces so the
+    # trainer can learn tokens such as ":\n" or "\n\n".
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + max_chars)
+            if end < len(text):
+                cut = text.rfind("\n", start, end)
+                if cut <= start:
+                    cut = text.rfind(" ", start, end)
+                if cut > start:
+                    end = cut + 1
+            yield text[start:end]
+            start = end
+
+
+@dataclass
+class SampleSpec:
+    """Where the sp:N training sample comes from; see sample_documents."""
+
+    files: list[InputFile]
+    budget_bytes: int
+    text_key: str
+    threshold: int  # validation documents are left out of the sample
+    max_docs: int | None
+
+
+def sample_and_train_sentencepiece(sample: SampleSpec, vocab_size: int, path: str) -> float:
+    """Collect the training sample and train sp:N on it; returns the sample size in MB."""
+    texts = list(sample_documents(sample.files, sample.budget_bytes, sample.text_key, sample.threshold, sample.max_docs))
+    if not texts:
+        raise PrepareError("No documents found in the input to train the tokenizer on; check --input and --text_key.")
+    mb = sum(len(t.encode("utf-8", "replace")) for t in texts) / 1e6
+    _log(f"training SentencePiece BPE with {vocab_size} pieces on a {mb:.1f} MB sample ...")
+    train_sentencepiece(texts, vocab_size, path)
+    return mb
+
+
+# Text that must survive decode(encode(x)) == x: Cyrillic, tabs, space runs, CRLF, emoji.
+_ROUNDTRIP_PROBE = "Съешь ещё\tthese  soft\n\n    def f(x):\r\n\t\treturn x  # 😀 ü\n"
+
+
+def materialize_tokenizer(
+    plan: TokenizerPlan, out_dir: str, sample: SampleSpec, log: Callable[[str], None]
+) -> tuple[dict, Tokenizer]:
+    """Create the tokenizer file inside out_dir; returns the meta["tokenizer"] record and the
+    loaded tokenizer."""
+    if plan.kind == "sentencepiece":
+        target = os.path.join(out_dir, "tokenizer.model")
+        if plan.train_vocab is not None:
+            from concurrent.futures import ProcessPoolExecutor
+
+            t0 = time.time()
+            # Train in a child process: the sample plus SentencePiece's tables take several times
+            # the sample size in RAM, which CPython would not give back after training, and the
+            # forked tokenizer workers would then all start out that big.
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                with ProcessPoolExecutor(1, mp_context=mp_context(), initializer=_default_sigint) as child:
+                    mb = child.submit(sample_and_train_sentencepiece, sample, plan.train_vocab, target).result()
+            except BrokenProcessPool:
+                raise PrepareError(
+                    "The tokenizer training process died (most likely out of memory); lower --sp_sample_mb."
+                ) from None
+            log(f"trained the tokenizer on a {mb:.1f} MB sample in {time.time() - t0:.1f} s")
+        else:
+            shutil.copyfile(plan.path, target)
+        tok = _load_sentencepiece(target)
+        if plan.train_vocab is not None and tok.vocab_size < plan.train_vocab:
+            log(
+                f"warning: the sample only supports {tok.vocab_size} pieces, so the vocabulary is "
+                f"{tok.vocab_size} instead of {plan.train_vocab}"
+            )
+        info = dict(kind="sentencepiece", spec=plan.spec, file="tokenizer.model", name=None, pat_str=None,
+                    special_tokens={}, eot_id=tok.eot_id, bos_id=tok.bos_id)
+    else:
+        target = os.path.join(out_dir, "tokenizer.tiktoken")
+        if plan.encoding is not None:  # named encoding: save its ranks so the dataset works offline
+            enc = plan.encoding
+            # tiktoken has no public accessors for these three; they exist since its first release.
+            ranks, pat_str, specials = enc._mergeable_ranks, enc._pat_str, dict(enc._special_tokens)
+            write_tiktoken_ranks(ranks, target)
+            eot = specials[ENDOFTEXT] if ENDOFTEXT in specials else enc.eot_token
+        else:  # bare file: only ranks; we add <|endoftext|> right after the last rank
+            ranks = read_tiktoken_ranks(plan.path)
+            shutil.copyfile(plan.path, target)
+            pat_str, eot = plan.pat_str, max(ranks.values()) + 1
+            specials = {ENDOFTEXT: eot}
+        info = dict(kind="tiktoken", spec=plan.spec, file="tokenizer.tiktoken", name=plan.name,
+                    pat_str=pat_str, special_tokens=specials, eot_id=eot, bos_id=None)
+        try:  # from the ranks in memory: re-reading a 200k-line file costs ~0.5 s
+            tok = _make_tiktoken(plan.name, pat_str, ranks, specials, eot)
+        except ValueError as e:  # e.g. a bad --tiktoken_pattern regex
+            raise TokenizerError(f"Cannot build the tiktoken encoding ({e}); check --tiktoken_pattern.") from None
+    if tok.decode(tok.encode(_ROUNDTRIP_PROBE)) != _ROUNDTRIP_PROBE:
+        log("warning: this tokenizer normalizes text, so decoding the shards will not give back the exact input")
+    return info, tok
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class InputFile:
+    path: str
+    kind: str  # "jsonl" | "txt" (one document per line) | "file" (whole file is one document)
+    split: str  # "auto" (hash decides) | "train" | "val"
+    size: int  # bytes on disk, for progress and sampling
+
+
+def _input_kind(path: str, txt_mode: str) -> str | None:
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(TXT_SUFFIXES):
+        return "file" if txt_mode == "file" else "txt"
+    return None
+
+
+def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFile]:
+    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list."""
+    paths: list[str] = []
+    for arg in args:
+        if os.path.isfile(arg):
+            if _input_kind(arg, txt_mode) is None:
+                raise PrepareError(
+                    f"Unsupported input file {arg}: prepare.py reads .jsonl, .txt and their .gz "
+                    "versions (convert other formats, e.g. parquet, to .jsonl first)."
+                )
+            paths.append(arg)
+            continue
+        if os.path.isdir(arg):
+            candidates = [arg]
+        else:
+            candidates = sorted(glob.glob(arg, recursive=True))
+            if not candidates:
+                raise PrepareError(f"Input path {arg} does not exist; check --input/--val_input.")
+        found, ignored = [], []
+        for c in candidates:
+            files = [c] if os.path.isfile(c) else _walk_files(c)
+            for f in files:
+                (found if _input_kind(f, txt_mode) else ignored).append(f)
+        if not found:
+            raise PrepareError(f"No .jsonl or .txt files (optionally .gz) found in {arg}; check the path.")
+        if ignored:
+            _log(f"note: ignoring {len(ignored)} file(s) with other extensions under {arg}, e.g. {ignored[0]}")
+        paths.extend(found)
+    seen, result = set(), []
+    for p in paths:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            result.append(InputFile(p, _input_kind(p, txt_mode) or "", split, os.path.getsize(p)))
+    return result
+
+
+def _walk_files(root: str) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
+    return sorted(out)
+
+
+def demo_files() -> tuple[str, list[str]]:
+    """The demo corpus: the Python standard library's own .py files, minus tests, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        str(p)
+        for p in root.rglob("*.py")
+        if p.is_file()
+        and p.stat().st_size > 0  # empty __init__.py files are not documents
+        and not DEMO_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    if not files:
+        raise PrepareError(f"No Python standard library sources found under {root}; pass --input with your own corpus.")
+    return str(root), files
+
+
+def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+    """Yield (first line number, block of whole lines, bytes read from disk so far) for one file.
+
+    Each block is piece_bytes plus the rest of the line it stops in, so no record is ever split
+    between blocks. A start offset (plain files only) skips ahead and drops the partial line there.
+    """
+    with open(path, "rb") as raw:
+        f: Any = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
+        if kind == "file":  # the whole file is one document by definition
+            yield 1, f.read(), raw.tell()
+            return
+        if start:
+            raw.seek(start)
+            raw.readline()
+        line = 1
+        while True:
+            block = f.read(piece_bytes)
+            if not block:
+                return
+            if not block.endswith(b"\n"):
+                block += f.readline()
+            yield line, block, raw.tell()
+            line += block.count(b"\n")
+
+
+def _cut_after_lines(data: bytes, n: int) -> bytes:
+    """The first n lines of data."""
+    pos = 0
+    for _ in range(n):
+        pos = data.find(b"\n", pos) + 1
+        if pos == 0:
+            return data
+    return data[:pos]
+
+
+def _count_records(data: bytes) -> int:
+    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+
+
+# One piece of work for a worker: (index into the file table, first line number, raw bytes).
+Piece = tuple[int, int, bytes]
+
+
+def iter_tasks(
+    files: list[InputFile], task_bytes: int, max_docs: int | None
+) -> Iterator[tuple[list[Piece], int]]:
+    """Group the input into tasks of about task_bytes each; yields (pieces, disk bytes consumed).
+
+    The grouping depends only on the input and task_bytes, never on the number of workers,
+    which is what makes the output independent of --workers.
+    """
+    remaining = max_docs if max_docs is not None else -1
+    task: list[Piece] = []
+    task_size, disk = 0, 0
+    for index, file in enumerate(files):
+        last_pos = 0
+        for first_line, data, pos in iter_file_pieces(file.path, file.kind, task_bytes):
+            if remaining == 0:
+                break
+            if file.kind == "file":
+                remaining -= 1
+            elif remaining > 0:
+                n = _count_records(data)
+                if n > remaining:
+                    data, n = _cut_after_lines(data, remaining), remaining
+                remaining -= n
+            task.append((index, first_line, data))
+            task_size += len(data)
+            disk += pos - last_pos
+            last_pos = pos
+            if task_size >= task_bytes:
+                yield task, disk
+                task, task_size, disk = [], 0, 0
+        if remaining == 0:
+            break
+    if task:
+        yield task, disk
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Parsed:
+    docs: list[str] = field(default_factory=list)
+    skips: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail)
+    invalid_utf8: int = 0
+
+
+def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parsed:
+    """Turn one block of raw input into document strings plus skipped-record reports."""
+    out = Parsed()
+    if kind == "file":
+        text, bad = _decode(data)
+        out.invalid_utf8 += bad
+        if text:
+            out.docs.append(text)
+        else:
+            out.skips.append((first_line, "empty_text", "empty file"))
+        return out
+    try:  # fast path: the whole block is valid UTF-8
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = []
+        for raw_line in data.split(b"\n"):
+            text, bad = _decode(raw_line)
+            out.invalid_utf8 += bad
+            lines.append(text)
+    if data.endswith(b"\n"):
+        lines.pop()  # the empty string after the final newline is not a record
+    for offset, line in enumerate(lines):
+        line_no = first_line + offset
+        if kind == "txt":
+            if line.endswith("\r"):
+                line = line[:-1]  # CRLF files: the \r belongs to the line ending
+            if line:
+                out.docs.append(line)
+            else:
+                out.skips.append((line_no, "empty_text", "empty line"))
+            continue
+        if not line.strip():
+            out.skips.append((line_no, "blank_line", "blank line"))
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            out.skips.append((line_no, "bad_json", f"malformed JSON ({e.args[0] if e.args else e})"))
+            continue
+        if not isinstance(obj, dict):
+            out.skips.append((line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object"))
+        elif text_key not in obj:
+            out.skips.append((line_no, "missing_text_key", f"no {text_key!r} key"))
+        elif not isinstance(obj[text_key], str):
+            out.skips.append((line_no, "text_not_string", f"{text_key!r} is {type(obj[text_key]).__name__}"))
+        elif not obj[text_key]:
+            out.skips.append((line_no, "empty_text", f"empty {text_key!r}"))
+        else:
+            out.docs.append(obj[text_key])
+    return out
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), 1
+
+
+def _utf8(text: str) -> tuple[bytes, str, int]:
+    """UTF-8 bytes of a document; JSON escapes can smuggle in unpaired surrogates, which are
+    not encodable, so those become U+FFFD (and are counted like invalid UTF-8)."""
+    try:
+        return text.encode("utf-8"), text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return fixed.encode("utf-8"), fixed, 1
+
+
+def is_val_document(text_bytes: bytes, threshold: int) -> bool:
+    """Deterministic split: a document is in val when a hash of its bytes falls below threshold.
+
+    blake2b, unlike hash(), is stable across runs and machines; identical documents always land
+    in the same split, so exact duplicates cannot leak from train into val.
+    """
+    digest = hashlib.blake2b(text_bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "little") < threshold
+
+
+def val_threshold(fraction: float) -> int:
+    return int(fraction * 2**64)
+
+
+def sample_documents(
+    files: list[InputFile], budget_bytes: int, text_key: str, threshold: int, max_docs: int | None
+) -> Iterator[str]:
+    """A bounded, deterministic sample of training documents for tokenizer training.
+
+    Each file contributes in proportion to its size. Within a large plain file we read from 8
+    evenly spaced offsets rather than only the head, so a corpus sorted by topic or source is not
+    represented by its first few megabytes alone (gzip cannot seek cheaply, so .gz uses the head).
+    Validation documents are left out.
+    """
+    total = sum(f.size for f in files) or 1
+    remaining_docs = max_docs if max_docs is not None else -1
+    for file in files:
+        if file.split == "val":
+            continue
+        share = budget_bytes if total <= budget_bytes else int(budget_bytes * file.size / total)
+        windows = 1
+        if max_docs is None and file.kind != "file" and not file.path.lower().endswith(".gz") and share < file.size:
+            windows = 8
+        for w in range(windows):
+            quota = share // windows
+            start, end = file.size * w // windows, file.size * (w + 1) // windows
+            for first_line, data, pos in iter_file_pieces(file.path, file.kind, 1 << 20, start):
+                if remaining_docs == 0 or quota <= 0 or (windows > 1 and pos - len(data) >= end):
+                    break
+                if remaining_docs > 0 and file.kind != "file":
+                    data = _cut_after_lines(data, remaining_docs)
+                parsed = parse_piece(file.kind, data, first_line, text_key)
+                if remaining_docs > 0:
+                    remaining_docs -= len(parsed.docs) + len(parsed.skips)
+                for text in parsed.docs:
+                    b, text, _ = _utf8(text)
+                    if file.split == "auto" and is_val_document(b, threshold):
+                        continue
+                    if len(b) > quota:  # e.g. one huge whole-file document: take its start
+                        text = b[:quota].decode("utf-8", "ignore")
+                    quota -= len(b)
+                    yield text
+                    if quota <= 0:
+                        break
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass
+class TaskResult:
+    train: np.ndarray
+    val: np.ndarray
+    train_docs: int = 0
+    train_bytes: int = 0
+    val_docs: int = 0
+    val_bytes: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
+    invalid_utf8: int = 0
+
+
+@dataclass
+class WorkerSetup:
+    tokenizer_info: dict
+    base_dir: str
+    files: list[InputFile]
+    text_key: str
+    threshold: int
+    dtype: str
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def init_worker(setup: WorkerSetup) -> None:
+    """Pool initializer: load the tokenizer once per process, not once per task. A forked worker
+    finds it already loaded by the parent (see use_tokenizer_in_workers) and skips the load."""
+    _WORKER["setup"] = setup
+    if _WORKER.get("source") != (setup.tokenizer_info, setup.base_dir):
+        use_tokenizer_in_workers(load_tokenizer(setup.tokenizer_info, setup.base_dir), setup)
+
+
+def use_tokenizer_in_workers(tok: Tokenizer, setup: WorkerSetup) -> None:
+    _WORKER["tokenizer"], _WORKER["source"] = tok, (setup.tokenizer_info, setup.base_dir)
+
+
+def process_task(pieces: list[Piece]) -> TaskResult:
+    """Parse, split and tokenize one task; returns token arrays with EOT after every document."""
+    setup: WorkerSetup = _WORKER["setup"]
+    tok: Tokenizer = _WORKER["tokenizer"]
+    # SentencePiece takes UTF-8 bytes directly, which saves it re-encoding every document
+    # (~3% of its time); tiktoken wants str.
+    as_bytes = tok.kind == "sentencepiece"
+    train_texts: list[Any] = []
+    val_texts: list[Any] = []
+    result = TaskResult(np.empty(0, setup.dtype), np.empty(0, setup.dtype))
+    for file_index, first_line, data in pieces:
+        file = setup.files[file_index]
+        parsed = parse_piece(file.kind, data, first_line, setup.text_key)
+        result.invalid_utf8 += parsed.invalid_utf8
+        for line, reason, detail in parsed.skips:
+            result.skipped[reason] = result.skipped.get(reason, 0) + 1
+            if len(result.examples) < MAX_REPORTED_SKIPS:
+                result.examples.append((file_index, line, reason, detail))
+        for text in parsed.docs:
+            b, text, bad = _utf8(text)
+            result.invalid_utf8 += bad
+            to_val = file.split == "val" or (file.split == "auto" and is_val_document(b, setup.threshold))
+            if to_val:
+                val_texts.append(b if as_bytes else text)
+                result.val_bytes += len(b)
+            else:
+                train_texts.append(b if as_bytes else text)
+                result.train_bytes += len(b)
+    result.train_docs, result.val_docs = len(train_texts), len(val_texts)
+    result.train = _tokens_with_eot(tok, train_texts, setup.dtype)
+    result.val = _tokens_with_eot(tok, val_texts, setup.dtype)
+    return result
+
+
+def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
+    """All docs' token ids, each document followed by EOT, as one array of dtype."""
+    if not docs:
+        return np.empty(0, dtype)
+    if tok.kind == "tiktoken":
+        # encode_to_numpy skips building a Python int object per token (~1/3 of tiktoken's time);
+        # disallowed_special=() makes it treat "<|endoftext|>" in text as text, like encode_ordinary.
+        eot = np.array([tok.eot_id], np.uint32)
+        parts = []
+        for d in docs:
+            parts.append(tok.impl.encode_to_numpy(d, disallowed_special=()))
+            parts.append(eot)
+        return np.concatenate(parts).astype(dtype, copy=False)
+    encoded = tok.encode_batch(docs)
+    out = np.empty(sum(map(len, encoded)) + len(encoded), dtype)
+    pos = 0
+    for ids in encoded:  # slice assignment from lists is the fastest list -> array path we found
+        n = len(ids)
+        out[pos : pos + n] = ids
+        out[pos + n] = tok.eot_id
+        pos += n + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class ShardWriter:
+    """Appends token arrays to <prefix>_000000.bin, <prefix>_000001.bin, ... of shard_tokens each.
+
+    Documents may continue from one shard into the next; every shard except the last is full.
+    """
+
+    def __init__(self, out_dir: str, prefix: str, dtype: str, shard_tokens: int) -> None:
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self._file: Any = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            # "<" = little-endian on disk whatever the machine, as meta.json promises.
+            self._file.write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+            self.shards[-1]["tokens"] += len(part)
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return self.shards
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PrepareConfig:
+    """Everything prepare() needs; the command-line flags map one to one onto these fields."""
+
+    inputs: list[str] = field(default_factory=list)  # empty -> built-in demo corpus
+    val_inputs: list[str] = field(default_factory=list)
+    val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (DEMO_VAL_FRACTION for the demo)
+    text_key: str = "text"
+    txt_mode: str = "line"  # "line" | "file"
+    tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (DEFAULT_DEMO_TOKENIZER for the demo)
+    tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN
+    sp_sample_mb: float = DEFAULT_SP_SAMPLE_MB
+    out_dir: str | None = None  # None -> data/<stem of first input> or data/demo
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int = 0  # 0 -> number of usable CPU cores
+    chunk_mb: float = DEFAULT_CHUNK_MB
+    max_docs: int | None = None
+    overwrite: bool = False
+    strict: bool = False
+    progress: bool = True
+    command: str = ""
+
+
+def mp_context() -> Any:
+    """Process start method for our pools. On Linux we fork: workers start in ~0.1 s instead of
+    re-importing everything (~0.5 s each, a visible share of a small corpus). That is safe because
+    we only fork while this process runs no other threads (see _prepare_into). Elsewhere: spawn."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container/taskset limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_out_dir(inputs: list[str]) -> str:
+    if not inputs:
+        return DEMO_OUT_DIR
+    name = os.path.basename(os.path.normpath(inputs[0].split("*")[0])) or "dataset"
+    for suffix in (".gz", ".jsonl", ".ndjson", ".txt"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return os.path.join("data", name or "dataset")
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the whole pipeline; returns the meta.json dict. Raises PrepareError/TokenizerError."""
+    t_start = time.time()
+    demo = not cfg.inputs
+    if cfg.val_inputs and cfg.val_fraction is not None:
+        raise PrepareError("Pass either --val_input or --val_fraction, not both.")
+    if demo and cfg.val_inputs:
+        raise PrepareError("--val_input needs --input as well (the demo corpus has its own split).")
+    val_fraction = cfg.val_fraction
+    if val_fraction is None:
+        val_fraction = DEMO_VAL_FRACTION if demo else DEFAULT_VAL_FRACTION
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
+    if cfg.val_inputs:
+        val_fraction = 0.0
+    if cfg.shard_tokens < 1 or cfg.chunk_mb <= 0 or cfg.sp_sample_mb <= 0:
+        raise PrepareError("--shard_tokens, --chunk_mb and --sp_sample_mb must be positive.")
+    if cfg.max_docs is not None and cfg.max_docs < 1:
+        raise PrepareError("--max_docs must be at least 1.")
+    if cfg.txt_mode not in ("line", "file"):
+        raise PrepareError("--txt_mode must be 'line' or 'file'.")
+    workers = cfg.workers or cpu_count()
+
+    # Inputs and the tokenizer are checked before anything is written or trained.
+    if demo:
+        root, paths = demo_files()
+        files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
+        _log(
+            f"No --input given: building the built-in demo dataset from the Python standard library "
+            f"source ({root}, {len(files)} .py files, {sum(f.size for f in files) / 1e6:.1f} MB, tests excluded)."
+        )
+    else:
+        files = find_input_files(cfg.inputs, cfg.txt_mode, "train" if cfg.val_inputs else "auto")
+    val_files = find_input_files(cfg.val_inputs, cfg.txt_mode, "val") if cfg.val_inputs else []
+    spec = cfg.tokenizer or (DEFAULT_DEMO_TOKENIZER if demo else DEFAULT_TOKENIZER)
+    plan = resolve_tokenizer(spec, cfg.tiktoken_pattern)
+
+    out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs))
+    _check_out_dir(out_dir, cfg.overwrite)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Build everything in a hidden sibling directory and rename it into place at the very end:
+    # an interrupted run leaves at most a ".<name>.tmp-*" directory, never a half-written dataset.
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a dataset is not
+    try:
+        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo, t_start)
+        _commit(tmp_dir, out_dir)
+    finally:
+        if os.path.exists(tmp_dir):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    s = meta["splits"]
+    _log(
+        f"wrote {out_dir}: train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs, "
+        f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs, {meta['dtype']}, "
+        f"vocab {meta['vocab_size']}, {meta['timing_s']['total']:.1f} s"
+    )
+    if demo and out_dir == os.path.abspath(DEMO_OUT_DIR):
+        _log("next: python train.py config/tiny_cpu.py")
+    else:
+        data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs))
+        _log(f"next: python train.py config/<preset>.py --data_dir={data_dir}")
+    return meta
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise PrepareError(f"--out_dir {out_dir} exists and is not a directory; choose another --out_dir.")
+    if not overwrite:
+        raise PrepareError(
+            f"Output directory {out_dir} already exists; pass --overwrite to replace it or choose another --out_dir."
+        )
+    # --overwrite deletes the old directory, so make sure it really is one of our datasets.
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
+        raise PrepareError(
+            f"{out_dir} is not empty and has no meta.json, so it is not a prepare.py dataset; "
+            "remove it yourself or choose another --out_dir."
+        )
+
+
+def _commit(tmp_dir: str, out_dir: str) -> None:
+    old = None
+    if os.path.exists(out_dir):  # --overwrite, already checked
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        os.rename(out_dir, os.path.join(old, "dataset"))
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_into(
+    cfg: PrepareConfig, tmp_dir: str, files: list[InputFile], val_files: list[InputFile],
+    plan: TokenizerPlan, val_fraction: float, workers: int, demo: bool, t_start: float,
+) -> dict:
+    threshold = val_threshold(val_fraction)
+    sample_budget = int(cfg.sp_sample_mb * 1e6)
+    sample = SampleSpec(files, sample_budget, cfg.text_key, threshold, cfg.max_docs)
+    info, tok = materialize_tokenizer(plan, tmp_dir, sample, _log)
+    dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    t_tokenizer = time.time() - t_start
+
+    all_files = files + val_files
+    setup = WorkerSetup(info, tmp_dir, all_files, cfg.text_key, threshold, dtype)
+    use_tokenizer_in_workers(tok, setup)  # workers=1 runs here; forked workers inherit it
+    writers = {s: ShardWriter(tmp_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    totals = {s: {"documents": 0, "bytes": 0} for s in ("train", "val")}
+    skipped: dict[str, int] = {}
+    invalid_utf8, reported, n_docs, n_tokens = 0, 0, 0, 0
+    total_disk = sum(f.size for f in all_files)
+
+    from tqdm import tqdm
+
+    # tqdm's monitor thread would make this process multi-threaded, and we fork workers below
+    # (SentencePiece training ran in a child process, so no thread of it lives here either).
+    tqdm.monitor_interval = 0
+    bar = tqdm(total=total_disk, unit="B", unit_scale=True, desc="tokenizing", disable=not cfg.progress,
+               file=sys.stderr, mininterval=1.0, smoothing=0.1)
+    t_encode = time.time()
+
+    def handle(result: TaskResult, disk: int) -> None:
+        nonlocal invalid_utf8, reported, n_docs, n_tokens
+        for file_index, line, _reason, detail in result.examples:
+            where = f"{all_files[file_index].path}:{line}"
+            if cfg.strict:
+                raise PrepareError(
+                    f"{where}: {detail} (--strict stops at the first skipped record; drop --strict to skip and count it)."
+                )
+            if reported < MAX_REPORTED_SKIPS:
+                bar.write(f"skipped {where}: {detail}", file=sys.stderr)
+                reported += 1
+        for reason, count in result.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        invalid_utf8 += result.invalid_utf8
+        writers["train"].write(result.train)
+        writers["val"].write(result.val)
+        totals["train"]["documents"] += result.train_docs
+        totals["train"]["bytes"] += result.train_bytes
+        totals["val"]["documents"] += result.val_docs
+        totals["val"]["bytes"] += result.val_bytes
+        n_docs += result.train_docs + result.val_docs
+        n_tokens += len(result.train) + len(result.val)
+        bar.update(disk)
+        # The bar counts bytes read from disk (compressed for .gz, which keeps its ETA right);
+        # the postfix adds the rate in document text, the unit of the benchmarks.
+        text_mb = (totals["train"]["bytes"] + totals["val"]["bytes"]) / 1e6
+        rate = text_mb / max(time.time() - t_encode, 1e-9)
+        bar.set_postfix(docs=f"{n_docs:,}", tokens=f"{n_tokens:,}", text=f"{text_mb:,.0f}MB@{rate:.1f}MB/s", refresh=False)
+
+    tasks = iter_tasks(all_files, max(1, int(cfg.chunk_mb * 1e6)), cfg.max_docs)
+    try:
+        if workers == 1:  # no pool: simpler to debug, and no process start-up cost
+            init_worker(setup)
+            for pieces, disk in tasks:
+                handle(process_task(pieces), disk)
+        else:
+            _run_pool(setup, workers, tasks, handle)
+    finally:
+        bar.close()
+    shards = {s: w.close() for s, w in writers.items()}
+    t_done = time.time()
+
+    if n_docs == 0:
+        what = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "the input is empty"
+        raise PrepareError(f"No documents found in the input ({what}); check --input, --text_key and --txt_mode.")
+    if val_fraction > 0 and totals["val"]["documents"] == 0:
+        raise PrepareError(
+            f"No document was picked for validation out of {n_docs} (--val_fraction {val_fraction}); "
+            "raise --val_fraction or pass --val_input."
+        )
+    if skipped:
+        _log("skipped records: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    if invalid_utf8:
+        _log(f"note: {invalid_utf8} record(s) had invalid UTF-8 and were decoded with U+FFFD replacement characters")
+
+    text_mb = (totals["train"]["bytes"] + totals["val"]["bytes"]) / 1e6
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": info,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype,
+        "byte_order": "little",
+        "eot_id": tok.eot_id,
+        "splits": {
+            s: {"shards": shards[s], "tokens": sum(x["tokens"] for x in shards[s]), **totals[s]}
+            for s in ("train", "val")
+        },
+        "skipped": dict(sorted(skipped.items())),
+        "invalid_utf8": invalid_utf8,
+        "demo": demo,
+        "inputs": [f.path for f in files],
+        "val_inputs": [f.path for f in val_files],
+        "val_fraction": val_fraction,
+        "text_key": cfg.text_key,
+        "txt_mode": "file" if demo else cfg.txt_mode,
+        "shard_tokens": cfg.shard_tokens,
+        "max_docs": cfg.max_docs,
+        "command": cfg.command,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timing_s": {
+            "tokenizer": round(t_tokenizer, 3),
+            "encode": round(t_done - t_encode, 3),
+            "total": round(time.time() - t_start, 3),
+            "encode_text_mb_per_s": round(text_mb / max(t_done - t_encode, 1e-9), 3),
+            "workers": workers,
+        },
+    }
+    with open(os.path.join(tmp_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return meta
+
+
+def _default_sigint() -> None:
+    """Child processes die on Ctrl-C at once (even inside C++ code such as SentencePiece training)
+    instead of each printing a KeyboardInterrupt traceback; the main process cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so that `kill` (SIGTERM) also removes the temporary directory
+
+
+def _init_pool_worker(setup: WorkerSetup) -> None:
+    _default_sigint()
+    init_worker(setup)
+
+
+def _run_pool(
+    setup: WorkerSetup, workers: int, tasks: Iterator[tuple[list[Piece], int]],
+    handle: Callable[[TaskResult, int], None],
+) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # ProcessPoolExecutor rather than multiprocessing.Pool: if a worker dies (OOM killer) or its
+    # initializer fails, Pool silently respawns and waits forever; the executor raises instead.
+    pool = ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=_init_pool_worker, initargs=(setup,))
+    # executor.map would queue the whole input at once if the workers fall behind the reader, so we
+    # keep at most 3 tasks per worker in flight ourselves (enough that a slow task at the head of
+    # the queue does not leave the other workers idle), and consume results strictly in order.
+    pending: deque[tuple[Any, int]] = deque()
+    try:
+        for pieces, disk in tasks:
+            pending.append((pool.submit(process_task, pieces), disk))
+            if len(pending) >= 3 * workers:
+                future, d = pending.popleft()
+                handle(future.result(), d)
+        while pending:
+            future, d = pending.popleft()
+            handle(future.result(), d)
+    except BrokenProcessPool:
+        raise PrepareError(
+            "A tokenizer worker process died (most likely out of memory); use fewer --workers or a smaller --chunk_mb."
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def raw_tokenizer_throughput(
+    paths: list[str], data_dir: str, workers: int, text_key: str = "text", chunk_mb: float = DEFAULT_CHUNK_MB
+) -> dict:
+    """Baseline for prepare.py: the bare tokenizer of dataset data_dir in `workers` processes.
+
+    A generous baseline: all documents are parsed into memory first (so use benchmark-sized files
+    only) and handed over in the form each library encodes fastest (UTF-8 bytes for SentencePiece,
+    str for tiktoken); the timer covers only the encode calls (SentencePiece's batch encode,
+    tiktoken's encode_to_numpy) over ~chunk_mb batches on an already started pool, and only
+    token counts travel back. cpu_s adds up the CPU time of all processes.
+    """
+    import resource
+    from concurrent.futures import ProcessPoolExecutor
+
+    meta = load_meta(data_dir)
+    setup = WorkerSetup(meta["tokenizer"], data_dir, [], text_key, 0, meta["dtype"])
+    init_worker(setup)  # loaded here once; forked workers inherit it, as in prepare.py
+    as_bytes = _WORKER["tokenizer"].kind == "sentencepiece"
+    batches: list[list[Any]] = [[]]
+    n_bytes, size = 0, 0
+    for file in find_input_files(paths, "line", "train"):
+        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22):
+            for text in parse_piece(file.kind, data, first_line, text_key).docs:
+                b = text.encode("utf-8")
+                batches[-1].append(b if as_bytes else text)
+                n_bytes, size = n_bytes + len(b), size + len(b)
+                if size >= chunk_mb * 1e6:
+                    batches.append([])
+                    size = 0
+
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    if workers == 1:
+        c0, t0 = cpu(resource.RUSAGE_SELF), time.perf_counter()
+        n_tokens = sum(map(_raw_encode, batches))
+        seconds, cpu_s = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
+    else:
+        children0 = cpu(resource.RUSAGE_CHILDREN)
+        with ProcessPoolExecutor(workers, mp_context=mp_context(), initializer=init_worker, initargs=(setup,)) as pool:
+            list(pool.map(time.sleep, [0.2] * workers))  # every worker started and loaded
+            c0, t0 = cpu(resource.RUSAGE_SELF), time.perf_counter()
+            n_tokens = sum(pool.map(_raw_encode, batches))
+            seconds, self_cpu = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
+        cpu_s = self_cpu + cpu(resource.RUSAGE_CHILDREN) - children0  # workers' start-up included
+    return {"bytes": n_bytes, "tokens": n_tokens, "seconds": seconds, "mb_per_s": n_bytes / 1e6 / seconds, "cpu_s": cpu_s}
+
+
+def _raw_encode(docs: list[Any]) -> int:
+    tok = _WORKER["tokenizer"]
+    if tok.kind == "tiktoken":
+        return sum(len(tok.impl.encode_to_numpy(d, disallowed_special=())) for d in docs)
+    return sum(map(len, tok.impl.encode(docs, out_type=int, num_threads=1)))
+
+
+def run_watching_memory(cmd: list[str]) -> dict:
+    """Run cmd and measure it: wall seconds, CPU seconds of all its processes, the peak RSS of its
+    largest single process (exact: getrusage in a fresh wrapper process, so earlier runs do not
+    count) and the peak total PSS of its process tree (sampled every 50 ms; PSS counts pages that
+    forked workers share with their parent once, where summing RSS would count them per process)."""
+    wrapper = (
+        "import json, resource, subprocess, sys\n"
+        "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps([rc, r.ru_maxrss, r.ru_utime + r.ru_stime]))\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_tree = 0
+    while proc.poll() is None:
+        peak_tree = max(peak_tree, _tree_pss(proc.pid))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    out, err = proc.communicate()
+    rc, maxrss_kb, cpu_s = json.loads(out.decode().strip().splitlines()[-1])
+    if rc:
+        raise RuntimeError(f"{shlex.join(cmd)} failed: {err.decode().strip()[-500:]}")
+    return {"seconds": seconds, "cpu_s": cpu_s, "peak_rss_largest_mb": maxrss_kb * 1024 / 1e6,  # kB on Linux
+            "peak_pss_total_mb": peak_tree / 1e6}
+
+
+def _tree_pss(root: int) -> int:
+    """Sum of PSS (or RSS where PSS is unavailable) over root's descendants, root excluded."""
+    total, stack = 0, _children(root)
+    while stack:
+        pid = stack.pop()
+        stack.extend(_children(pid))
+        for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+            try:
+                with open(path) as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+                break
+            except (OSError, StopIteration, ValueError):
+                continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return kids
+
+
+def bench_prepare(
+    paths: list[str], tokenizer: str = DEFAULT_TOKENIZER, workers: int = 0, repeats: int = 3,
+    work_dir: str | None = None, text_key: str = "text",
+) -> dict:
+    """prepare.py end to end against the raw tokenizer in the same number of processes.
+
+    1. `prepare.py --tokenizer <tokenizer>` once (includes SentencePiece training for sp:N);
+    2. `repeats` times, alternating: `prepare.py --tokenizer <the file made in 1>` (tokenization
+       only) and raw_tokenizer_throughput with that same file. We report the best run of each
+       and the median of the per-pair ratios: alternating pairs see the same background load,
+       which on a shared machine swings throughput by +-20% from minute to minute.
+    MB are 1e6 bytes of UTF-8 document text. prepare runs are timed from process start to exit
+    (interpreter and pool start-up, reading, parsing, writing); "encode phase" is prepare's own
+    timer around its tokenization loop.
+    """
+    workers = workers or cpu_count()
+    work = work_dir or tempfile.mkdtemp(prefix="bench_prepare-")
+    base = [sys.executable, os.path.abspath(__file__), "--input", *paths, "--workers", str(workers),
+            "--text_key", text_key, "--overwrite", "--no_progress"]
+    first = os.path.join(work, "first")
+    trained = run_watching_memory(base + ["--tokenizer", tokenizer, "--out_dir", first])
+    meta = load_meta(first)
+    tok_file = os.path.join(first, meta["tokenizer"]["file"])
+    second = os.path.join(work, "second")
+    runs, raws, encode_phase = [], [], []
+    for _ in range(repeats):
+        runs.append(run_watching_memory(base + ["--tokenizer", tok_file, "--out_dir", second]))
+        encode_phase.append(load_meta(second)["timing_s"]["encode_text_mb_per_s"])
+        raws.append(raw_tokenizer_throughput(paths, first, workers, text_key))
+    meta2 = load_meta(second)
+    text_mb = sum(meta2["splits"][s]["bytes"] for s in ("train", "val")) / 1e6
+    best = min(runs, key=lambda r: r["seconds"])
+    raw = min(raws, key=lambda r: r["seconds"])
+    result = {
+        "paths": paths, "tokenizer": tokenizer, "vocab_size": meta["vocab_size"], "workers": workers,
+        "repeats": repeats, "text_mb": text_mb,
+        "tokens": sum(meta2["splits"][s]["tokens"] for s in ("train", "val")),
+        "prepare_with_training": {**trained, "mb_per_s": text_mb / trained["seconds"],
+                                  "tokenizer_s": meta["timing_s"]["tokenizer"]},
+        "prepare": {**best, "mb_per_s": text_mb / best["seconds"], "encode_phase_mb_per_s": max(encode_phase),
+                    "all_seconds": [r["seconds"] for r in runs], "all_encode_phase_mb_per_s": encode_phase},
+        "raw": {**raw, "all_seconds": [r["seconds"] for r in raws]},
+        "machine": {"cpu": _cpu_model(), "cores": cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "numpy": np.__version__,
+                    "sentencepiece": _version("sentencepiece"), "tiktoken": _version("tiktoken"),
+                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+    }
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    result["ratio_end_to_end"] = result["prepare"]["mb_per_s"] / raw["mb_per_s"]  # best vs best
+    result["ratio_end_to_end_median"] = median([r["seconds"] / p["seconds"] for p, r in zip(runs, raws, strict=True)])
+    result["ratio_encode_phase_median"] = median([e / r["mb_per_s"] for e, r in zip(encode_phase, raws, strict=True)])
+    result["ratio_cpu_median"] = median([r["cpu_s"] / p["cpu_s"] for p, r in zip(runs, raws, strict=True)])
+    if work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def benchmark(paths: list[str], tokenizer: str = DEFAULT_TOKENIZER, workers: int = 0) -> list[dict]:
+    """bench_prepare as table rows (what bench.py prints)."""
+    r = bench_prepare(paths, tokenizer, workers)
+    raw, prep, trained = r["raw"], r["prepare"], r["prepare_with_training"]
+
+    def row(run: str, seconds: float, vs_raw: float, cpu_s: Any = "", rss: Any = "", pss: Any = "") -> dict:
+        fmt = lambda x: round(x, 1) if isinstance(x, float) else x  # noqa: E731
+        return {"run": run, "workers": r["workers"], "text MB": round(r["text_mb"], 1), "seconds": round(seconds, 2),
+                "MB/s": round(r["text_mb"] / seconds, 2), "vs raw": round(vs_raw, 2), "CPU s": fmt(cpu_s),
+                "peak RSS MB, largest process": fmt(rss), "peak PSS MB, all processes": fmt(pss)}
+
+    return [
+        row(f"raw tokenizer ({r['tokenizer']}), encode calls only", raw["seconds"], 1.0, raw["cpu_s"]),
+        row("prepare.py end to end, tokenizer file given", prep["seconds"], r["ratio_end_to_end_median"],
+            prep["cpu_s"], prep["peak_rss_largest_mb"], prep["peak_pss_total_mb"]),
+        row("prepare.py tokenization phase", r["text_mb"] / prep["encode_phase_mb_per_s"], r["ratio_encode_phase_median"]),
+        row(f"prepare.py end to end, --tokenizer {r['tokenizer']}", trained["seconds"],
+            trained["mb_per_s"] / raw["mb_per_s"], trained["cpu_s"], trained["peak_rss_largest_mb"],
+            trained["peak_pss_total_mb"]),
+    ]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            return names[0] if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "not installed"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> PrepareConfig:
+    p = argparse.ArgumentParser(
+        prog="prepare.py",
+        description="Tokenize a .jsonl/.txt(.gz) corpus into uint16/uint32 token shards for train.py. "
+        "With no --input, builds the demo dataset from the Python standard library source.",
+    )
+    p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz")
+    p.add_argument("--val_input", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="separate validation corpus (then every --input document goes to train)")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help=f"fraction of documents picked for val by a hash of their text "
+                   f"(default {DEFAULT_VAL_FRACTION}, demo {DEMO_VAL_FRACTION})")
+    p.add_argument("--text_key", default="text", help="JSON key holding the document text in .jsonl (default text)")
+    p.add_argument("--txt_mode", choices=("line", "file"), default="line",
+                   help=".txt: one document per line (default), or the whole file as one document")
+    p.add_argument("--tokenizer", default=None,
+                   help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, or one of "
+                   f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demo {DEFAULT_DEMO_TOKENIZER})")
+    p.add_argument("--tiktoken_pattern", default=DEFAULT_TIKTOKEN_PATTERN,
+                   help="pre-split regex for a bare .tiktoken file (default: the cl100k_base pattern)")
+    p.add_argument("--sp_sample_mb", type=float, default=DEFAULT_SP_SAMPLE_MB,
+                   help=f"MB of text sampled from the input to train sp:N "
+                   f"(default {DEFAULT_SP_SAMPLE_MB:g}; RAM use is ~8x this)")
+    p.add_argument("--out_dir", default=None,
+                   help=f"output directory (default data/<first input name>, demo {DEMO_OUT_DIR})")
+    p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPU cores)")
+    p.add_argument("--chunk_mb", type=float, default=DEFAULT_CHUNK_MB,
+                   help=f"MB of input per worker task (default {DEFAULT_CHUNK_MB:g})")
+    p.add_argument("--max_docs", type=int, default=None,
+                   help="stop after this many input records (lines, or files with --txt_mode file), for quick trials")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    p.add_argument("--strict", action="store_true", help="stop with an error at the first skipped record")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.workers < 0:
+        p.error("--workers must be >= 0")
+    return PrepareConfig(
+        inputs=a.input, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
+        txt_mode=a.txt_mode, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,
+        sp_sample_mb=a.sp_sample_mb, out_dir=a.out_dir, shard_tokens=a.shard_tokens, workers=a.workers,
+        chunk_mb=a.chunk_mb, max_docs=a.max_docs, overwrite=a.overwrite, strict=a.strict,
+        progress=not a.no_progress, command=shlex.join(["python", "prepare.py", *argv]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 1 error, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(argv)
+    import threading
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    try:
+        prepare(cfg)
+    except (PrepareError, TokenizerError) as e:
+        _log(f"prepare.py: error: {e}")
+        return 1
+    except OSError as e:  # disk full, permission denied, ...: the system's message says it all
+        _log(f"prepare.py: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "") + ".")
+        return 1
+    except KeyboardInterrupt:
+        _log("prepare.py: interrupted; no dataset was written.")
+        return 130
+    finally:
+        if on_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Tests for prepare.py: tiny corpora generated here, tiny vocabularies, no network, no ../shared."""
+
+import base64
+import gzip
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import prepare
+
+REPO = Path(__file__).resolve().parent.parent
+
+RU = (
+    "Съешь же ещё этих мягких французских булок да выпей чаю Широкая электрификация южных "
+    "губерний даст мощный толчок подъёму сельского хозяйства В чащах юга жил бы цитрус"
+).split()
+EN = "The quick brown fox jumps over the lazy dog pack my box with five dozen liquor jugs".split()
+SEPARATORS = [" ", " ", " ", "  ", "\n", "\t", ", ", ".\n\n", "\n    ", "   "]
+
+# Documents that break tokenizers which normalize or mishandle whitespace.
+EDGE_DOCS = [
+    "  two leading spaces and trailing ones  ",
+    "def f(x):\n    if x:\n\t\treturn 'таб'\n    return None\n",
+    "Windows\r\nline\r\nendings\r\n",
+    "literal <|endoftext|> and </s> must stay plain text",
+    "emoji 😀, math 𝔘, nbsp\u00a0here, ligature ﬁ, ё vs е\u0308, й vs и\u0306",
+    "\n\n\nonly newlines around\n\n",
+    "ÄÖÜ ß € — «ёлки-палки» №5",
+]
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(RU + EN) for _ in range(rng.randint(3, 40))]
+        text = words[0]
+        for w in words[1:]:
+            text += rng.choice(SEPARATORS) + w
+        docs.append(f"{i}. {text}")
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], key: str = "text") -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({key: d, "id": len(d)}, ensure_ascii=False) + "\n")
+    return path
+
+
+def run(*args: str) -> int:
+    return prepare.main([*map(str, args), "--no_progress"])
+
+
+def read_split(out_dir: Path, split: str) -> list[str]:
+    """Decode a split's shards back into documents, checking the EOT layout on the way."""
+    meta = prepare.load_meta(str(out_dir))
+    tok = prepare.load_dataset_tokenizer(str(out_dir))
+    parts = [np.memmap(out_dir / s["file"], dtype=meta["dtype"], mode="r") for s in meta["splits"][split]["shards"]]
+    ids = np.concatenate(parts) if parts else np.empty(0, dtype=meta["dtype"])
+    assert len(ids) == meta["splits"][split]["tokens"]
+    docs, start = [], 0
+    for end in np.flatnonzero(ids == meta["eot_id"]):
+        docs.append(tok.decode(ids[start:end].tolist()))
+        start = end + 1
+    assert start == len(ids), "every document must end with the EOT token"
+    assert len(docs) == meta["splits"][split]["documents"]
+    return docs
+
+
+def shard_bytes(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.bin"))}
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(300) + EDGE_DOCS
+    return write_jsonl(d / "mixed.jsonl", docs), docs
+
+
+@pytest.fixture(scope="module")
+def sp_dataset(corpus, tmp_path_factory) -> Path:
+    """One trained sp:512 dataset shared by tests that only need some SentencePiece model."""
+    path, _ = corpus
+    out = tmp_path_factory.mktemp("sp") / "ds"
+    assert run("--input", path, "--tokenizer", "sp:512", "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_sentencepiece_round_trip_cyrillic_and_latin(corpus, sp_dataset):
+    _, docs = corpus
+    meta = json.loads((sp_dataset / "meta.json").read_text(encoding="utf-8"))
+    assert meta["format_version"] == 1
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] <= 512
+    info = meta["tokenizer"]
+    assert info["kind"] == "sentencepiece" and info["spec"] == "sp:512" and info["file"] == "tokenizer.model"
+    assert (sp_dataset / "tokenizer.model").is_file()
+    assert meta["eot_id"] == info["eot_id"]
+    train, val = read_split(sp_dataset, "train"), read_split(sp_dataset, "val")
+    assert val, "val_fraction 0.2 of 307 documents must pick some"
+    assert sorted(train + val) == sorted(docs)
+    val_set = set(val)
+    assert train == [d for d in docs if d not in val_set]  # input order is kept
+    assert val == [d for d in docs if d in val_set]
+    for split, texts in (("train", train), ("val", val)):
+        assert meta["splits"][split]["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+        for shard in meta["splits"][split]["shards"]:
+            assert (sp_dataset / shard["file"]).stat().st_size == 2 * shard["tokens"]
+    assert meta["skipped"] == {} and meta["invalid_utf8"] == 0
+    assert meta["inputs"] == [str(corpus[0])] and meta["val_inputs"] == []
+    assert "prepare.py" in meta["command"] and meta["created_utc"].endswith("Z")
+
+
+def test_tokenizer_wrapper_is_exact_on_code_and_cyrillic(sp_dataset):
+    tok = prepare.load_dataset_tokenizer(str(sp_dataset))
+    assert tok.kind == "sentencepiece" and tok.bos_id is None
+    for text in EDGE_DOCS + ["Привет,\tмир!\n\n    отступ  и  пробелы  \n"]:
+        ids = tok.encode(text)
+        assert tok.eot_id not in ids
+        assert tok.decode(ids) == text
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(tok.eot_id) == b""
+    assert tok.encode_batch(["a b", "в г"]) == [tok.encode("a b"), tok.encode("в г")]
+
+
+def test_sentencepiece_trained_without_spaces_still_round_trips_spaces(tmp_path):
+    path = write_jsonl(tmp_path / "nospace.jsonl", ["привет", "мир", "котик"] * 20)
+    out = tmp_path / "out"
+    assert run("--input", path, "--tokenizer", "sp:300", "--out_dir", out, "--workers", 1, "--val_fraction", 0) == 0
+    tok = prepare.load_dataset_tokenizer(str(out))
+    for text in ("a b  c", "  мир \n\t x"):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_existing_sentencepiece_model_is_reused(corpus, sp_dataset, tmp_path):
+    path, docs = corpus
+    out = tmp_path / "reuse"
+    assert run("--input", path, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
+               "--workers", 1, "--val_fraction", 0.2) == 0
+    assert (out / "tokenizer.model").read_bytes() == (sp_dataset / "tokenizer.model").read_bytes()
+    assert shard_bytes(out) == shard_bytes(sp_dataset)
+
+
+def test_txt_gz_lines_directories_globs_and_file_mode(sp_dataset, tmp_path):
+    docs = make_docs(40, seed=1)
+    flat = [d.replace("\n", " ") for d in docs]  # line mode: one document per line
+    src = tmp_path / "src" / "nested"
+    src.mkdir(parents=True)
+    with gzip.open(src / "a.txt.gz", "wt", encoding="utf-8", newline="") as f:
+        f.write("\r\n".join(flat[:20]) + "\r\n")  # CRLF endings are not part of the documents
+    (src / "b.txt").write_text("\n".join(flat[20:]), encoding="utf-8")  # no final newline
+    (src / "notes.md").write_text("ignored", encoding="utf-8")
+    tok = sp_dataset / "tokenizer.model"
+    out = tmp_path / "lines"
+    assert run("--input", tmp_path / "src", "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(out, "train") == flat and read_split(out, "val") == []
+    assert prepare.load_meta(str(out))["splits"]["val"]["shards"] == []
+
+    out_glob = tmp_path / "glob"
+    assert run("--input", str(tmp_path / "src" / "**" / "*.txt*"), "--tokenizer", tok, "--out_dir", out_glob,
+               "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(out_glob, "train") == flat
+
+    # --txt_mode file: each file is one document, newlines and all.
+    files = tmp_path / "files"
+    files.mkdir()
+    for i, d in enumerate(docs[:5]):
+        (files / f"{i}.txt").write_text(d, encoding="utf-8", newline="")
+    out_files = tmp_path / "whole"
+    assert run("--input", files, "--txt_mode", "file", "--tokenizer", tok, "--out_dir", out_files,
+               "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(out_files, "train") == docs[:5]
+
+
+def test_separate_val_input(sp_dataset, tmp_path):
+    train_docs, val_docs = make_docs(30, seed=2), make_docs(7, seed=3)
+    tr = write_jsonl(tmp_path / "tr.jsonl", train_docs)
+    va_gz = tmp_path / "va.jsonl.gz"
+    va_gz.write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in val_docs).encode()))
+    out = tmp_path / "out"
+    assert run("--input", tr, "--val_input", va_gz, "--tokenizer", sp_dataset / "tokenizer.model",
+               "--out_dir", out, "--workers", 1) == 0
+    assert read_split(out, "train") == train_docs
+    assert read_split(out, "val") == val_docs
+    meta = prepare.load_meta(str(out))
+    assert meta["val_inputs"] == [str(va_gz)] and meta["val_fraction"] == 0.0
+
+
+def test_tokenizer_sample_is_bounded_and_spread_over_the_file(tmp_path):
+    docs = make_docs(2000, seed=4)
+    path = write_jsonl(tmp_path / "big.jsonl", docs)
+    files = prepare.find_input_files([str(path)], "line", "auto")
+    budget, threshold = 20_000, prepare.val_threshold(0.1)
+    sample = list(prepare.sample_documents(files, budget, "text", threshold, None))
+    assert 0 < sum(len(s.encode()) for s in sample) <= budget < files[0].size
+    picked = [int(s.split(".")[0]) for s in sample]
+    assert min(picked) < 100 and max(picked) > 1750  # not just the head of the file
+    whole = [s for s in sample if s in set(docs)]
+    assert len(sample) - len(whole) <= 8  # at most the last document of each window is cut short
+    assert not any(prepare.is_val_document(s.encode(), threshold) for s in whole)
+    out = tmp_path / "out"
+    assert run("--input", path, "--tokenizer", "sp:400", "--sp_sample_mb", 0.05, "--out_dir", out, "--workers", 1) == 0
+    assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(docs)
+
+
+def test_max_docs_counts_input_records(sp_dataset, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    out = tmp_path / "out"
+    assert run("--input", bad, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
+               "--workers", 1, "--val_fraction", 0, "--max_docs", 7) == 0
+    meta = prepare.load_meta(str(out))
+    assert read_split(out, "train") == ["good one"] and sum(meta["skipped"].values()) == 6
+    assert meta["max_docs"] == 7
+
+
+# ----------------------------------------------------------------------------- tiktoken
+
+
+def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> Path:
+    with open(path, "wb") as f:
+        for token, rank in ranks.items():
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    return path
+
+
+def test_tiktoken_file_small_vocab_is_uint16(corpus, tmp_path):
+    path, docs = corpus
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in ("th", "the", " the", "пр".encode("utf-8"), "  ", "    "):
+        ranks[merge.encode() if isinstance(merge, str) else merge] = len(ranks)
+    out = tmp_path / "tt"
+    assert run("--input", path, "--tokenizer", write_tiktoken(tmp_path / "small.tiktoken", ranks),
+               "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
+    meta = prepare.load_meta(str(out))
+    info = meta["tokenizer"]
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(ranks) + 1
+    assert info["kind"] == "tiktoken" and info["name"] is None and info["file"] == "tokenizer.tiktoken"
+    assert info["special_tokens"] == {"<|endoftext|>": len(ranks)} == {"<|endoftext|>": meta["eot_id"]}
+    assert info["pat_str"] == prepare.DEFAULT_TIKTOKEN_PATTERN
+    assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(docs)
+    tok = prepare.load_dataset_tokenizer(str(out))
+    text = "the Привет"
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode()
+    assert tok.token_bytes(tok.eot_id) == b""
+
+
+def test_tiktoken_vocab_over_65536_is_uint32(tmp_path):
+    # Every 2-byte sequence gets a rank below 65536 and the single bytes come after, so any
+    # leftover byte becomes an id > 65535: uint16 would silently corrupt it.
+    ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
+    ranks.update({bytes([b]): 65536 + b for b in range(256)})
+    docs = ["Ё", "Привет, мир!", "odd", "ab", *EDGE_DOCS]
+    out = tmp_path / "big"
+    assert run("--input", write_jsonl(tmp_path / "c.jsonl", docs), "--tokenizer",
+               write_tiktoken(tmp_path / "big.tiktoken", ranks), "--out_dir", out, "--workers", 1,
+               "--val_fraction", 0) == 0
+    meta = prepare.load_meta(str(out))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65793 and meta["eot_id"] == 65792
+    ids = np.memmap(out / "train_000000.bin", dtype="uint32", mode="r")
+    assert ids.max() == 65792 and (ids[ids != 65792] > 65535).any()
+    assert (out / "train_000000.bin").stat().st_size == 4 * meta["splits"]["train"]["tokens"]
+    assert read_split(out, "train") == docs
+
+
+def test_named_tiktoken_without_cache_fails_fast_before_any_work(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(prepare.OFFLINE_ENV, "1")
+    out = tmp_path / "never"
+    t0 = time.time()
+    assert run("--input", corpus[0], "--tokenizer", "gpt2", "--out_dir", out) == 1
+    assert time.time() - t0 < 10
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "local .tiktoken file" in err and "sp:N" in err
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_named_tiktoken_is_saved_into_the_dataset(corpus, tmp_path, monkeypatch):
+    # Stands in for a cached gpt2: the dataset must carry its ranks, regex and specials itself.
+    import tiktoken
+
+    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257}
+    fake = tiktoken.Encoding(name="gpt2", pat_str=prepare.DEFAULT_TIKTOKEN_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 258, "<|fim|>": 259})
+    monkeypatch.setattr(prepare, "_load_named_tiktoken", lambda name: fake)
+    out = tmp_path / "named"
+    assert run("--input", corpus[0], "--tokenizer", "gpt2", "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
+    info = prepare.load_meta(str(out))["tokenizer"]
+    assert info["name"] == "gpt2" and info["spec"] == "gpt2" and info["eot_id"] == 258
+    assert info["special_tokens"] == {"<|endoftext|>": 258, "<|fim|>": 259}
+    assert prepare.read_tiktoken_ranks(str(out / "tokenizer.tiktoken")) == ranks
+    monkeypatch.undo()  # loading the dataset must not need tiktoken's registry or cache
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv(prepare.OFFLINE_ENV, "1")
+    assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(corpus[1])
+
+
+def test_tokenizer_spec_errors(corpus, tmp_path, capsys):
+    path, _ = corpus
+    for spec, words in [("sp:100", "between 260"), ("sp:300", "too small"), ("nope", "Unknown --tokenizer"),
+                        (str(tmp_path / "missing.model"), "does not exist")]:
+        assert run("--input", path, "--tokenizer", spec, "--out_dir", tmp_path / "x", "--workers", 1) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and no_leftovers(tmp_path)
+    with pytest.raises(prepare.TokenizerError, match="missing"):
+        prepare.load_tokenizer({"kind": "sentencepiece", "file": "tokenizer.model"}, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_split_is_deterministic_and_independent_of_workers(corpus, sp_dataset, tmp_path):
+    path, docs = corpus
+    outs = []
+    for i, workers in enumerate((1, 2, 2)):
+        out = tmp_path / f"w{i}"
+        # Tiny tasks so that two workers really interleave many tasks out of order.
+        assert run("--input", path, "--tokenizer", "sp:512", "--out_dir", out, "--workers", workers,
+                   "--val_fraction", 0.2, "--chunk_mb", 0.002) == 0
+        outs.append(out)
+    for out in outs:
+        assert shard_bytes(out) == shard_bytes(sp_dataset)
+        assert (out / "tokenizer.model").read_bytes() == (sp_dataset / "tokenizer.model").read_bytes()
+    val = read_split(outs[1], "val")
+    threshold = prepare.val_threshold(0.2)
+    assert val == [d for d in docs if prepare.is_val_document(d.encode(), threshold)]
+    assert 0.1 < len(val) / len(docs) < 0.3
+
+
+def test_shards_roll_over_at_shard_tokens(corpus, sp_dataset, tmp_path):
+    path, docs = corpus
+    out = tmp_path / "sharded"
+    assert run("--input", path, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out, "--workers", 1,
+               "--val_fraction", 0.2, "--shard_tokens", 1000) == 0
+    meta = prepare.load_meta(str(out))
+    shards = meta["splits"]["train"]["shards"]
+    assert len(shards) > 3 and [s["file"] for s in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
+    assert all(s["tokens"] == 1000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 1000
+    assert b"".join(shard_bytes(out)[s["file"]] for s in shards) == shard_bytes(sp_dataset)["train_000000.bin"]
+    assert read_split(out, "train") == read_split(sp_dataset, "train")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_LINES = [
+    b'{"text": "good one"}',
+    b'{"text": "broken"',
+    b'{"title": "no text here"}',
+    b'{"text": 42}',
+    b'{"text": ""}',
+    b"",
+    b"[1, 2]",
+    b'{"text": "bad \xff byte"}',
+    b'{"text": "lone \\ud800 surrogate"}',
+    b'{"text": "good two"}',
+]
+
+
+def test_bad_records_are_skipped_counted_and_reported(sp_dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    out = tmp_path / "out"
+    assert run("--input", bad, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
+               "--workers", 1, "--val_fraction", 0) == 0
+    meta = prepare.load_meta(str(out))
+    assert meta["skipped"] == {"bad_json": 1, "blank_line": 1, "empty_text": 1, "missing_text_key": 1,
+                               "not_an_object": 1, "text_not_string": 1}
+    assert meta["invalid_utf8"] == 2
+    assert read_split(out, "train") == ["good one", "bad \ufffd byte", "lone \ufffd surrogate", "good two"]
+    err = capsys.readouterr().err
+    for line_no in (2, 3, 4, 5, 6, 7):
+        assert f"{bad}:{line_no}:" in err
+
+
+def test_strict_turns_a_skip_into_an_error(sp_dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    out = tmp_path / "out"
+    assert run("--input", bad, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
+               "--workers", 1, "--val_fraction", 0, "--strict") == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2:" in err and "--strict" in err
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_input_errors_are_one_clear_line(sp_dataset, tmp_path, capsys):
+    tok = str(sp_dataset / "tokenizer.model")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "all_bad.jsonl").write_text('{"x": 1}\n\n{"text": ""}\n', encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    cases = [
+        (["--input", tmp_path / "missing.jsonl"], "does not exist"),
+        (["--input", tmp_path / "data.parquet"], "Unsupported input file"),
+        (["--input", tmp_path / "empty_dir"], "No .jsonl or .txt files"),
+        (["--input", tmp_path / "all_bad.jsonl", "--val_fraction", 0], "No documents found"),
+        (["--input", tmp_path / "empty.jsonl", "--val_fraction", 0], "No documents found"),
+        (["--input", tmp_path / "all_bad.jsonl", "--val_input", tmp_path / "all_bad.jsonl", "--val_fraction", 0.1],
+         "either --val_input or --val_fraction"),
+    ]
+    for args, words in cases:
+        assert run(*args, "--tokenizer", tok, "--out_dir", tmp_path / "out", "--workers", 1) == 1, words
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("prepare.py: error:")]
+        assert len(errors) == 1 and words in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_empty_validation_split_is_an_error(sp_dataset, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "three.jsonl", ["один", "two", "три"])
+    thr = prepare.val_threshold(0.001)
+    assert not any(prepare.is_val_document(d.encode(), thr) for d in ["один", "two", "три"])
+    assert run("--input", path, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", tmp_path / "o",
+               "--val_fraction", 0.001, "--workers", 1) == 1
+    assert "--val_fraction" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--input", str(tmp_path / "nope.jsonl"),
+                        "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("prepare.py: error: Input path") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+def test_existing_output_needs_overwrite(corpus, sp_dataset, tmp_path, capsys):
+    path, _ = corpus
+    tok = sp_dataset / "tokenizer.model"
+    out = tmp_path / "ds"
+    args = ["--input", path, "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0.2]
+    assert run(*args) == 0
+    (out / "marker").write_text("old")
+    assert run(*args) == 1
+    assert "--overwrite" in capsys.readouterr().err and (out / "marker").exists()
+    assert run(*args, "--overwrite") == 0
+    assert not (out / "marker").exists() and shard_bytes(out) == shard_bytes(sp_dataset)
+    assert no_leftovers(tmp_path)
+    # --overwrite refuses to delete a directory that is not a dataset.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert run("--input", path, "--tokenizer", tok, "--out_dir", precious, "--workers", 1, "--overwrite") == 1
+    assert "not a prepare.py dataset" in capsys.readouterr().err
+    assert (precious / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_failure_midway_leaves_no_dataset(corpus, sp_dataset, tmp_path, monkeypatch, exc):
+    path, _ = corpus
+    calls = []
+    real_write = prepare.ShardWriter.write
+
+    def failing_write(self, tokens):
+        calls.append(1)
+        if len(calls) > 3:
+            raise exc
+        real_write(self, tokens)
+
+    monkeypatch.setattr(prepare.ShardWriter, "write", failing_write)
+    tok = sp_dataset / "tokenizer.model"
+    out = tmp_path / "ds"
+    args = ["--input", path, "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0.2,
+            "--chunk_mb", 0.002]
+    def run_and_fail(*extra):
+        if isinstance(exc, KeyboardInterrupt):
+            assert run(*args, *extra) == 130
+        else:
+            with pytest.raises(RuntimeError, match="disk on fire"):
+                run(*args, *extra)
+
+    run_and_fail()
+    assert not out.exists() and no_leftovers(tmp_path)
+
+    # A failed --overwrite run keeps the previous dataset intact.
+    monkeypatch.setattr(prepare.ShardWriter, "write", real_write)
+    assert run(*args) == 0
+    before, meta_before = shard_bytes(out), (out / "meta.json").read_text()
+    monkeypatch.setattr(prepare.ShardWriter, "write", failing_write)
+    calls.clear()
+    run_and_fail("--overwrite")
+    assert shard_bytes(out) == before and (out / "meta.json").read_text() == meta_before
+    assert no_leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_default_builds_data_demo_from_the_stdlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # The real default path (no --input, default tokenizer, default out dir), limited in size.
+    assert run("--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
+    out = tmp_path / prepare.DEMO_OUT_DIR
+    meta = prepare.load_meta(str(out))
+    assert "Python standard library" in capsys.readouterr().err
+    assert meta["demo"] is True and meta["tokenizer"]["spec"] == prepare.DEFAULT_DEMO_TOKENIZER
+    _, files = prepare.demo_files()
+    assert meta["inputs"] == files
+    sources = [Path(f).read_text(encoding="utf-8") for f in files[:25]]
+    train, val = read_split(out, "train"), read_split(out, "val")
+    val_set = set(val)
+    assert train == [s for s in sources if s not in val_set] and val
+    assert sorted(train + val) == sorted(sources)  # exact, indentation and all
+
+
+def test_demo_corpus_is_stdlib_source_without_tests():
+    root, files = prepare.demo_files()
+    assert files == sorted(files) and len(files) > 300
+    for f in files:
+        rel = Path(f).relative_to(root)
+        assert f.endswith(".py") and Path(f).stat().st_size > 0
+        assert not {"test", "tests", "idle_test", "site-packages"} & set(rel.parts[:-1]), f
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_rows_on_a_tiny_corpus(corpus):
+    rows = prepare.benchmark([str(corpus[0])], "sp:400", workers=2)
+    assert [r["run"].split(" ")[0] for r in rows] == ["raw", "prepare.py", "prepare.py", "prepare.py"]
+    assert len({tuple(r) for r in rows}) == 1  # same columns in every row, as bench.py's table needs
+    assert all(r["MB/s"] > 0 and r["workers"] == 2 for r in rows)
+    assert rows[1]["peak RSS MB, largest process"] > 10
