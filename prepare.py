@@ -253,7 +253,7 @@ class TokenizerPlan:
     """What --tokenizer asked for, validated before any real work starts."""
 
     spec: str
-    kind: str  # "sentencepiece" | "tiktoken"
+    kind: str  # "sentencepiece" | "tiktoken" | "hf" (converted by export_hf.import_hf_tokenizer)
     train_vocab: int | None = None  # sp:N -> train a BPE with N pieces
     path: str | None = None  # local .model / .tiktoken file
     name: str | None = None  # named tiktoken encoding
@@ -276,6 +276,11 @@ def resolve_tokenizer(spec: str, tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTER
                 "e.g. sp:32000."
             )
         return TokenizerPlan(spec, "sentencepiece", train_vocab=n)
+    if spec.startswith("hf:"):  # the tokenizer of a local Hugging Face model (continued pretraining)
+        path = os.path.expanduser(spec[3:])
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            raise TokenizerError(f"--tokenizer {spec}: {path} has no tokenizer.json or tokenizer.model; pass a local HF model directory.")
+        return TokenizerPlan(spec, "hf", path=path)
     if spec in TIKTOKEN_NAMES:
         return TokenizerPlan(spec, "tiktoken", name=spec, encoding=_load_named_tiktoken(spec))
     if spec.endswith(".model") or spec.endswith(".tiktoken"):
@@ -286,7 +291,7 @@ def resolve_tokenizer(spec: str, tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTER
         return TokenizerPlan(spec, "tiktoken", path=spec, pat_str=tiktoken_pattern)
     raise TokenizerError(
         f"Unknown --tokenizer {spec!r}; use sp:N (e.g. sp:32000), a SentencePiece .model file, "
-        f"a .tiktoken file or one of: {', '.join(TIKTOKEN_NAMES)}."
+        f"a .tiktoken file, hf:DIR (a local Hugging Face model) or one of: {', '.join(TIKTOKEN_NAMES)}."
     )
 
 
@@ -428,6 +433,14 @@ def materialize_tokenizer(
 ) -> tuple[dict, Tokenizer]:
     """Create the tokenizer file inside out_dir; returns the meta["tokenizer"] record and the
     loaded tokenizer."""
+    if plan.kind == "hf":
+        from export_hf import HFError, import_hf_tokenizer
+
+        try:
+            info = {**import_hf_tokenizer(plan.path, out_dir), "spec": plan.spec}
+        except HFError as e:
+            raise TokenizerError(str(e)) from None
+        return info, load_tokenizer(info, out_dir)
     if plan.kind == "sentencepiece":
         target = os.path.join(out_dir, "tokenizer.model")
         if plan.train_vocab is not None:
@@ -1458,7 +1471,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--txt_mode", choices=("line", "file"), default="line",
                    help=".txt: one document per line (default), or the whole file as one document")
     p.add_argument("--tokenizer", default=None,
-                   help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, or one of "
+                   help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, hf:DIR (a local HF model's tokenizer), or one of "
                    f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demo {DEFAULT_DEMO_TOKENIZER})")
     p.add_argument("--tiktoken_pattern", default=DEFAULT_TIKTOKEN_PATTERN,
                    help="pre-split regex for a bare .tiktoken file (default: the cl100k_base pattern)")

@@ -7,6 +7,7 @@ import random
 import shutil
 import unicodedata
 
+import numpy as np
 import pytest
 import torch
 
@@ -393,6 +394,47 @@ def test_import_gpt2_style_tokenizer_json_made_by_tokenizers(tmp_path):
     imported = prepare.load_tokenizer(record, str(tmp_path / "out"))
     for text in PROBES:
         assert imported.encode(text) == tok.encode(text).ids, text
+
+
+def test_continue_pretraining_a_hf_model_prepare_then_train(tmp_path):
+    """The README's flow: prepare --tokenizer hf:DIR tokenizes exactly as the HF tokenizer does,
+    and train.py --init_from=hf:DIR starts from the HF weights (its first loss equals the loss
+    transformers computes on the same window)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import train
+
+    hf, hf_dir = tiny_hf_model(tmp_path, "qwen2", tie=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.save(os.path.join(hf_dir, "tokenizer.json"))
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    docs = corpus(200, seed=1)
+    (tmp_path / "ru.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    data = tmp_path / "data"
+    assert prepare.main(["--input", str(tmp_path / "ru.jsonl"), "--tokenizer", f"hf:{hf_dir}", "--out_dir", str(data),
+                         "--val_input", str(tmp_path / "ru.jsonl"), "--workers", "1", "--no_progress"]) == 0
+    meta = prepare.load_meta(str(data))
+    eot = tok.token_to_id("<|endoftext|>")
+    assert meta["eot_id"] == eot and meta["tokenizer"]["spec"] == f"hf:{hf_dir}"
+    expected = [i for doc in docs for i in (*tok.encode(doc).ids, eot)]
+    assert np.fromfile(data / "val_000000.bin", dtype=meta["dtype"]).tolist() == expected
+
+    out = tmp_path / "out"
+    train.main([f"--data_dir={data}", f"--out_dir={out}", f"--init_from=hf:{hf_dir}", "--block_size=32", "--batch_size=2",
+                "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--learning_rate=1e-4",
+                "--device=cpu", "--compile=False"])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    picks = train.TokenShards(str(data), meta, "train", 32).sample([1337, 0], 2)
+    x, y = train.TokenShards(str(data), meta, "train", 32).read(picks, torch.device("cpu"))
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert first["loss"] == pytest.approx(hf_loss, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- refusals
