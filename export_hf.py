@@ -42,6 +42,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from prepare import TokenizerError, read_tiktoken_ranks, write_tiktoken_ranks
+from sample import SampleError, find_checkpoint, load_checkpoint
 
 
 class HFError(RuntimeError):
@@ -489,24 +490,6 @@ def tiktoken_tokenizer_json(ranks: dict[bytes, int], pat_str: str, special_token
 # ----------------------------------------------------------------------------- export
 
 
-def find_checkpoint(out_dir: str, ckpt: Optional[str]) -> str:
-    path = ckpt or os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise HFError(f"no checkpoint at {path}; train one first or pass --ckpt PATH")
-    return path
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        # weights_only: a checkpoint from elsewhere must not be able to run code.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise HFError(f"cannot read checkpoint {path} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
-        raise HFError(f"{path} is not a HomeLLM checkpoint (no 'model' and 'model_config')")
-    return ckpt
-
-
 def prepare_dest(dest: str, overwrite: bool) -> None:
     """Refuse to write into a non-empty directory unless asked; then clear only our own files."""
     if os.path.isdir(dest) and os.listdir(dest):
@@ -603,7 +586,7 @@ def export_hf(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, ov
         from safetensors.torch import save_file
     except ImportError:
         raise HFError("writing .safetensors needs the safetensors package: pip install safetensors") from None
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)  # sample.py's: weights_only, clear errors
     try:
         cfg = ModelConfig.from_dict(ckpt["model_config"])
     except (TypeError, ValueError) as err:
@@ -859,7 +842,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
         try:
             run(args, dtype)
-        except (HFError, TokenizerError) as err:
+        except (HFError, TokenizerError, SampleError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
 

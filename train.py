@@ -393,13 +393,14 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
 
 
 def load_checkpoint_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise TrainError(f"checkpoint {path} does not exist")
+    """sample.py's loader (weights_only: a .pt from elsewhere cannot run code; mmap: ranks
+    share the pages), with its errors as TrainError."""
+    from sample import SampleError, load_checkpoint
+
     try:
-        # weights_only: a .pt from elsewhere must not be able to run code; mmap: ranks share pages.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise TrainError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        return load_checkpoint(path)
+    except SampleError as err:
+        raise TrainError(str(err)) from None
 
 
 def find_resume_checkpoint(cfg: TrainConfig) -> Optional[str]:
