@@ -14,27 +14,36 @@ with the machine's details so they can go straight into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
+import prepare
 import train as train_mod
 from configurator import read_config_file
 from model import Transformer, estimate_mfu, model_config_from_preset
 
 
-def machine_details(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    parts = [f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", f"torch {torch.__version__}", f"Python {platform.python_version()}"]
+        return platform.processor() or platform.machine()
+
+
+def machine_details(device: torch.device) -> str:
+    parts = [f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", f"torch {torch.__version__}", f"Python {platform.python_version()}"]
     if device.type == "cuda":
         parts.append(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
     return "; ".join(parts)
@@ -131,10 +140,202 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
     return rows
 
 
-def bench_prepare(inputs: list[str], tokenizer: str, workers: int) -> list[dict]:
-    import prepare
+# ----------------------------------------------------------------------------- prepare.py vs the raw tokenizer
 
-    return prepare.benchmark(inputs, tokenizer, workers)
+
+def raw_tokenizer_throughput(
+    paths: list[str], data_dir: str, workers: int, text_key: str = "text", chunk_mb: float = prepare.DEFAULT_CHUNK_MB
+) -> dict:
+    """Baseline for prepare.py: the bare tokenizer of dataset data_dir in `workers` processes.
+
+    A generous baseline: all documents are parsed into memory first (so use benchmark-sized files
+    only) and handed over in the form each library encodes fastest (UTF-8 bytes for SentencePiece,
+    str for tiktoken); the timer covers only the encode calls (SentencePiece's batch encode,
+    tiktoken's encode_to_numpy) over ~chunk_mb batches on an already started pool, and only
+    token counts travel back. cpu_s adds up the CPU time of all processes.
+    """
+    import resource
+    from concurrent.futures import ProcessPoolExecutor
+
+    meta = prepare.load_meta(data_dir)
+    setup = prepare.WorkerSetup(meta["tokenizer"], data_dir, [], text_key, 0, meta["dtype"])
+    prepare.init_worker(setup)  # loaded here once; forked workers inherit it, as in prepare.py
+    as_bytes = prepare._WORKER["tokenizer"].kind == "sentencepiece"
+    batches: list[list[Any]] = [[]]
+    n_bytes, size = 0, 0
+    for file in prepare.find_input_files(paths, "line", "train"):
+        for first_line, data, _ in prepare.iter_file_pieces(file.path, file.kind, 1 << 22):
+            for text in prepare.parse_piece(file.kind, data, first_line, text_key).docs:
+                b = text.encode("utf-8")
+                batches[-1].append(b if as_bytes else text)
+                n_bytes, size = n_bytes + len(b), size + len(b)
+                if size >= chunk_mb * 1e6:
+                    batches.append([])
+                    size = 0
+
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    if workers == 1:
+        c0, t0 = cpu(resource.RUSAGE_SELF), time.perf_counter()
+        n_tokens = sum(map(_raw_encode, batches))
+        seconds, cpu_s = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
+    else:
+        children0 = cpu(resource.RUSAGE_CHILDREN)
+        with ProcessPoolExecutor(workers, mp_context=prepare.mp_context(), initializer=prepare.init_worker, initargs=(setup,)) as pool:
+            list(pool.map(time.sleep, [0.2] * workers))  # every worker started and loaded
+            c0, t0 = cpu(resource.RUSAGE_SELF), time.perf_counter()
+            n_tokens = sum(pool.map(_raw_encode, batches))
+            seconds, self_cpu = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
+        cpu_s = self_cpu + cpu(resource.RUSAGE_CHILDREN) - children0  # workers' start-up included
+    return {"bytes": n_bytes, "tokens": n_tokens, "seconds": seconds, "mb_per_s": n_bytes / 1e6 / seconds, "cpu_s": cpu_s}
+
+
+def _raw_encode(docs: list[Any]) -> int:
+    tok = prepare._WORKER["tokenizer"]
+    if tok.kind == "tiktoken":
+        return sum(len(tok.impl.encode_to_numpy(d, disallowed_special=())) for d in docs)
+    return sum(map(len, tok.impl.encode(docs, out_type=int, num_threads=1)))
+
+
+def run_watching_memory(cmd: list[str]) -> dict:
+    """Run cmd and measure it: wall seconds, CPU seconds of all its processes, the peak RSS of its
+    largest single process (exact: getrusage in a fresh wrapper process, so earlier runs do not
+    count) and the peak total PSS of its process tree (sampled every 50 ms; PSS counts pages that
+    forked workers share with their parent once, where summing RSS would count them per process)."""
+    wrapper = (
+        "import json, resource, subprocess, sys\n"
+        "rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps([rc, r.ru_maxrss, r.ru_utime + r.ru_stime]))\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_tree = 0
+    while proc.poll() is None:
+        peak_tree = max(peak_tree, _tree_pss(proc.pid))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    out, err = proc.communicate()
+    rc, maxrss_kb, cpu_s = json.loads(out.decode().strip().splitlines()[-1])
+    if rc:
+        raise RuntimeError(f"{shlex.join(cmd)} failed: {err.decode().strip()[-500:]}")
+    return {"seconds": seconds, "cpu_s": cpu_s, "peak_rss_largest_mb": maxrss_kb * 1024 / 1e6,  # kB on Linux
+            "peak_pss_total_mb": peak_tree / 1e6}
+
+
+def _tree_pss(root: int) -> int:
+    """Sum of PSS (or RSS where PSS is unavailable) over root's descendants, root excluded."""
+    total, stack = 0, _children(root)
+    while stack:
+        pid = stack.pop()
+        stack.extend(_children(pid))
+        for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+            try:
+                with open(path) as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+                break
+            except (OSError, StopIteration, ValueError):
+                continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return kids
+
+
+def bench_prepare(
+    paths: list[str], tokenizer: str = prepare.DEFAULT_TOKENIZER, workers: int = 0, repeats: int = 3,
+    work_dir: str | None = None, text_key: str = "text",
+) -> dict:
+    """prepare.py end to end against the raw tokenizer in the same number of processes.
+
+    1. `prepare.py --tokenizer <tokenizer>` once (includes SentencePiece training for sp:N);
+    2. `repeats` times, alternating: `prepare.py --tokenizer <the file made in 1>` (tokenization
+       only) and raw_tokenizer_throughput with that same file. We report the best run of each
+       and the median of the per-pair ratios: alternating pairs see the same background load,
+       which on a shared machine swings throughput by +-20% from minute to minute.
+    MB are 1e6 bytes of UTF-8 document text. prepare runs are timed from process start to exit
+    (interpreter and pool start-up, reading, parsing, writing); "encode phase" is prepare's own
+    timer around its tokenization loop.
+    """
+    workers = workers or prepare.cpu_count()
+    work = work_dir or tempfile.mkdtemp(prefix="bench_prepare-")
+    base = [sys.executable, os.path.abspath(prepare.__file__), "--input", *paths, "--workers", str(workers),
+            "--text_key", text_key, "--overwrite", "--no_progress"]
+    first = os.path.join(work, "first")
+    trained = run_watching_memory(base + ["--tokenizer", tokenizer, "--out_dir", first])
+    meta = prepare.load_meta(first)
+    tok_file = os.path.join(first, meta["tokenizer"]["file"])
+    second = os.path.join(work, "second")
+    runs, raws, encode_phase = [], [], []
+    for _ in range(repeats):
+        runs.append(run_watching_memory(base + ["--tokenizer", tok_file, "--out_dir", second]))
+        encode_phase.append(prepare.load_meta(second)["timing_s"]["encode_text_mb_per_s"])
+        raws.append(raw_tokenizer_throughput(paths, first, workers, text_key))
+    meta2 = prepare.load_meta(second)
+    text_mb = sum(meta2["splits"][s]["bytes"] for s in ("train", "val")) / 1e6
+    best = min(runs, key=lambda r: r["seconds"])
+    raw = min(raws, key=lambda r: r["seconds"])
+    result = {
+        "paths": paths, "tokenizer": tokenizer, "vocab_size": meta["vocab_size"], "workers": workers,
+        "repeats": repeats, "text_mb": text_mb,
+        "tokens": sum(meta2["splits"][s]["tokens"] for s in ("train", "val")),
+        "prepare_with_training": {**trained, "mb_per_s": text_mb / trained["seconds"],
+                                  "tokenizer_s": meta["timing_s"]["tokenizer"]},
+        "prepare": {**best, "mb_per_s": text_mb / best["seconds"], "encode_phase_mb_per_s": max(encode_phase),
+                    "all_seconds": [r["seconds"] for r in runs], "all_encode_phase_mb_per_s": encode_phase},
+        "raw": {**raw, "all_seconds": [r["seconds"] for r in raws]},
+        "machine": {"cpu": cpu_model(), "cores": prepare.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "numpy": np.__version__,
+                    "sentencepiece": _version("sentencepiece"), "tiktoken": _version("tiktoken"),
+                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+    }
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    result["ratio_end_to_end"] = result["prepare"]["mb_per_s"] / raw["mb_per_s"]  # best vs best
+    result["ratio_end_to_end_median"] = median([r["seconds"] / p["seconds"] for p, r in zip(runs, raws, strict=True)])
+    result["ratio_encode_phase_median"] = median([e / r["mb_per_s"] for e, r in zip(encode_phase, raws, strict=True)])
+    result["ratio_cpu_median"] = median([r["cpu_s"] / p["cpu_s"] for p, r in zip(runs, raws, strict=True)])
+    if work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def benchmark_prepare(paths: list[str], tokenizer: str = prepare.DEFAULT_TOKENIZER, workers: int = 0) -> list[dict]:
+    """bench_prepare as table rows (what bench.py prints)."""
+    r = bench_prepare(paths, tokenizer, workers)
+    raw, prep, trained = r["raw"], r["prepare"], r["prepare_with_training"]
+
+    def row(run: str, seconds: float, vs_raw: float, cpu_s: Any = "", rss: Any = "", pss: Any = "") -> dict:
+        fmt = lambda x: round(x, 1) if isinstance(x, float) else x  # noqa: E731
+        return {"run": run, "workers": r["workers"], "text MB": round(r["text_mb"], 1), "seconds": round(seconds, 2),
+                "MB/s": round(r["text_mb"] / seconds, 2), "vs raw": round(vs_raw, 2), "CPU s": fmt(cpu_s),
+                "peak RSS MB, largest process": fmt(rss), "peak PSS MB, all processes": fmt(pss)}
+
+    return [
+        row(f"raw tokenizer ({r['tokenizer']}), encode calls only", raw["seconds"], 1.0, raw["cpu_s"]),
+        row("prepare.py end to end, tokenizer file given", prep["seconds"], r["ratio_end_to_end_median"],
+            prep["cpu_s"], prep["peak_rss_largest_mb"], prep["peak_pss_total_mb"]),
+        row("prepare.py tokenization phase", r["text_mb"] / prep["encode_phase_mb_per_s"], r["ratio_encode_phase_median"]),
+        row(f"prepare.py end to end, --tokenizer {r['tokenizer']}", trained["seconds"],
+            trained["mb_per_s"] / raw["mb_per_s"], trained["cpu_s"], trained["peak_rss_largest_mb"],
+            trained["peak_pss_total_mb"]),
+    ]
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "not installed"
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -174,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.what in ("generate", "all"):
         sections.append(("Generation", bench_generate(args.config or "config/home_25m.py", device, args.prompt_len, args.new_tokens, args.vocab_size)))
     if args.what in ("prepare", "all") and args.input:
-        sections.append(("prepare.py throughput", bench_prepare(args.input, args.tokenizer, args.workers)))
+        sections.append(("prepare.py throughput", benchmark_prepare(args.input, args.tokenizer, args.workers)))
     elif args.what == "prepare":
         sys.exit("error: bench.py prepare needs --input FILE [FILE ...]")
 

@@ -529,14 +529,3 @@ def test_demo_corpus_is_stdlib_source_without_tests():
         rel = Path(f).relative_to(root)
         assert f.endswith(".py") and Path(f).stat().st_size > 0
         assert not {"test", "tests", "idle_test", "site-packages"} & set(rel.parts[:-1]), f
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def test_benchmark_rows_on_a_tiny_corpus(corpus):
-    rows = prepare.benchmark([str(corpus[0])], "sp:400", workers=2)
-    assert [r["run"].split(" ")[0] for r in rows] == ["raw", "prepare.py", "prepare.py", "prepare.py"]
-    assert len({tuple(r) for r in rows}) == 1  # same columns in every row, as bench.py's table needs
-    assert all(r["MB/s"] > 0 and r["workers"] == 2 for r in rows)
-    assert rows[1]["peak RSS MB, largest process"] > 10

@@ -18,7 +18,7 @@ import torch
 
 import prepare
 import train
-from train import TrainConfig, TrainError, TokenShards, get_lr
+from train import TokenShards, TrainConfig, get_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
