@@ -472,8 +472,12 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means now
+        # A second Ctrl-C means "now". A SIGTERM after the first signal does not: torchrun
+        # forwards one to every worker when the terminal's Ctrl-C reaches it too.
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr, flush=True)
 

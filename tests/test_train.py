@@ -306,3 +306,17 @@ def test_fsdp_two_ranks_train_save_and_resume(dataset, tmp_path):
     run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={single}", "--eval_interval=4", "--lr_decay_iters=8", "--max_iters=8", "--gradient_accumulation_steps=2"])
     for step, loss in train_losses(single).items():
         assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-4)
+
+
+def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flag = train.StopFlag()
+        flag._handle(signal.SIGINT, None)
+        assert flag.requested
+        flag._handle(signal.SIGTERM, None)  # torchrun forwards SIGTERM after the terminal's SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGINT, None)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
