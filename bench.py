@@ -50,9 +50,9 @@ def machine_details(device: torch.device) -> str:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    from sample import resolve_device  # auto: cuda > mps > cpu, with clear errors
+
+    return torch.device(resolve_device(name))
 
 
 def sync(device: torch.device) -> None:
