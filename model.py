@@ -347,9 +347,19 @@ class Transformer(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_id: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        vocab_limit: Optional[int] = None,
+    ) -> torch.Tensor:
         """Non-streaming convenience: returns idx with the new tokens appended (B, T + n)."""
-        stream = self.generate_stream(idx, max_new_tokens, **kwargs)
+        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit)
         new_tokens = []
         while True:
             try:
