@@ -1002,6 +1002,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError("--txt_mode must be 'line' or 'file'.")
     workers = cfg.workers or cpu_count()
 
+    if demo and not cfg.overwrite:
+        # Re-running the README's quick start must not fail on the dataset its first run made.
+        existing = os.path.join(os.path.abspath(cfg.out_dir or DEMO_OUT_DIR), "meta.json")
+        if os.path.isfile(existing):
+            with open(existing, encoding="utf-8") as f:
+                meta = json.load(f)
+            wanted = cfg.tokenizer or DEFAULT_DEMO_TOKENIZER
+            if meta.get("demo") and meta.get("max_docs") == cfg.max_docs and meta["tokenizer"]["spec"] == wanted:
+                _log(f"{os.path.dirname(existing)} already holds the demo dataset; using it (--overwrite rebuilds it).")
+                return meta
+
     # Inputs and the tokenizer are checked before anything is written or trained.
     if demo:
         root, paths = demo_files()

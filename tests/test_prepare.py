@@ -521,6 +521,15 @@ def test_demo_default_builds_data_demo_from_the_stdlib(tmp_path, monkeypatch, ca
     assert train == [s for s in sources if s not in val_set] and val
     assert sorted(train + val) == sorted(sources)  # exact, indentation and all
 
+    # Re-running the quick start reuses the demo dataset instead of failing on it...
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert run("--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
+    assert "already holds the demo dataset" in capsys.readouterr().err
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    # ...but a different demo request is not silently answered with the old one.
+    assert run("--max_docs", 30, "--workers", 1) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
 
 def test_demo_corpus_is_stdlib_source_without_tests():
     root, files = prepare.demo_files()
