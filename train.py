@@ -75,7 +75,7 @@ class TrainConfig:
     nonfinite_patience: int = field(default=5, metadata={"help": "consecutive non-finite steps skipped before the run stops"})
     # evaluation and logging
     eval_interval: int = field(default=500, metadata={"help": "evaluate and checkpoint every this many steps"})
-    eval_iters: int = field(default=20, metadata={"help": "validation micro-batches per rank per evaluation"})
+    eval_iters: int = field(default=20, metadata={"help": "validation batches per evaluation, split over ranks (eval_iters x batch_size windows)"})
     log_interval: int = 10
     max_time_min: Optional[float] = field(default=None, metadata={"help": "stop cleanly (eval + save) after this many minutes"})
     peak_flops: Optional[float] = field(default=None, metadata={"help": "device peak FLOP/s for MFU; None: GPU table or a CPU matmul measurement"})
@@ -577,18 +577,31 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     @torch.no_grad()
     def evaluate() -> Optional[dict]:
+        """Mean loss over one fixed set of eval_iters x batch_size validation windows, the same
+        at every evaluation and for any world size: ranks take every world_size-th window and
+        pad their last batch with ignored targets (-1) so all run the same number of forwards,
+        as FSDP's collectives require."""
         if val_data.num_windows == 0:
             return None
         model.eval()
-        total = 0.0
-        for i in range(cfg.eval_iters):
-            # The same windows at every evaluation, so val losses are comparable over time.
-            picks = val_data.sample([cfg.seed, 1, i], cfg.batch_size * d.world_size)
-            x, y = val_data.read(picks[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size], device)
+        picks = val_data.sample([cfg.seed, 1], cfg.eval_iters * cfg.batch_size)[d.rank :: d.world_size]
+        per_rank = math.ceil(cfg.eval_iters * cfg.batch_size / d.world_size)
+        filler = picks[:1] or val_data.sample([cfg.seed, 1], 1)
+        padded = picks + filler * (per_rank - len(picks))
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, per_rank, cfg.batch_size):
+            x, y = val_data.read(padded[start : start + cfg.batch_size], device)
+            y = y.clone()  # y shares storage with x (one window, shifted by one)
+            y[max(0, len(picks) - start) :] = -1  # padding rows count for nothing
             with autocast:
-                total += model(x, y)[1].item()
+                loss = model(x, y)[1]
+            valid = int((y != -1).sum())
+            if valid:
+                loss_sum += loss.item() * valid
+                tokens += valid
         model.train()
-        val_loss = all_reduce_sum([total], d, device)[0] / (cfg.eval_iters * d.world_size)
+        loss_total, token_total = all_reduce_sum([loss_sum, float(tokens)], d, device)
+        val_loss = loss_total / token_total
         val = meta["splits"]["val"]
         bpb = val_loss / math.log(2) * val["tokens"] / val["bytes"] if val.get("bytes") else float("nan")
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bpb}

@@ -278,6 +278,10 @@ def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exa
     assert a.keys() == b.keys() == set(range(1, 31))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4)
+    # Validation uses the same windows whatever the world size, split over the ranks.
+    val_one = [r["val_loss"] for r in metrics(one) if "val_loss" in r]
+    val_ddp = [r["val_loss"] for r in metrics(ddp) if "val_loss" in r]
+    assert len(val_one) == 6 and val_one == pytest.approx(val_ddp, rel=1e-4)
 
     proc = torchrun([*args, f"--out_dir={cut}"], start_new_session=True)
     saved_step = kill_after_first_checkpoint(proc, cut)
@@ -292,7 +296,10 @@ def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exa
 
 def test_fsdp_two_ranks_train_save_and_resume(dataset, tmp_path):
     out = tmp_path / "fsdp"
-    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--parallel=fsdp", "--eval_interval=4", "--lr_decay_iters=8"]
+    # eval_iters x batch_size = 3 x 3 = 9 validation windows: rank 0 takes 5, rank 1 takes 4 plus
+    # one padding row, which must neither change the mean nor leave FSDP's collectives unmatched.
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--parallel=fsdp", "--eval_interval=4", "--lr_decay_iters=8",
+            "--eval_iters=3", "--batch_size=3"]
     log = finish(torchrun([*args, "--max_iters=4"]))
     assert "parallel: fsdp" in log
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -303,9 +310,12 @@ def test_fsdp_two_ranks_train_save_and_resume(dataset, tmp_path):
     assert sorted(resumed) == list(range(1, 9))
     # FSDP and a single process compute the same thing: compare against one process, 2x accumulation.
     single = tmp_path / "single"
-    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={single}", "--eval_interval=4", "--lr_decay_iters=8", "--max_iters=8", "--gradient_accumulation_steps=2"])
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={single}", "--eval_interval=4", "--lr_decay_iters=8", "--max_iters=8", "--gradient_accumulation_steps=2", "--eval_iters=3", "--batch_size=3"])
     for step, loss in train_losses(single).items():
         assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-4)
+    val_single = [r["val_loss"] for r in metrics(single) if "val_loss" in r]
+    val_fsdp = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert len(val_single) == 2 and val_fsdp == pytest.approx(val_single, rel=1e-4)
 
 
 def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
