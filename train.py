@@ -17,6 +17,7 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -731,6 +732,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(1)
     finally:
         if dist.is_initialized():
+            # train()'s closures form reference cycles that keep the DDP/FSDP model, and with it
+            # the process group, alive until the next gc; a gloo group still alive at interpreter
+            # exit can abort the process ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()
 
 

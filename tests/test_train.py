@@ -236,7 +236,8 @@ def kill_after_first_checkpoint(cmd_proc: subprocess.Popen, out: Path) -> int:
     return torch.load(out / "ckpt.pt", weights_only=True)["step"]
 
 
-RESUME_RUN = [*TINY, "--max_iters=30", "--eval_interval=5", "--block_size=64", "--batch_size=8"]
+# Long enough that the kill (right after the first checkpoint appears) lands mid-run even on a busy machine.
+RESUME_RUN = [*TINY, "--max_iters=60", "--eval_interval=5", "--block_size=64", "--batch_size=8"]
 
 
 def comparable(records: list[dict]) -> list[tuple]:
@@ -249,7 +250,7 @@ def test_resume_after_kill_is_bit_exact_single_process(dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *RESUME_RUN, f"--data_dir={dataset}", f"--out_dir={cut}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     saved_step = kill_after_first_checkpoint(proc, cut)
-    assert proc.returncode == -signal.SIGKILL and saved_step < 30
+    assert proc.returncode == -signal.SIGKILL and saved_step < 60
     run_inprocess([*RESUME_RUN, f"--data_dir={dataset}", f"--out_dir={cut}"])
     assert comparable(metrics(cut)) == comparable(metrics(ref))  # exact float equality
 
@@ -275,17 +276,17 @@ def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exa
     log = finish(ref)
     assert "4 x 1 accum x 2 ranks = 8 sequences" in log
     a, b = train_losses(one), train_losses(ddp)
-    assert a.keys() == b.keys() == set(range(1, 31))
+    assert a.keys() == b.keys() == set(range(1, 61))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4)
     # Validation uses the same windows whatever the world size, split over the ranks.
     val_one = [r["val_loss"] for r in metrics(one) if "val_loss" in r]
     val_ddp = [r["val_loss"] for r in metrics(ddp) if "val_loss" in r]
-    assert len(val_one) == 6 and val_one == pytest.approx(val_ddp, rel=1e-4)
+    assert len(val_one) == 12 and val_one == pytest.approx(val_ddp, rel=1e-4)
 
     proc = torchrun([*args, f"--out_dir={cut}"], start_new_session=True)
     saved_step = kill_after_first_checkpoint(proc, cut)
-    assert saved_step < 30
+    assert saved_step < 60
     finish(torchrun([*args, f"--out_dir={cut}"]))
     assert comparable(metrics(cut)) == comparable(metrics(ddp))  # bit-exact across the kill
 
