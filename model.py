@@ -303,6 +303,7 @@ class Transformer(nn.Module):
         eos_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         vocab_limit: Optional[int] = None,
+        cache_len: Optional[int] = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, shape (B,), as soon as it is sampled.
 
@@ -312,13 +313,18 @@ class Transformer(nn.Module):
         (StopIteration.value) says which: "max_new_tokens", "eos" or "max_seq_len".
         vocab_limit: only ids below it are sampled (a model's vocab padded past its
         tokenizer's, like Qwen2.5's 151936 rows for 151665 tokens, has rows with no text).
+        cache_len: KV cache slots (default prompt + max_new_tokens). A fixed value, e.g.
+        max_seq_len, gives every decode step of every call the same shapes, which is what
+        lets a torch.compile'd forward_cached be reused across prompts.
         """
         B, T = idx.shape
         if T == 0:
             raise ValueError("generate needs a prompt of at least one token")
         if T >= self.config.max_seq_len:
             raise ValueError(f"the prompt has {T} tokens but max_seq_len={self.config.max_seq_len}; shorten it")
-        length = min(T + max_new_tokens, self.config.max_seq_len)
+        length = min(cache_len or T + max_new_tokens, self.config.max_seq_len)
+        if length < min(T + max_new_tokens, self.config.max_seq_len):
+            raise ValueError(f"cache_len={cache_len} is smaller than the prompt ({T}) plus max_new_tokens ({max_new_tokens})")
         was_training = self.training
         self.eval()
         self.setup_cache(B, length)
@@ -357,9 +363,10 @@ class Transformer(nn.Module):
         eos_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         vocab_limit: Optional[int] = None,
+        cache_len: Optional[int] = None,
     ) -> torch.Tensor:
         """Non-streaming convenience: returns idx with the new tokens appended (B, T + n)."""
-        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit)
+        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit, cache_len)
         new_tokens = []
         while True:
             try:

@@ -261,6 +261,7 @@ def stream_sample(
     top_p: Optional[float] = None,
     stop_at_eot: bool = True,
     generator: Optional[torch.Generator] = None,
+    cache_len: Optional[int] = None,
 ) -> tuple[list[int], str, str]:
     """Continue `context`, writing text as soon as each character is complete. Returns
     (new token ids, new text, why it stopped: "max_new_tokens" | "eos" | "max_seq_len" |
@@ -268,7 +269,7 @@ def stream_sample(
     device = next(model.parameters()).device
     eos_id = tokenizer.eot_id if stop_at_eot else None
     idx = torch.tensor([context], dtype=torch.long, device=device)
-    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, tokenizer.vocab_size)
+    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, tokenizer.vocab_size, cache_len)
     streamer = TextStreamer(tokenizer, context)
     new_ids: list[int] = []
     reason = "max_new_tokens"
@@ -439,6 +440,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         step = ckpt.get("step", "?")
         del ckpt  # the weights now live in the model
+        cache_len = None  # default: prompt + max_new_tokens, the least memory
         if args.compile:
             if not device.startswith("cuda"):
                 note("--compile is only used on CUDA; running without it")
@@ -446,16 +448,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                 # The KV cache is sized prompt + max_new_tokens, so every turn would recompile.
                 note("--compile would recompile on every turn of --interactive; running without it")
             else:
-                # Decode steps dominate sampling and all go through forward_cached. Samples of
-                # one prompt share shapes, so the compiled code is reused from the second on.
+                # Decode steps dominate sampling and all go through forward_cached. A cache of
+                # max_seq_len slots gives every decode step the same shapes, so one compiled
+                # graph serves all samples; only the prompt's prefill has a shape of its own.
                 model.forward_cached = torch.compile(model.forward_cached)
+                cache_len = model.config.max_seq_len
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)
         else:
             generator.seed()
         settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
+                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator, cache_len=cache_len)
         note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)

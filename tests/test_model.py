@@ -402,3 +402,15 @@ def test_vocab_limit_keeps_generation_inside_the_tokenizer():
     out = m.generate(torch.randint(0, 90, (2, 4)), 20, temperature=1.0, vocab_limit=90)
     assert out[:, 4:].max().item() < 90
     assert m.generate(torch.randint(0, 90, (2, 4)), 20, temperature=1.0)[:, 4:].max().item() >= 90
+
+
+def test_a_fixed_cache_len_gives_the_same_tokens_and_static_shapes():
+    m = build(max_seq_len=64)
+    prompt = torch.randint(0, 97, (2, 5))
+    assert torch.equal(m.generate(prompt, 12, temperature=0, cache_len=64), m.generate(prompt, 12, temperature=0))
+    stream = m.generate_stream(prompt[:, :3], 4, temperature=0, cache_len=64)
+    next(stream)
+    assert m.layers[0].attn.cache.k.shape == (2, 2, 64, 8)  # whatever the prompt: one compiled graph
+    stream.close()
+    with pytest.raises(ValueError, match="cache_len=8 is smaller"):
+        m.generate(prompt, 12, cache_len=8)
