@@ -138,19 +138,26 @@ def tokenizer_dirs(tmp_path_factory) -> dict:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Random weights with non-trivial norm gains and non-zero biases, so that a swapped or
-    dropped tensor shows up in the logits."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
+def randomize_(model: torch.nn.Module, o_proj_bias: float = 0.0) -> None:
+    """Non-trivial norm gains, non-zero biases and random weights, so that a swapped or dropped
+    tensor shows up in the logits. An o_proj bias (HF Llama with attention_bias) is set to
+    o_proj_bias instead."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("o_proj.bias"):
+                p.fill_(o_proj_bias)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
-            elif name.endswith("weight"):
+            else:
                 p.normal_(0.0, 0.08)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    randomize_(model)
     return model
 
 
@@ -288,16 +295,7 @@ def tiny_hf_model(tmp_path, model_type: str, tie: bool, attention_bias: bool = F
         cls = transformers.Qwen2ForCausalLM
     torch.manual_seed(0)
     hf = cls(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("o_proj.bias"):
-                p.fill_(o_bias)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, 0.08)
+    randomize_(hf, o_proj_bias=o_bias)
     path = str(tmp_path / f"hf-{model_type}")
     hf.save_pretrained(path, max_shard_size="100KB" if storage == "sharded" else "5GB")
     if storage == "bin":
