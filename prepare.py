@@ -163,7 +163,7 @@ def load_meta(data_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise DatasetError(f"No dataset at {data_dir} (no meta.json); run `python prepare.py` first.") from None
+        raise DatasetError(f"no dataset at {data_dir} ({path} is missing); run `python prepare.py` first or pass --data_dir") from None
     except (OSError, ValueError) as e:
         raise DatasetError(f"Cannot read {path} ({e}); re-run prepare.py for this dataset.") from None
     if meta.get("format_version") != FORMAT_VERSION:

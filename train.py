@@ -213,11 +213,13 @@ class TokenShards:
 
 
 def load_meta(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(path):
-        raise TrainError(f"no dataset at {data_dir} ({path} is missing); run `python prepare.py` first or pass --data_dir")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """prepare.py's reader (missing, unreadable or other-format datasets are clear errors)."""
+    from prepare import DatasetError, load_meta as read_meta
+
+    try:
+        return read_meta(data_dir)
+    except DatasetError as err:
+        raise TrainError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- schedule and optimizer
