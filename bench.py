@@ -14,6 +14,8 @@ with the machine's details so they can go straight into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import os
 import platform
@@ -28,10 +30,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-import prepare
-import train as train_mod
-from configurator import read_config_file
-from model import Transformer, estimate_mfu, model_config_from_preset
+from configurator import TrainConfig, parse_args
+from dataset import load_meta
+from hardware import device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
+from model import Transformer, estimate_mfu, make_optimizer
+from tokenizer import load_tokenizer
 
 
 def cpu_model() -> str:
@@ -50,9 +53,13 @@ def machine_details(device: torch.device) -> str:
 
 
 def pick_device(name: str) -> torch.device:
-    from sample import resolve_device  # auto: cuda > mps > cpu, with clear errors
+    return resolve_device(name)  # auto: cuda > mps > cpu, with clear errors
 
-    return torch.device(resolve_device(name))
+
+def preset(config: str, **overrides: Any) -> TrainConfig:
+    """A config/ preset read exactly as train.py reads it, plus overrides (None: keep the preset's)."""
+    cfg = parse_args(TrainConfig, [config])
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def sync(device: torch.device) -> None:
@@ -63,22 +70,18 @@ def sync(device: torch.device) -> None:
 def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Optional[bool], batch_size: Optional[int],
                 block_size: Optional[int], steps: int, warmup: int, grad_checkpoint: bool, vocab_size: int) -> dict:
     """Forward + backward + AdamW on random tokens, the same step train.py takes."""
-    values = read_config_file(config)
-    cfg = train_mod.TrainConfig(**{k: v for k, v in values.items() if k in train_mod.TrainConfig.__dataclass_fields__})
-    cfg.batch_size = batch_size or cfg.batch_size
-    cfg.block_size = block_size or cfg.block_size
-    cfg.dtype = dtype_name
-    model_cfg = model_config_from_preset({**values, "block_size": cfg.block_size, "max_seq_len": max(cfg.block_size, values.get("max_seq_len") or 0)}, vocab_size)
-    dtype = train_mod.resolve_dtype(cfg, device)
+    cfg = preset(config, batch_size=batch_size, block_size=block_size, dtype=dtype_name)
+    model_cfg = cfg.model_config(vocab_size)
+    dtype = resolve_dtype(cfg.dtype, device, training=True)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(model_cfg)
-    if grad_checkpoint:
-        train_mod.apply_grad_checkpoint(model)
+    model.grad_checkpoint = grad_checkpoint
     use_compile = compile_ if compile_ is not None else device.type == "cuda"
     if use_compile:
-        train_mod.apply_compile(model)
-    optimizer = train_mod.make_optimizer(model, cfg, device)
+        for block in model.layers:  # per block, as train.py's apply_compile does
+            block.compile()
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
     if device.type == "cuda":
@@ -96,21 +99,20 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     sync(device)
     elapsed = time.perf_counter() - start
     tokens_per_s = steps * cfg.batch_size * cfg.block_size / elapsed
-    peak, peak_source = train_mod.device_peak_flops(cfg, device)
+    peak, peak_source = device_peak_flops(device)
     return {
         "bench": "train", "config": config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": use_compile, "grad_checkpoint": grad_checkpoint, "batch": f"{cfg.batch_size}x{cfg.block_size}",
         "params_M": round(model.num_params() / 1e6, 2), "tokens_per_s": round(tokens_per_s),
         "mfu_pct": round(100 * estimate_mfu(model_cfg, cfg.block_size, tokens_per_s, peak), 1),
-        "peak_flops": f"{peak:.3g} ({peak_source})", "peak_mem_mb": round(train_mod.peak_memory_mb(device)),
+        "peak_flops": f"{peak:.3g} ({peak_source})", "peak_mem_mb": round(peak_memory_mb(device)),
     }
 
 
 @torch.no_grad()
 def bench_generate(config: str, device: torch.device, prompt_len: int, new_tokens: int, vocab_size: int) -> list[dict]:
     """Greedy decoding of one sequence: the static KV cache vs re-running the whole prefix."""
-    values = read_config_file(config)
-    model_cfg = model_config_from_preset(values, vocab_size)
+    model_cfg = preset(config).model_config(vocab_size)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(model_cfg).eval()
@@ -143,8 +145,51 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
 # ----------------------------------------------------------------------------- prepare.py vs the raw tokenizer
 
 
+DEFAULT_CHUNK_MB = 1.0  # prepare.py's default task size
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container/taskset limits, as prepare.py does
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def read_documents(paths: list[str], text_key: str = "text") -> list[str]:
+    """Every document of .jsonl / .txt files (optionally .gz; directories are searched), in memory."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+        else:
+            files.append(path)
+    docs = []
+    for path in files:
+        name = path.lower().removesuffix(".gz")
+        if not name.endswith((".jsonl", ".ndjson", ".txt")):
+            continue
+        with (gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for line in f:
+                if name.endswith(".txt"):
+                    if line.rstrip("\n"):
+                        docs.append(line.rstrip("\n"))
+                elif line.strip():
+                    text = json.loads(line).get(text_key)
+                    if isinstance(text, str) and text:
+                        docs.append(text)
+    return docs
+
+
+_RAW: dict[str, Any] = {}  # the baseline's tokenizer, loaded once per process
+
+
+def _load_raw_tokenizer(info: dict, data_dir: str) -> None:
+    if "tokenizer" not in _RAW:  # a forked worker inherits the parent's
+        _RAW["tokenizer"] = load_tokenizer(info, data_dir)
+
+
 def raw_tokenizer_throughput(
-    paths: list[str], data_dir: str, workers: int, text_key: str = "text", chunk_mb: float = prepare.DEFAULT_CHUNK_MB
+    paths: list[str], data_dir: str, workers: int, text_key: str = "text", chunk_mb: float = DEFAULT_CHUNK_MB
 ) -> dict:
     """Baseline for prepare.py: the bare tokenizer of dataset data_dir in `workers` processes.
 
@@ -154,24 +199,23 @@ def raw_tokenizer_throughput(
     tiktoken's encode_to_numpy) over ~chunk_mb batches on an already started pool, and only
     token counts travel back. cpu_s adds up the CPU time of all processes.
     """
+    import multiprocessing
     import resource
     from concurrent.futures import ProcessPoolExecutor
 
-    meta = prepare.load_meta(data_dir)
-    setup = prepare.WorkerSetup(meta["tokenizer"], data_dir, [], text_key, 0, meta["dtype"])
-    prepare.init_worker(setup)  # loaded here once; forked workers inherit it, as in prepare.py
-    as_bytes = prepare._WORKER["tokenizer"].kind == "sentencepiece"
+    info = load_meta(data_dir)["tokenizer"]
+    _RAW.clear()
+    _load_raw_tokenizer(info, data_dir)
+    as_bytes = _RAW["tokenizer"].kind == "sentencepiece"
     batches: list[list[Any]] = [[]]
     n_bytes, size = 0, 0
-    for file in prepare.find_input_files(paths, "line", "train"):
-        for first_line, data, _ in prepare.iter_file_pieces(file.path, file.kind, 1 << 22):
-            for text in prepare.parse_piece(file.kind, data, first_line, text_key).docs:
-                b = text.encode("utf-8")
-                batches[-1].append(b if as_bytes else text)
-                n_bytes, size = n_bytes + len(b), size + len(b)
-                if size >= chunk_mb * 1e6:
-                    batches.append([])
-                    size = 0
+    for text in read_documents(paths, text_key):
+        b = text.encode("utf-8")
+        batches[-1].append(b if as_bytes else text)
+        n_bytes, size = n_bytes + len(b), size + len(b)
+        if size >= chunk_mb * 1e6:
+            batches.append([])
+            size = 0
 
     def cpu(who: int) -> float:
         r = resource.getrusage(who)
@@ -183,7 +227,8 @@ def raw_tokenizer_throughput(
         seconds, cpu_s = time.perf_counter() - t0, cpu(resource.RUSAGE_SELF) - c0
     else:
         children0 = cpu(resource.RUSAGE_CHILDREN)
-        with ProcessPoolExecutor(workers, mp_context=prepare.mp_context(), initializer=prepare.init_worker, initargs=(setup,)) as pool:
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")  # as prepare.py
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_load_raw_tokenizer, initargs=(info, data_dir)) as pool:
             list(pool.map(time.sleep, [0.2] * workers))  # every worker started and loaded
             c0, t0 = cpu(resource.RUSAGE_SELF), time.perf_counter()
             n_tokens = sum(pool.map(_raw_encode, batches))
@@ -193,7 +238,7 @@ def raw_tokenizer_throughput(
 
 
 def _raw_encode(docs: list[Any]) -> int:
-    tok = prepare._WORKER["tokenizer"]
+    tok = _RAW["tokenizer"]
     if tok.kind == "tiktoken":
         return sum(len(tok.impl.encode_to_numpy(d, disallowed_special=())) for d in docs)
     return sum(map(len, tok.impl.encode(docs, out_type=int, num_threads=1)))
@@ -253,7 +298,7 @@ def _children(pid: int) -> list[int]:
 
 
 def bench_prepare(
-    paths: list[str], tokenizer: str = prepare.DEFAULT_TOKENIZER, workers: int = 0, repeats: int = 3,
+    paths: list[str], tokenizer: str = "sp:32000", workers: int = 0, repeats: int = 3,
     work_dir: str | None = None, text_key: str = "text",
 ) -> dict:
     """prepare.py end to end against the raw tokenizer in the same number of processes.
@@ -267,21 +312,21 @@ def bench_prepare(
     (interpreter and pool start-up, reading, parsing, writing); "encode phase" is prepare's own
     timer around its tokenization loop.
     """
-    workers = workers or prepare.cpu_count()
+    workers = workers or cpu_count()
     work = work_dir or tempfile.mkdtemp(prefix="bench_prepare-")
-    base = [sys.executable, os.path.abspath(prepare.__file__), "--input", *paths, "--workers", str(workers),
+    base = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"), "--input", *paths, "--workers", str(workers),
             "--text_key", text_key, "--overwrite", "--no_progress"]
     first = os.path.join(work, "first")
     trained = run_watching_memory(base + ["--tokenizer", tokenizer, "--out_dir", first])
-    meta = prepare.load_meta(first)
+    meta = load_meta(first)
     tok_file = os.path.join(first, meta["tokenizer"]["file"])
     second = os.path.join(work, "second")
     runs, raws, encode_phase = [], [], []
     for _ in range(repeats):
         runs.append(run_watching_memory(base + ["--tokenizer", tok_file, "--out_dir", second]))
-        encode_phase.append(prepare.load_meta(second)["timing_s"]["encode_text_mb_per_s"])
+        encode_phase.append(load_meta(second)["timing_s"]["encode_text_mb_per_s"])
         raws.append(raw_tokenizer_throughput(paths, first, workers, text_key))
-    meta2 = prepare.load_meta(second)
+    meta2 = load_meta(second)
     text_mb = sum(meta2["splits"][s]["bytes"] for s in ("train", "val")) / 1e6
     best = min(runs, key=lambda r: r["seconds"])
     raw = min(raws, key=lambda r: r["seconds"])
@@ -294,7 +339,7 @@ def bench_prepare(
         "prepare": {**best, "mb_per_s": text_mb / best["seconds"], "encode_phase_mb_per_s": max(encode_phase),
                     "all_seconds": [r["seconds"] for r in runs], "all_encode_phase_mb_per_s": encode_phase},
         "raw": {**raw, "all_seconds": [r["seconds"] for r in raws]},
-        "machine": {"cpu": cpu_model(), "cores": prepare.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "numpy": np.__version__,
                     "sentencepiece": _version("sentencepiece"), "tiktoken": _version("tiktoken"),
                     "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
@@ -309,7 +354,7 @@ def bench_prepare(
     return result
 
 
-def benchmark_prepare(paths: list[str], tokenizer: str = prepare.DEFAULT_TOKENIZER, workers: int = 0) -> list[dict]:
+def benchmark_prepare(paths: list[str], tokenizer: str = "sp:32000", workers: int = 0) -> list[dict]:
     """bench_prepare as table rows (what bench.py prints)."""
     r = bench_prepare(paths, tokenizer, workers)
     raw, prep, trained = r["raw"], r["prepare"], r["prepare_with_training"]

@@ -1,4 +1,5 @@
-"""Typed config files and --key=value overrides for HomeLLM's scripts.
+"""Typed config files and --key=value overrides for HomeLLM's scripts, and TrainConfig: the
+settings train.py takes (bench.py and studio.py read presets through it too).
 
     python train.py [config/FILE.py ...] [--key=value ...]
 
@@ -21,6 +22,8 @@ import sys
 import traceback
 import types
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from model import ModelConfig
 
 T = TypeVar("T")
 _NO = object()  # _convert's "does not fit", since None is a legitimate value
@@ -226,3 +229,77 @@ def format_config(cfg: object) -> str:
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     width = max(map(len, values), default=0)
     return "\n".join(f"{k:<{width}} = {v!r}" for k, v in values.items())
+
+
+# ----------------------------------------------------------------------------- train.py's settings
+
+
+def _key(default: Any, help: str, **metadata: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every key train.py accepts, with nanoGPT's names where nanoGPT has one."""
+
+    # data and output
+    data_dir: str = _key("data/demo", "a directory made by prepare.py")
+    out_dir: str = _key("out", "checkpoints, config.json, metrics.jsonl")
+    init_from: str = _key("scratch", "scratch | path/to/ckpt.pt (weights only) | hf:DIR (local HF Llama/Qwen2)")
+    resume: str = _key("auto", "auto (continue if out_dir has ckpt.pt) | never | path/to/ckpt.pt")
+    keep_checkpoints: int = _key(2, "numbered ckpt_STEP.pt copies to keep besides ckpt.pt (0: none)")
+    # model
+    vocab_size: Optional[int] = _key(None, "embedding rows; None: the dataset tokenizer's vocabulary size")
+    n_layer: int = _key(12, "transformer blocks")
+    n_head: int = _key(12, "query heads per attention layer (must divide n_embd)")
+    n_kv_head: Optional[int] = _key(None, "key/value heads (grouped-query attention; must divide n_head); None: n_head")
+    n_embd: int = _key(768, "hidden size (residual stream width)")
+    ffn_hidden: Optional[int] = _key(None, "SwiGLU inner width; None: Llama's rule, ~8/3 n_embd rounded up to 256")
+    block_size: int = _key(1024, "training context length (tokens per sequence)")
+    max_seq_len: Optional[int] = _key(None, "the model's context window (RoPE table, generation limit); None: block_size")
+    rope_theta: float = _key(10000.0, "RoPE base; larger values suit longer contexts (Qwen2.5: 1e6)")
+    norm_eps: float = _key(1e-5, "RMSNorm epsilon")
+    qkv_bias: bool = _key(False, "biases on the q/k/v projections (Qwen2 has them)")
+    tie_embeddings: bool = _key(True, "share one matrix between the token embedding and lm_head")
+    dropout: float = _key(0.0, "dropout on attention and residual branches (0 for pretraining)")
+    # optimization
+    batch_size: int = _key(8, "micro-batch per rank, in sequences")
+    gradient_accumulation_steps: int = _key(1, "micro-batches per optimizer step on each rank")
+    learning_rate: float = _key(6e-4, "peak learning rate, reached after warmup")
+    min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = _key(100, "steps of linear warmup")
+    lr_decay_iters: Optional[int] = _key(None, "end of the cosine decay; None: max_iters")
+    max_iters: int = _key(5000, "optimizer steps in the whole run")
+    weight_decay: float = _key(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = _key(0.9, "AdamW beta1")
+    beta2: float = _key(0.95, "AdamW beta2")
+    grad_clip: float = _key(1.0, "max global grad norm; 0 disables clipping")
+    nonfinite_patience: int = _key(5, "consecutive non-finite steps skipped before the run stops")
+    # evaluation and logging
+    eval_interval: int = _key(500, "evaluate and checkpoint every this many steps")
+    eval_iters: int = _key(20, "validation batches per evaluation, split over ranks (eval_iters x batch_size windows)")
+    log_interval: int = _key(10, "print and record train metrics every this many steps")
+    max_time_min: Optional[float] = _key(None, "stop cleanly (eval + save) after this many minutes")
+    peak_flops: Optional[float] = _key(None, "device peak FLOP/s for MFU; None: GPU table or a CPU matmul measurement")
+    # system
+    device: str = _key("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps")
+    dtype: str = _key("auto", "auto | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
+    compile: Optional[bool] = _key(None, "torch.compile each block; None: on for CUDA, off elsewhere")
+    grad_checkpoint: bool = _key(False, "recompute block activations in backward to save memory")
+    parallel: str = _key("ddp", "ddp | fsdp (multi-process only)", choices=("ddp", "fsdp"))
+    fsdp_reshard_after_forward: bool = _key(True, "True: ZeRO-3-like; False: keep gathered params until backward (ZeRO-2-like)")
+    fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory")
+    dist_timeout_min: float = _key(10.0, "a collective waiting longer than this ends the job")
+    seed: int = _key(1337, "seeds the initial weights and which windows each step trains on")
+    dry_run: bool = _key(False, "print the model's size and memory estimate, then exit without training")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The architecture these keys describe; vocab_size is the dataset tokenizer's, used
+        when the config leaves vocab_size unset. This is the one place train keys become a
+        ModelConfig."""
+        return ModelConfig(
+            vocab_size=self.vocab_size or vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+            n_kv_head=self.n_kv_head, n_embd=self.n_embd, ffn_hidden=self.ffn_hidden,
+            max_seq_len=self.max_seq_len or self.block_size, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+            tie_embeddings=self.tie_embeddings, qkv_bias=self.qkv_bias, dropout=self.dropout,
+        )

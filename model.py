@@ -13,13 +13,12 @@ without permuting q/k.
 Generation uses a static KV cache: buffers of the final size are allocated once per
 generate() call and written in place, so decode steps run on fixed shapes (no torch.cat).
 
-Run `python model.py config/home_25m.py` to print a preset's parameter count and FLOPs.
+`python train.py config/home_25m.py --dry_run` prints a preset's parameter count, FLOPs and memory.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Optional
@@ -426,33 +425,21 @@ def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_flops
     return flops_per_token(cfg, seq_len) * tokens_per_s / peak_flops
 
 
-def estimate_train_memory_gb(
-    cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int = 1, fsdp: bool = False,
-    grad_checkpoint: bool = False, compute_bytes: int = 2,
-) -> dict[str, float]:
-    """Rough per-GPU training memory in GiB (arithmetic, not a measurement).
+# ----------------------------------------------------------------------------- optimizer
 
-    states: fp32 weights + grads + AdamW's two moments = 16 bytes/parameter, divided by
-    world_size under FSDP. activations: what backward keeps per token and layer in the
-    compute dtype: ~7*n_embd + 2*kv_dim + 4*ffn_hidden values (norm outputs, q/k/v, attention
-    output, residuals, the four SwiGLU tensors); with checkpointing only each block's input
-    plus one block being recomputed. logits: the (tokens x vocab) logits in the compute dtype
-    plus their fp32 copy and gradient for the loss. Allocator slack and buffers come on top.
-    """
-    n = count_params(cfg)["total"]
-    states = 16 * n / (world_size if fsdp else 1)
-    kv_dim = cfg.n_kv_head * cfg.head_dim
-    per_layer = (7 * cfg.n_embd + 2 * kv_dim + 4 * cfg.ffn_hidden) * compute_bytes
-    tokens = micro_batch * seq_len
-    if grad_checkpoint:
-        activations = tokens * (cfg.n_layer * cfg.n_embd * compute_bytes + per_layer)
-    else:
-        activations = tokens * cfg.n_layer * per_layer
-    logits = tokens * cfg.vocab_size * (compute_bytes + 8)
-    gib = 2**30
-    out = {"states": states / gib, "activations": activations / gib, "logits": logits / gib}
-    out["total"] = sum(out.values())
-    return out
+
+def make_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear weights, embedding) only: decaying norm
+    gains and biases toward zero only hurts. Works on a plain or an FSDP-sharded model.
+    fused: one kernel for all parameters (CUDA, parameters on the GPU)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -490,7 +477,7 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- description
 
 
 def describe(cfg: ModelConfig, seq_len: Optional[int] = None) -> str:
@@ -503,50 +490,3 @@ def describe(cfg: ModelConfig, seq_len: Optional[int] = None) -> str:
         f"head_dim={cfg.head_dim} ffn_hidden={cfg.ffn_hidden} max_seq_len={cfg.max_seq_len}\n"
         f"training FLOPs per token at seq_len {seq_len}: {flops_per_token(cfg, seq_len):.4g}"
     )
-
-
-def model_config_from_preset(values: dict, default_vocab_size: int = 32000) -> ModelConfig:
-    """A ModelConfig from a config/ preset's keys: block_size stands in for max_seq_len when
-    the preset does not set it, and presets that leave vocab_size to the tokenizer are counted
-    at default_vocab_size."""
-    values = dict(values)
-    if values.get("max_seq_len") is None and values.get("block_size") is not None:
-        values["max_seq_len"] = values["block_size"]
-    if values.get("vocab_size") is None:
-        values["vocab_size"] = default_vocab_size
-    return ModelConfig.from_dict(values)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    import argparse
-
-    from configurator import ConfigError, read_config_file
-
-    parser = argparse.ArgumentParser(description="Print a preset's parameter count and FLOPs per token.")
-    parser.add_argument("config", help="a config/ preset, e.g. config/home_25m.py")
-    parser.add_argument("--vocab_size", type=int, default=32000, help="used when the preset leaves vocab_size to the tokenizer")
-    parser.add_argument("--world_size", type=int, default=8, help="GPUs assumed for the FSDP memory rows")
-    args = parser.parse_args(argv)
-    try:
-        values = read_config_file(args.config)
-        cfg = model_config_from_preset(values, args.vocab_size)
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    print(describe(cfg, values.get("block_size")))
-    print(memory_table(cfg, values.get("batch_size", 8), values.get("block_size", cfg.max_seq_len), args.world_size))
-
-
-def memory_table(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int) -> str:
-    lines = [f"memory per GPU (rough estimate, bf16, micro-batch {micro_batch} x {seq_len} tokens):"]
-    for label, fsdp in (("DDP", False), (f"FSDP x{world_size}", True)):
-        for ckpt in (False, True):
-            m = estimate_train_memory_gb(cfg, micro_batch, seq_len, world_size, fsdp, ckpt)
-            lines.append(
-                f"  {label:<8} grad_checkpoint={str(ckpt):<5}: {m['total']:6.1f} GiB "
-                f"(states {m['states']:.1f} + activations {m['activations']:.1f} + logits {m['logits']:.1f})"
-            )
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,25 +11,22 @@ writes those arrays, in input order, to raw little-endian shard files. Nothing h
 file (unless --txt_mode file makes it one document) or the token stream in memory, and the output
 does not depend on --workers.
 
-Output layout (_prepare_into lists every meta.json field):
+Output layout (dataset.py describes the format and reads it; _prepare_into lists every
+meta.json field):
     <out_dir>/train_000000.bin ...  val_000000.bin ...  tokenizer.model|tokenizer.tiktoken  meta.json
 
-Other modules use the Tokenizer wrapper: load_tokenizer(meta["tokenizer"], data_dir), or simply
-load_dataset_tokenizer(data_dir). bench_prepare/benchmark measure this script against the bare
-tokenizer (bench.py calls them).
+Tokenizers (loading, sp:N training, tiktoken files, hf: conversion) live in tokenizer.py;
+`python bench.py prepare` measures this script against the bare tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -41,11 +38,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from dataset import FORMAT_VERSION, ShardWriter
+from tokenizer import (
+    DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
+    resolve_tokenizer, save_tokenizer, train_sentencepiece,
+)
 
 DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
 # The demo model is tiny and trains on ~12 MB of Python, so a 4k vocabulary keeps the embedding
@@ -59,18 +60,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
 DEFAULT_CHUNK_MB = 1.0
 
-# Used for a bare .tiktoken file, which stores only ranks and not the regex it was trained with.
-# This is the cl100k_base split pattern (contractions, letter runs, up to 3 digits, punctuation,
-# newline runs, other whitespace); override it with --tiktoken_pattern.
-DEFAULT_TIKTOKEN_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
-ENDOFTEXT = "<|endoftext|>"
-TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base")
-DOWNLOAD_TIMEOUT_S = 30.0  # tiktoken's own download has no timeout and can hang behind firewalls
-OFFLINE_ENV = "HOMELLM_OFFLINE"  # set to 1 to never touch the network
-
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 TXT_SUFFIXES = (".txt", ".txt.gz")
 DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -81,323 +70,7 @@ class PrepareError(Exception):
     """A problem with the user's input or flags; main() prints it as one line, no traceback."""
 
 
-class TokenizerError(RuntimeError):
-    """A tokenizer cannot be created or loaded; the message is one sentence saying what to do."""
-
-
-class DatasetError(RuntimeError):
-    """A prepared dataset directory is missing or unreadable."""
-
-
 # ----------------------------------------------------------------------------- tokenizer
-
-
-@dataclass
-class Tokenizer:
-    """One interface over SentencePiece and tiktoken, so train.py/sample.py need not care."""
-
-    kind: str  # "sentencepiece" | "tiktoken"
-    vocab_size: int
-    eot_id: int  # appended after every document
-    bos_id: int | None = None
-    impl: Any = field(default=None, repr=False)  # SentencePieceProcessor | tiktoken.Encoding
-    special_ids: frozenset[int] = field(default=frozenset(), repr=False)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, with no BOS and no EOT."""
-        if self.kind == "sentencepiece":
-            return self.impl.encode(text, out_type=int)
-        # encode_ordinary: text that happens to contain "<|endoftext|>" stays plain text.
-        return self.impl.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode() over a list; single-threaded because we parallelize with processes instead.
-        (SentencePiece also accepts UTF-8 bytes here.)"""
-        if self.kind == "sentencepiece":
-            return self.impl.encode(texts, out_type=int, num_threads=1)
-        encode = self.impl.encode_ordinary
-        return [encode(t) for t in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        """Inverse of encode; invalid UTF-8 byte sequences become U+FFFD.
-
-        Special tokens decode as each library does: SentencePiece drops eos, tiktoken writes
-        "<|endoftext|>". Split on eot_id first if you want documents.
-        """
-        ids = [int(i) for i in ids]
-        if self.kind == "sentencepiece":
-            return self.impl.decode(ids)
-        return self.impl.decode(ids, errors="replace")
-
-    def token_bytes(self, id: int) -> bytes:
-        """Raw bytes that token id stands for; special and control tokens stand for no bytes."""
-        id = int(id)
-        if id in self.special_ids:
-            return b""
-        if self.kind == "tiktoken":
-            return self.impl.decode_single_token_bytes(id)
-        sp = self.impl
-        if sp.is_byte(id):  # byte-fallback piece "<0xNN>"
-            return bytes([int(sp.id_to_piece(id)[3:5], 16)])
-        return sp.id_to_piece(id).replace("\u2581", " ").encode("utf-8")
-
-
-def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
-    """Load the tokenizer described by meta["tokenizer"] from the dataset directory base_dir."""
-    kind = info.get("kind")
-    path = os.path.join(base_dir, info.get("file") or "")
-    if kind not in ("sentencepiece", "tiktoken"):
-        raise TokenizerError(f"Unknown tokenizer kind {kind!r} in meta.json; re-run prepare.py.")
-    if not os.path.isfile(path):
-        raise TokenizerError(f"Tokenizer file {path} is missing; re-run prepare.py for this dataset.")
-    if kind == "sentencepiece":
-        return _load_sentencepiece(path, info.get("eot_id"), info.get("bos_id"))
-    ranks = read_tiktoken_ranks(path)
-    return _make_tiktoken(info.get("name"), info["pat_str"], ranks, info["special_tokens"], info["eot_id"])
-
-
-def load_meta(data_dir: str) -> dict:
-    """Read <data_dir>/meta.json written by prepare.py."""
-    path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"no dataset at {data_dir} ({path} is missing); run `python prepare.py` first or pass --data_dir") from None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"Cannot read {path} ({e}); re-run prepare.py for this dataset.") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(
-            f"{path} has format_version {meta.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}; re-run prepare.py."
-        )
-    return meta
-
-
-def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
-    """The tokenizer a prepared dataset was built with."""
-    return load_tokenizer(load_meta(data_dir)["tokenizer"], data_dir)
-
-
-def _load_sentencepiece(path: str, eot_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
-    """A SentencePiece model; eot/bos default to the model's own eos/bos pieces, but a recorded
-    eot_id wins (a model imported from elsewhere may end documents with another piece)."""
-    import sentencepiece as spm
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=path)
-    except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text
-        raise TokenizerError(f"Cannot load SentencePiece model {path} ({e}); pass a valid .model file.") from None
-    if eot_id is None:
-        if sp.eos_id() < 0:
-            raise TokenizerError(
-                f"SentencePiece model {path} has no eos token to end documents with; "
-                "use a model trained with eos_id >= 0 or let prepare.py train one with sp:N."
-            )
-        eot_id, bos_id = sp.eos_id(), (sp.bos_id() if sp.bos_id() >= 0 else None)
-    specials = frozenset(i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i))
-    return Tokenizer("sentencepiece", sp.get_piece_size(), int(eot_id), bos_id, sp, specials)
-
-
-def _make_tiktoken(
-    name: str | None, pat_str: str, ranks: dict[bytes, int], special_tokens: dict[str, int], eot_id: int
-) -> Tokenizer:
-    import tiktoken
-
-    enc = tiktoken.Encoding(
-        name=name or "homellm-local", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens
-    )
-    return Tokenizer("tiktoken", enc.n_vocab, eot_id, None, enc, frozenset(special_tokens.values()))
-
-
-def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
-    """Parse a .tiktoken file: one `base64(token bytes) rank` per line.
-
-    We parse it ourselves instead of tiktoken.load.load_tiktoken_bpe, which also caches local
-    files by path in the tiktoken cache and would then return stale ranks if the file changed.
-    """
-    ranks: dict[bytes, int] = {}
-    try:
-        with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-                except ValueError:
-                    raise TokenizerError(
-                        f"{path}:{line_no} is not a `base64-token rank` line; pass a valid .tiktoken file."
-                    ) from None
-    except OSError as e:
-        raise TokenizerError(f"Cannot read tiktoken file {path} ({e.strerror}); check the path.") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(
-            f"{path} lacks {len(missing)} of the 256 single-byte tokens, so some text could not be "
-            "encoded; pass a complete byte-level BPE .tiktoken file."
-        )
-    return ranks
-
-
-def write_tiktoken_ranks(ranks: dict[bytes, int], path: str) -> None:
-    with open(path, "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
-
-
-@dataclass
-class TokenizerPlan:
-    """What --tokenizer asked for, validated before any real work starts."""
-
-    spec: str
-    kind: str  # "sentencepiece" | "tiktoken" | "hf" (converted by export_hf.import_hf_tokenizer)
-    train_vocab: int | None = None  # sp:N -> train a BPE with N pieces
-    path: str | None = None  # local .model / .tiktoken file
-    name: str | None = None  # named tiktoken encoding
-    pat_str: str | None = None
-    encoding: Any = field(default=None, repr=False)  # loaded named tiktoken encoding
-
-
-def resolve_tokenizer(spec: str, tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN) -> TokenizerPlan:
-    """Interpret --tokenizer: "sp:N", a SentencePiece .model path, a tiktoken name or .tiktoken path.
-
-    Named tiktoken encodings are loaded right here (from the tiktoken cache, or downloaded with a
-    timeout unless HOMELLM_OFFLINE=1), so an offline machine fails before any corpus is read.
-    """
-    m = re.fullmatch(r"sp:(\d+)", spec.strip())
-    if m:
-        n = int(m.group(1))
-        if not 260 <= n <= 1_000_000:
-            raise TokenizerError(
-                f"--tokenizer {spec}: N must be between 260 (256 byte pieces + specials) and 1000000, "
-                "e.g. sp:32000."
-            )
-        return TokenizerPlan(spec, "sentencepiece", train_vocab=n)
-    if spec.startswith("hf:"):  # the tokenizer of a local Hugging Face model (continued pretraining)
-        path = os.path.expanduser(spec[3:])
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-            raise TokenizerError(f"--tokenizer {spec}: {path} has no tokenizer.json or tokenizer.model; pass a local HF model directory.")
-        return TokenizerPlan(spec, "hf", path=path)
-    if spec in TIKTOKEN_NAMES:
-        return TokenizerPlan(spec, "tiktoken", name=spec, encoding=_load_named_tiktoken(spec))
-    if spec.endswith(".model") or spec.endswith(".tiktoken"):
-        if not os.path.isfile(spec):
-            raise TokenizerError(f"Tokenizer file {spec} does not exist; check the --tokenizer path.")
-        if spec.endswith(".model"):
-            return TokenizerPlan(spec, "sentencepiece", path=spec)
-        return TokenizerPlan(spec, "tiktoken", path=spec, pat_str=tiktoken_pattern)
-    raise TokenizerError(
-        f"Unknown --tokenizer {spec!r}; use sp:N (e.g. sp:32000), a SentencePiece .model file, "
-        f"a .tiktoken file, hf:DIR (a local Hugging Face model) or one of: {', '.join(TIKTOKEN_NAMES)}."
-    )
-
-
-def _tiktoken_cache_dir() -> str:
-    # Mirrors tiktoken.load.read_file_cached, only to name the directory in error messages.
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if var in os.environ:
-            return os.environ[var]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
-
-def _load_named_tiktoken(name: str) -> Any:
-    """tiktoken.get_encoding(name), but never hanging on the network and failing in one sentence."""
-    import tiktoken
-    import tiktoken.load
-    import urllib.request
-
-    # tiktoken looks in its cache and otherwise calls tiktoken.load.read_file, which downloads with
-    # `requests` and no timeout. We swap in a fetcher that honours a timeout and the offline switch.
-    original_read_file = tiktoken.load.read_file
-
-    def read_file(blobpath: str) -> bytes:
-        if "://" not in blobpath:
-            return original_read_file(blobpath)
-        if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-            raise OSError(f"{OFFLINE_ENV} is set")
-        with urllib.request.urlopen(blobpath, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            return response.read()
-
-    tiktoken.load.read_file = read_file
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise TokenizerError(
-            f"Cannot load tiktoken encoding {name!r}: it is not in the tiktoken cache "
-            f"({_tiktoken_cache_dir()}) and could not be downloaded ({reason}); use a local .tiktoken "
-            "file, a machine where the encoding is cached, or --tokenizer sp:N."
-        ) from None
-    finally:
-        tiktoken.load.read_file = original_read_file
-
-
-SENTENCEPIECE_TRAINER_OPTIONS: dict[str, Any] = dict(
-    model_type="bpe",
-    byte_fallback=True,  # any byte sequence round-trips; no <unk> ever
-    character_coverage=0.9995,  # rare characters fall back to bytes instead of wasting pieces
-    split_digits=True,  # small models learn arithmetic-ish patterns better digit by digit
-    # Keep the text exactly as given: no NFKC, no collapsing of spaces, no fake leading space.
-    # Indentation in code and line breaks in prose must survive decode(encode(x)) == x.
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=False,
-    allow_whitespace_only_pieces=True,  # "    " becomes one token: Python indentation is cheap
-    # SentencePiece writes spaces as "▁"; if that piece is missing from the vocabulary (text
-    # without spaces), spaces byte-fall-back to its UTF-8 bytes and decode as "▁", not " ".
-    required_chars="\u2581",
-    max_sentence_length=1 << 14,  # bytes; our sample pieces are at most ~4000 characters
-    hard_vocab_limit=False,  # a tiny corpus yields fewer pieces instead of an error
-    unk_id=0,
-    eos_id=1,
-    bos_id=-1,
-    pad_id=-1,
-    minloglevel=2,
-)
-
-
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> None:
-    """Train a byte-fallback BPE on texts (documents) and write the model to path."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentencepiece_sentences(texts),
-            model_writer=model,
-            vocab_size=vocab_size,
-            num_threads=os.cpu_count() or 1,  # not --workers: the model file must not depend on it
-            **SENTENCEPIECE_TRAINER_OPTIONS,
-        )
-    except RuntimeError as e:
-        m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
-        if m:
-            raise TokenizerError(
-                f"sp:{vocab_size} is too small for this text: it needs at least {m.group(2)} pieces "
-                "(256 byte pieces, specials and the common characters); use a larger N."
-            ) from None
-        raise TokenizerError(f"SentencePiece training failed ({str(e).splitlines()[0]}).") from None
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
-
-
-def _sentencepiece_sentences(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
-    # The trainer silently drops "sentences" longer than max_sentence_length, so long documents
-    # are cut into pieces, at line breaks where possible. Newlines stay inside the pieces so the
-    # trainer can learn tokens such as ":\n" or "\n\n".
-    for text in texts:
-        start = 0
-        while start < len(text):
-            end = min(len(text), start + max_chars)
-            if end < len(text):
-                cut = text.rfind("\n", start, end)
-                if cut <= start:
-                    cut = text.rfind(" ", start, end)
-                if cut > start:
-                    end = cut + 1
-            yield text[start:end]
-            start = end
 
 
 @dataclass
@@ -422,72 +95,30 @@ def sample_and_train_sentencepiece(sample: SampleSpec, vocab_size: int, path: st
     return mb
 
 
-# Text that must survive decode(encode(x)) == x: Cyrillic, tabs, space runs, CRLF, emoji.
-_ROUNDTRIP_PROBE = "Съешь ещё\tthese  soft\n\n    def f(x):\r\n\t\treturn x  # 😀 ü\n"
-
-
 def materialize_tokenizer(
     plan: TokenizerPlan, out_dir: str, sample: SampleSpec, log: Callable[[str], None]
 ) -> tuple[dict, Tokenizer]:
-    """Create the tokenizer file inside out_dir; returns the meta["tokenizer"] record and the
-    loaded tokenizer."""
-    if plan.kind == "hf":
-        from export_hf import HFError, import_hf_tokenizer
+    """Create the tokenizer file inside out_dir (training sp:N on a sample of the input first);
+    returns the meta["tokenizer"] record and the loaded tokenizer."""
+    if plan.train_vocab is not None:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
+        t0 = time.time()
+        # Train in a child process: the sample plus SentencePiece's tables take several times
+        # the sample size in RAM, which CPython would not give back after training, and the
+        # forked tokenizer workers would then all start out that big.
         try:
-            info = {**import_hf_tokenizer(plan.path, out_dir), "spec": plan.spec}
-        except HFError as e:
-            raise TokenizerError(str(e)) from None
-        return info, load_tokenizer(info, out_dir)
-    if plan.kind == "sentencepiece":
-        target = os.path.join(out_dir, "tokenizer.model")
-        if plan.train_vocab is not None:
-            from concurrent.futures import ProcessPoolExecutor
-
-            t0 = time.time()
-            # Train in a child process: the sample plus SentencePiece's tables take several times
-            # the sample size in RAM, which CPython would not give back after training, and the
-            # forked tokenizer workers would then all start out that big.
-            from concurrent.futures.process import BrokenProcessPool
-
-            try:
-                with ProcessPoolExecutor(1, mp_context=mp_context(), initializer=_default_sigint) as child:
-                    mb = child.submit(sample_and_train_sentencepiece, sample, plan.train_vocab, target).result()
-            except BrokenProcessPool:
-                raise PrepareError(
-                    "The tokenizer training process died (most likely out of memory); lower --sp_sample_mb."
-                ) from None
-            log(f"trained the tokenizer on a {mb:.1f} MB sample in {time.time() - t0:.1f} s")
-        else:
-            shutil.copyfile(plan.path, target)
-        tok = _load_sentencepiece(target)
-        if plan.train_vocab is not None and tok.vocab_size < plan.train_vocab:
-            log(
-                f"warning: the sample only supports {tok.vocab_size} pieces, so the vocabulary is "
-                f"{tok.vocab_size} instead of {plan.train_vocab}"
-            )
-        info = dict(kind="sentencepiece", spec=plan.spec, file="tokenizer.model", name=None, pat_str=None,
-                    special_tokens={}, eot_id=tok.eot_id, bos_id=tok.bos_id)
-    else:
-        target = os.path.join(out_dir, "tokenizer.tiktoken")
-        if plan.encoding is not None:  # named encoding: save its ranks so the dataset works offline
-            enc = plan.encoding
-            # tiktoken has no public accessors for these three; they exist since its first release.
-            ranks, pat_str, specials = enc._mergeable_ranks, enc._pat_str, dict(enc._special_tokens)
-            write_tiktoken_ranks(ranks, target)
-            eot = specials[ENDOFTEXT] if ENDOFTEXT in specials else enc.eot_token
-        else:  # bare file: only ranks; we add <|endoftext|> right after the last rank
-            ranks = read_tiktoken_ranks(plan.path)
-            shutil.copyfile(plan.path, target)
-            pat_str, eot = plan.pat_str, max(ranks.values()) + 1
-            specials = {ENDOFTEXT: eot}
-        info = dict(kind="tiktoken", spec=plan.spec, file="tokenizer.tiktoken", name=plan.name,
-                    pat_str=pat_str, special_tokens=specials, eot_id=eot, bos_id=None)
-        try:  # from the ranks in memory: re-reading a 200k-line file costs ~0.5 s
-            tok = _make_tiktoken(plan.name, pat_str, ranks, specials, eot)
-        except ValueError as e:  # e.g. a bad --tiktoken_pattern regex
-            raise TokenizerError(f"Cannot build the tiktoken encoding ({e}); check --tiktoken_pattern.") from None
-    if tok.decode(tok.encode(_ROUNDTRIP_PROBE)) != _ROUNDTRIP_PROBE:
+            with ProcessPoolExecutor(1, mp_context=mp_context(), initializer=_default_sigint) as child:
+                target = os.path.join(out_dir, "tokenizer.model")
+                mb = child.submit(sample_and_train_sentencepiece, sample, plan.train_vocab, target).result()
+        except BrokenProcessPool:
+            raise PrepareError("The tokenizer training process died (most likely out of memory); lower --sp_sample_mb.") from None
+        log(f"trained the tokenizer on a {mb:.1f} MB sample in {time.time() - t0:.1f} s")
+    info, tok = save_tokenizer(plan, out_dir)
+    if plan.train_vocab is not None and tok.vocab_size < plan.train_vocab:
+        log(f"warning: the sample only supports {tok.vocab_size} pieces, so the vocabulary is {tok.vocab_size} instead of {plan.train_vocab}")
+    if normalizes_text(tok):
         log("warning: this tokenizer normalizes text, so decoding the shards will not give back the exact input")
     return info, tok
 
@@ -883,44 +514,6 @@ def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
         out[pos + n] = tok.eot_id
         pos += n + 1
     return out
-
-
-# ----------------------------------------------------------------------------- output
-
-
-class ShardWriter:
-    """Appends token arrays to <prefix>_000000.bin, <prefix>_000001.bin, ... of shard_tokens each.
-
-    Documents may continue from one shard into the next; every shard except the last is full.
-    """
-
-    def __init__(self, out_dir: str, prefix: str, dtype: str, shard_tokens: int) -> None:
-        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, np.dtype(dtype), shard_tokens
-        self.shards: list[dict] = []
-        self._file: Any = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self._open_next()
-            room = self.shard_tokens - self.shards[-1]["tokens"]
-            part, tokens = tokens[:room], tokens[room:]
-            # "<" = little-endian on disk whatever the machine, as meta.json promises.
-            self._file.write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-            self.shards[-1]["tokens"] += len(part)
-
-    def _open_next(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
-        self._file = open(os.path.join(self.out_dir, name), "wb")
-        self.shards.append({"file": name, "tokens": 0})
-
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        return self.shards
 
 
 # ----------------------------------------------------------------------------- driver

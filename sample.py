@@ -8,25 +8,23 @@ The checkpoint carries its model config and the tokenizer record of the data it 
 on, so nothing else needs to be passed. Generated text goes to stdout (as UTF-8, a character
 at a time even when its bytes are split over several tokens); notes go to stderr.
 
-export_hf.py and bench.py reuse find_checkpoint, load_checkpoint, build_model,
-load_checkpoint_tokenizer and TextStreamer / stream_decode from here.
+Checkpoints are found and loaded by checkpoint.py (weights_only: a .pt from a stranger cannot
+run code), --device/--dtype are resolved by hardware.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
-import re
 import sys
-import warnings
-import zipfile
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
+from hardware import DeviceError, resolve_device, resolve_dtype
 from model import ModelConfig, Transformer
-from prepare import Tokenizer, TokenizerError, load_tokenizer
+from tokenizer import Tokenizer
 
 SEPARATOR = "-" * 40  # printed on its own line between samples
 REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a whole UTF-8 character
@@ -37,56 +35,10 @@ class SampleError(RuntimeError):
     message as one line and exits non-zero."""
 
 
-# ----------------------------------------------------------------------------- checkpoint
+# ----------------------------------------------------------------------------- model
 
 
-def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
-    """The checkpoint to load: `ckpt` when given, else out_dir/ckpt.pt (train.py's latest)."""
-    if ckpt:
-        if not os.path.isfile(ckpt):
-            raise SampleError(f"checkpoint {ckpt} does not exist")
-        return ckpt
-    path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(out_dir):
-        raise SampleError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
-    # ckpt.pt is always the latest; if only numbered copies are left, take the newest of them.
-    numbered = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
-    if numbered:
-        return os.path.join(out_dir, numbered[-1])
-    raise SampleError(f"no checkpoint at {path}; run train.py first (it writes ckpt.pt into --out_dir) or pass --ckpt PATH")
-
-
-def load_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True: a checkpoint is tensors and plain data, and a .pt from
-    a stranger must not be able to run code while it is unpickled."""
-    if not os.path.isfile(path):
-        raise SampleError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: stderr stays one line
-            # mmap (zip format only, which torch.save writes): only the tensors we touch are
-            # read, so the optimizer state in a training checkpoint costs no memory here.
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:
-        # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
-        # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
-        culprit = re.search(r"GLOBAL (\S+)", str(err))
-        if isinstance(err, pickle.UnpicklingError) and culprit:
-            raise SampleError(
-                f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
-                "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
-            ) from None
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
-        raise SampleError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
-        raise SampleError(f"{path} is not a HomeLLM checkpoint: expected a dict with 'model' and 'model_config', as train.py writes")
-    return ckpt
-
-
-def build_model(ckpt: dict, device: str, dtype: torch.dtype, name: str = "the checkpoint") -> Transformer:
+def build_model(ckpt: dict, device: str | torch.device, dtype: torch.dtype, name: str = "the checkpoint") -> Transformer:
     """The Transformer described by ckpt["model_config"] with ckpt["model"] loaded strictly, in
     eval mode. `name` (the checkpoint's path) only makes error messages clearer."""
     try:
@@ -112,28 +64,6 @@ def build_model(ckpt: dict, device: str, dtype: torch.dtype, name: str = "the ch
     except RuntimeError as err:
         raise SampleError(f"{name} does not match its model_config: {str(err).splitlines()[0]}") from None
     return model.to(dtype=dtype).eval()
-
-
-def load_checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> Tokenizer:
-    """The tokenizer the checkpoint was trained with. train.py copies its file next to ckpt.pt;
-    a checkpoint moved without it falls back to the data directory it was trained on."""
-    info = ckpt.get("tokenizer")
-    if not isinstance(info, dict):
-        raise SampleError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
-    file = info.get("file") or ""
-    here = os.path.dirname(os.path.abspath(ckpt_path))
-    data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
-    candidates = [d for d in (here, data_dir) if d]
-    base_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, file))), None)
-    if base_dir is None:
-        raise SampleError(
-            f"the tokenizer file {file or '(none recorded)'} of {ckpt_path} is neither next to it nor in its "
-            f"data_dir {data_dir}; copy {file or 'it'} from the prepared dataset into {here}"
-        )
-    try:
-        return load_tokenizer(info, base_dir)
-    except TokenizerError as err:
-        raise SampleError(str(err)) from None  # prepare.py's message already names the file and the fix
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -196,30 +126,6 @@ def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) ->
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {name} was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
-    if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-        raise SampleError(f"--device {name}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise SampleError(f"--device {name} was asked for but MPS is not available here; use --device cpu")
-    if kind not in ("cuda", "mps", "cpu"):
-        raise SampleError(f"--device {name} is not one of auto, cpu, cuda, cuda:N, mps")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        # bf16 halves memory and runs on tensor cores; elsewhere fp32 is the safe choice.
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def read_prompt(start: str) -> str:
@@ -428,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_args(args)
         prompt_text = read_prompt(args.start)  # before loading anything: a typo fails fast
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
+        dtype = resolve_dtype(args.dtype, device, training=False)
         path = find_checkpoint(args.out_dir, args.ckpt)
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, device, dtype, name=path)
@@ -442,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         del ckpt  # the weights now live in the model
         cache_len = None  # default: prompt + max_new_tokens, the least memory
         if args.compile:
-            if not device.startswith("cuda"):
+            if device.type != "cuda":
                 note("--compile is only used on CUDA; running without it")
             elif args.interactive:
                 # The KV cache is sized prompt + max_new_tokens, so every turn would recompile.
@@ -465,7 +371,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):
             sys.exit(130)  # Ctrl-C: the usual exit status of an interrupted program
-    except SampleError as err:
+    except (SampleError, CheckpointError, DeviceError) as err:
         sys.exit("error: " + " ".join(str(err).split()))  # one line, even if a library's text had several
     except KeyboardInterrupt:
         note("")

@@ -1,5 +1,5 @@
 # Home-sized model, 1024 hidden / 16 layers / 16 heads (GQA with 8 KV heads).
-# Parameters (python model.py config/home_200m.py --vocab_size=32000): 221,545,472 total, 188,777,472 non-embedding
+# Parameters (python train.py config/home_200m.py --dry_run --vocab_size=32000): 221,545,472 total, 188,777,472 non-embedding
 # Hardware: one 24 GB GPU (bf16, batch 8) or several with torchrun; add grad_checkpoint on less.
 data_dir = "data/demo"
 out_dir = "out-home-200m"

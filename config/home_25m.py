@@ -1,5 +1,5 @@
 # Home-sized model, 512 hidden / 8 layers / 8 heads: trains on one consumer GPU.
-# Parameters (python model.py config/home_25m.py --vocab_size=32000): 43,655,680 total, 27,271,680 non-embedding
+# Parameters (python train.py config/home_25m.py --dry_run --vocab_size=32000): 43,655,680 total, 27,271,680 non-embedding
 # Hardware: one GPU with 8+ GB (bf16); CPU works but slowly.
 data_dir = "data/demo"
 out_dir = "out-home-25m"

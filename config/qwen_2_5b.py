@@ -1,7 +1,7 @@
 # Qwen2.5-3B-shaped model (36 layers, hidden 2048, 16 heads, 8 KV heads, FFN 11008, qkv bias,
 # RoPE theta 1e6, context 32768, vocab 151936). Despite the file name the arithmetic says:
-# Parameters (python model.py config/qwen_2_5b.py): 3,199,240,192 total, 2,888,075,264 non-embedding
-# Memory per GPU (rough arithmetic from model.estimate_train_memory_gb, bf16, batch 1 x 4096):
+# Parameters (python train.py config/qwen_2_5b.py --dry_run): 3,199,240,192 total, 2,888,075,264 non-embedding
+# Memory per GPU (rough arithmetic from hardware.estimate_train_memory_gb, bf16, batch 1 x 4096):
 #   DDP      grad_checkpoint=False:   70.1 GiB (states 47.7 + activations 16.6 + logits 5.8)
 #   DDP      grad_checkpoint=True :   54.5 GiB (states 47.7 + activations 1.0 + logits 5.8)
 #   FSDP x8  grad_checkpoint=False:   28.3 GiB (states 6.0 + activations 16.6 + logits 5.8)

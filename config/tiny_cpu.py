@@ -1,6 +1,6 @@
 # Tiny model for a laptop CPU: the README quick start trains it on the built-in demo corpus
 # (the Python standard library, tokenized by `python prepare.py`) in about 5 minutes on 2 cores.
-# Parameters (python model.py config/tiny_cpu.py --vocab_size=4096): 2,410,176 total, 1,623,744 non-embedding
+# Parameters (python train.py config/tiny_cpu.py --dry_run --vocab_size=4096): 2,410,176 total, 1,623,744 non-embedding
 # Hardware: any CPU; fp32 (bf16 is several times slower on most CPUs).
 data_dir = "data/demo"
 out_dir = "out"

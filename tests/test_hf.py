@@ -21,8 +21,11 @@ import sentencepiece as spm  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+import checkpoint  # noqa: E402
+import dataset  # noqa: E402
 import export_hf  # noqa: E402
 import prepare  # noqa: E402
+import tokenizer as toklib  # noqa: E402  (tests below use `tokenizer` for a parameter)
 from model import ModelConfig, Transformer  # noqa: E402
 
 torch.set_num_threads(2)
@@ -73,7 +76,7 @@ def train_sentencepiece(dest: str, kind: str) -> dict:
     spaces), and its meta["tokenizer"] record."""
     path = os.path.join(dest, "tokenizer.model")
     if kind == "prepare":
-        prepare.train_sentencepiece(corpus(), 420, path)
+        toklib.train_sentencepiece(corpus(), 420, path)
     else:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(corpus()), model_prefix=path[: -len(".model")], vocab_size=420,
@@ -84,7 +87,7 @@ def train_sentencepiece(dest: str, kind: str) -> dict:
                 special_tokens={}, eot_id=sp.eos_id(), bos_id=sp.bos_id() if sp.bos_id() >= 0 else None)
 
 
-def train_tiktoken(dest: str, pat_str: str = prepare.DEFAULT_TIKTOKEN_PATTERN, merges: int = 200) -> dict:
+def train_tiktoken(dest: str, pat_str: str = toklib.DEFAULT_TIKTOKEN_PATTERN, merges: int = 200) -> dict:
     """A small byte-level BPE learned on the corpus (the 256 bytes in a shuffled rank order, as
     in real encodings, then learned merges) plus <|endoftext|>, saved as tokenizer.tiktoken."""
     byte_order = list(range(256))
@@ -115,14 +118,14 @@ def train_tiktoken(dest: str, pat_str: str = prepare.DEFAULT_TIKTOKEN_PATTERN, m
                     i += 1
             merged[tuple(out)] = merged.get(tuple(out), 0) + count
         words = merged
-    prepare.write_tiktoken_ranks(ranks, os.path.join(dest, "tokenizer.tiktoken"))
+    toklib.write_tiktoken_ranks(ranks, os.path.join(dest, "tokenizer.tiktoken"))
     eot = len(ranks)
     return dict(kind="tiktoken", spec="test", file="tokenizer.tiktoken", name=None, pat_str=pat_str,
                 special_tokens={"<|endoftext|>": eot}, eot_id=eot, bos_id=None)
 
 
 TOKENIZERS = {"sp-prepare": lambda d: train_sentencepiece(d, "prepare"), "sp-unigram": lambda d: train_sentencepiece(d, "unigram"),
-              "tiktoken": train_tiktoken, "tiktoken-qwen": lambda d: train_tiktoken(d, export_hf.QWEN2_PAT_STR)}
+              "tiktoken": train_tiktoken, "tiktoken-qwen": lambda d: train_tiktoken(d, toklib.QWEN2_PAT_STR)}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +198,7 @@ def our_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
 )
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dirs, architecture, tokenizer, overrides):
     tok_dir, info = tokenizer_dirs[tokenizer]
-    ours_tok = prepare.load_tokenizer(info, tok_dir)
+    ours_tok = toklib.load_tokenizer(info, tok_dir)
     # vocab padded past the tokenizer's; non-default widths, theta and eps so each must map.
     cfg = ModelConfig(vocab_size=ours_tok.vocab_size + 13, n_layer=2, n_head=4, n_embd=64, ffn_hidden=96,
                       max_seq_len=128, rope_theta=5000.0, norm_eps=1e-5, **overrides)
@@ -222,7 +225,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dirs
 @pytest.mark.parametrize("tokenizer, qkv_bias", [(name, False) for name in sorted(TOKENIZERS)] + [("sp-prepare", True), ("tiktoken-qwen", True)])
 def test_exported_tokenizer_encodes_and_decodes_like_ours(tmp_path, tokenizer_dirs, tokenizer, qkv_bias):
     tok_dir, info = tokenizer_dirs[tokenizer]
-    ours = prepare.load_tokenizer(info, tok_dir)
+    ours = toklib.load_tokenizer(info, tok_dir)
     cfg = ModelConfig(vocab_size=ours.vocab_size, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, max_seq_len=256, qkv_bias=qkv_bias)
     dest = str(tmp_path / "hf")
     export_hf.main(["--ckpt", save_checkpoint(random_model(cfg), info, tok_dir, str(tmp_path / "out")), "--to", dest])
@@ -241,7 +244,7 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(tmp_path, tokenizer_di
     if info["kind"] == "tiktoken":
         # The regex split itself, which the probes above may not expose (digit runs of 4+ stay
         # together if the tokenizers engine reads \p{N}{1,3}+ as (\p{N}{1,3})+).
-        char_byte = {c: b for b, c in export_hf.bytes_to_unicode().items()}
+        char_byte = {c: b for b, c in toklib.bytes_to_unicode().items()}
         for text in PROBES + ["1234567 год", "конец  "]:
             pieces = theirs.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
             assert [bytes(char_byte[c] for c in p).decode() for p, _ in pieces] == regex.findall(info["pat_str"], text), text
@@ -271,10 +274,10 @@ def test_export_refuses_to_overwrite_and_reports_missing_checkpoint(tmp_path, to
 
 
 def test_onig_pattern_keeps_tiktoken_semantics():
-    assert export_hf.onig_pattern(r"\p{N}{1,3}+|\s++$") == r"(?>\p{N}{1,3})|\s++\z"
-    assert export_hf.onig_pattern(r"[^\r\n\p{L}\p{N}]?+[$^]{2}+|^a") == r"[^\r\n\p{L}\p{N}]?+(?>[$^]{2})|\Aa"
-    with pytest.raises(export_hf.HFError, match="possessive"):
-        export_hf.onig_pattern(r"(ab){2}+")
+    assert toklib.onig_pattern(r"\p{N}{1,3}+|\s++$") == r"(?>\p{N}{1,3})|\s++\z"
+    assert toklib.onig_pattern(r"[^\r\n\p{L}\p{N}]?+[$^]{2}+|^a") == r"[^\r\n\p{L}\p{N}]?+(?>[$^]{2})|\Aa"
+    with pytest.raises(toklib.TokenizerError, match="possessive"):
+        toklib.onig_pattern(r"(ab){2}+")
 
 
 # ----------------------------------------------------------------------------- import
@@ -314,7 +317,7 @@ def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, mode
     hf, path = tiny_hf_model(tmp_path, model_type, tie, attention_bias, storage=storage)
     assert os.path.exists(os.path.join(path, {"single": "model.safetensors", "sharded": "model.safetensors.index.json",
                                               "bin": "pytorch_model.bin"}[storage]))
-    cfg, state = export_hf.load_hf_model(path)
+    cfg, state = checkpoint.load_hf_model(path)
     qkv_bias = model_type == "qwen2" or attention_bias
     assert (cfg.qkv_bias, cfg.tie_embeddings, cfg.n_kv_head, cfg.rope_theta) == (qkv_bias, tie, 2, 20000.0)
     assert (state["lm_head.weight"] is state["embed.weight"]) == tie
@@ -334,7 +337,7 @@ def test_import_cli_writes_a_checkpoint_with_the_converted_tokenizer(tmp_path, t
     """HF dir (model + a tokenizer.json we exported from tiktoken) -> ckpt.pt + tokenizer.tiktoken
     whose ranks, specials and pattern are the originals: the tokenizer survives the round trip."""
     tok_dir, info = tokenizer_dirs["tiktoken"]
-    ours_tok = prepare.load_tokenizer(info, tok_dir)
+    ours_tok = toklib.load_tokenizer(info, tok_dir)
     cfg = ModelConfig(vocab_size=ours_tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=96,
                       max_seq_len=64, qkv_bias=True, tie_embeddings=True)
     model = random_model(cfg)
@@ -353,9 +356,9 @@ def test_import_cli_writes_a_checkpoint_with_the_converted_tokenizer(tmp_path, t
     record = ckpt["tokenizer"]
     assert {k: record[k] for k in ("kind", "file", "eot_id", "bos_id", "special_tokens")} == {
         k: info[k] for k in ("kind", "file", "eot_id", "bos_id", "special_tokens")}
-    assert prepare.read_tiktoken_ranks(os.path.join(out, "tokenizer.tiktoken")) == prepare.read_tiktoken_ranks(
+    assert toklib.read_tiktoken_ranks(os.path.join(out, "tokenizer.tiktoken")) == toklib.read_tiktoken_ranks(
         os.path.join(tok_dir, "tokenizer.tiktoken"))
-    imported = prepare.load_tokenizer(record, out)
+    imported = toklib.load_tokenizer(record, out)
     for text in PROBES:
         assert imported.encode(text) == ours_tok.encode(text), text
 
@@ -366,9 +369,9 @@ def test_import_sentencepiece_tokenizer_is_copied(tmp_path, tokenizer_dirs):
     hf_dir.mkdir()
     shutil.copyfile(os.path.join(tok_dir, "tokenizer.model"), hf_dir / "tokenizer.model")
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": None}))
-    record = export_hf.import_hf_tokenizer(str(hf_dir), str(tmp_path / "out"))
+    record = toklib.import_hf_tokenizer(str(hf_dir), str(tmp_path / "out"))
     assert record["kind"] == "sentencepiece" and record["eot_id"] == info["eot_id"] and record["bos_id"] is None
-    ours, imported = prepare.load_tokenizer(info, tok_dir), prepare.load_tokenizer(record, str(tmp_path / "out"))
+    ours, imported = toklib.load_tokenizer(info, tok_dir), toklib.load_tokenizer(record, str(tmp_path / "out"))
     assert imported.encode(CYRILLIC) == ours.encode(CYRILLIC)
 
 
@@ -387,9 +390,9 @@ def test_import_gpt2_style_tokenizer_json_made_by_tokenizers(tmp_path):
     hf_dir.mkdir()
     tok.save(str(hf_dir / "tokenizer.json"))
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    record = export_hf.import_hf_tokenizer(str(hf_dir), str(tmp_path / "out"))
+    record = toklib.import_hf_tokenizer(str(hf_dir), str(tmp_path / "out"))
     assert record["eot_id"] == tok.token_to_id("<|endoftext|>") and record["special_tokens"] == {"<|endoftext|>": 0}
-    imported = prepare.load_tokenizer(record, str(tmp_path / "out"))
+    imported = toklib.load_tokenizer(record, str(tmp_path / "out"))
     for text in PROBES:
         assert imported.encode(text) == tok.encode(text).ids, text
 
@@ -417,7 +420,7 @@ def test_continue_pretraining_a_hf_model_prepare_then_train(tmp_path):
     data = tmp_path / "data"
     assert prepare.main(["--input", str(tmp_path / "ru.jsonl"), "--tokenizer", f"hf:{hf_dir}", "--out_dir", str(data),
                          "--val_input", str(tmp_path / "ru.jsonl"), "--workers", "1", "--no_progress"]) == 0
-    meta = prepare.load_meta(str(data))
+    meta = dataset.load_meta(str(data))
     eot = tok.token_to_id("<|endoftext|>")
     assert meta["eot_id"] == eot and meta["tokenizer"]["spec"] == f"hf:{hf_dir}"
     expected = [i for doc in docs for i in (*tok.encode(doc).ids, eot)]
@@ -458,8 +461,8 @@ VALID_LLAMA = dict(model_type="llama", vocab_size=320, hidden_size=64, intermedi
 )
 def test_import_refuses_unsupported_features_naming_the_field(tmp_path, capsys, changes, field):
     (tmp_path / "config.json").write_text(json.dumps({**VALID_LLAMA, **changes}))
-    with pytest.raises(export_hf.HFError, match=rf"config\.json has {field}="):
-        export_hf.load_hf_model(str(tmp_path))
+    with pytest.raises(checkpoint.HFError, match=rf"config\.json has {field}="):
+        checkpoint.load_hf_model(str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         export_hf.main(["--import_from", str(tmp_path), "--to", str(tmp_path / "out")])
     assert exit_info.value.code == 1
@@ -469,8 +472,8 @@ def test_import_refuses_unsupported_features_naming_the_field(tmp_path, capsys, 
 
 def test_import_refuses_llama_with_a_nonzero_o_proj_bias(tmp_path):
     _, path = tiny_hf_model(tmp_path, "llama", tie=False, attention_bias=True, o_bias=0.5)
-    with pytest.raises(export_hf.HFError, match=r"attention_bias=true.*o_proj\.bias is non-zero"):
-        export_hf.load_hf_model(path)
+    with pytest.raises(checkpoint.HFError, match=r"attention_bias=true.*o_proj\.bias is non-zero"):
+        checkpoint.load_hf_model(path)
 
 
 # Qwen2.5-0.5B's config.json as published (written by transformers 4.x: rope_theta at the top,
@@ -486,11 +489,11 @@ QWEN25_05B = {
 
 
 def test_import_reads_a_qwen25_config_and_reports_missing_weights(tmp_path):
-    cfg = export_hf.model_config_from_hf(QWEN25_05B)
+    cfg = checkpoint.model_config_from_hf(QWEN25_05B)
     assert cfg == ModelConfig(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_hidden=4864,
                               max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True)
     llama = {**VALID_LLAMA, "rope_scaling": {"rope_type": "default"}, "rope_theta": 5e5}
-    assert export_hf.model_config_from_hf(llama).rope_theta == 5e5
+    assert checkpoint.model_config_from_hf(llama).rope_theta == 5e5
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
-    with pytest.raises(export_hf.HFError, match="no weights"):
-        export_hf.load_hf_model(str(tmp_path))
+    with pytest.raises(checkpoint.HFError, match="no weights"):
+        checkpoint.load_hf_model(str(tmp_path))

@@ -348,19 +348,23 @@ def test_mfu_is_achieved_over_peak():
 PRESETS = ["tiny_cpu", "home_25m", "home_80m", "home_200m", "qwen_2_5b"]
 
 
+def preset_model_config(path: str, vocab_size: int = 32000) -> ModelConfig:
+    """A preset's architecture, read the one way train.py reads it."""
+    from configurator import TrainConfig, parse_args
+
+    return parse_args(TrainConfig, [path]).model_config(vocab_size)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_comment_states_the_computed_parameter_count(name):
-    from configurator import read_config_file
-
     path = f"config/{name}.py"
     text = open(path, encoding="utf-8").read()
     found = re.search(
-        r"# Parameters \(python model\.py (\S+)(?: --vocab_size=(\d+))?\): ([\d,]+) total, ([\d,]+) non-embedding", text
+        r"# Parameters \(python train\.py (\S+) --dry_run(?: --vocab_size=(\d+))?\): ([\d,]+) total, ([\d,]+) non-embedding", text
     )
     assert found, f"{path} lacks the '# Parameters (...)' comment"
     assert found.group(1) == path
-    cfg = model.model_config_from_preset(read_config_file(path), int(found.group(2) or 32000))
-    counts = count_params(cfg)
+    counts = count_params(preset_model_config(path, int(found.group(2) or 32000)))
     assert found.group(3) == f"{counts['total']:,}"
     assert found.group(4) == f"{counts['non_embedding']:,}"
 
@@ -374,25 +378,18 @@ def test_home_presets_have_the_classic_shapes():
 
 def test_qwen_preset_shape_and_memory_table_match_the_code():
     from configurator import read_config_file
+    from hardware import memory_table
 
     path = "config/qwen_2_5b.py"
     values = read_config_file(path)
-    cfg = model.model_config_from_preset(values)
+    cfg = preset_model_config(path)
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.ffn_hidden) == (36, 2048, 16, 8, 11008)
     assert (cfg.max_seq_len, cfg.rope_theta, cfg.vocab_size, cfg.qkv_bias) == (32768, 1e6, 151936, True)
     assert 3.1e9 < count_params(cfg)["total"] < 3.3e9  # not 2.5B: the comment must not say so either
-    table = model.memory_table(cfg, values["batch_size"], values["block_size"], 8).splitlines()[1:]
+    table = memory_table(cfg, values["batch_size"], values["block_size"], 8).splitlines()[1:]
     text = open(path, encoding="utf-8").read()
     for line in table:
         assert f"# {line}\n" in text
-
-
-def test_model_cli_prints_a_presets_counts(capsys):
-    model.main(["config/home_25m.py", "--vocab_size=1000"])
-    out = capsys.readouterr().out
-    cfg = model.model_config_from_preset({"n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 1024}, 1000)
-    assert f"parameters: {count_params(cfg)['total']:,} total" in out
-    assert "FSDP x8" in out
 
 
 def test_vocab_limit_keeps_generation_inside_the_tokenizer():

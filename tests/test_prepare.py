@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dataset
 import prepare
+import tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +62,8 @@ def run(*args: str) -> int:
 
 def read_split(out_dir: Path, split: str) -> list[str]:
     """Decode a split's shards back into documents, checking the EOT layout on the way."""
-    meta = prepare.load_meta(str(out_dir))
-    tok = prepare.load_dataset_tokenizer(str(out_dir))
+    meta = dataset.load_meta(str(out_dir))
+    tok = dataset.load_dataset_tokenizer(str(out_dir))
     parts = [np.memmap(out_dir / s["file"], dtype=meta["dtype"], mode="r") for s in meta["splits"][split]["shards"]]
     ids = np.concatenate(parts) if parts else np.empty(0, dtype=meta["dtype"])
     assert len(ids) == meta["splits"][split]["tokens"]
@@ -126,7 +128,7 @@ def test_sentencepiece_round_trip_cyrillic_and_latin(corpus, sp_dataset):
 
 
 def test_tokenizer_wrapper_is_exact_on_code_and_cyrillic(sp_dataset):
-    tok = prepare.load_dataset_tokenizer(str(sp_dataset))
+    tok = dataset.load_dataset_tokenizer(str(sp_dataset))
     assert tok.kind == "sentencepiece" and tok.bos_id is None
     for text in EDGE_DOCS + ["Привет,\tмир!\n\n    отступ  и  пробелы  \n"]:
         ids = tok.encode(text)
@@ -141,7 +143,7 @@ def test_sentencepiece_trained_without_spaces_still_round_trips_spaces(tmp_path)
     path = write_jsonl(tmp_path / "nospace.jsonl", ["привет", "мир", "котик"] * 20)
     out = tmp_path / "out"
     assert run("--input", path, "--tokenizer", "sp:300", "--out_dir", out, "--workers", 1, "--val_fraction", 0) == 0
-    tok = prepare.load_dataset_tokenizer(str(out))
+    tok = dataset.load_dataset_tokenizer(str(out))
     for text in ("a b  c", "  мир \n\t x"):
         assert tok.decode(tok.encode(text)) == text
 
@@ -168,7 +170,7 @@ def test_txt_gz_lines_directories_globs_and_file_mode(sp_dataset, tmp_path):
     out = tmp_path / "lines"
     assert run("--input", tmp_path / "src", "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0) == 0
     assert read_split(out, "train") == flat and read_split(out, "val") == []
-    assert prepare.load_meta(str(out))["splits"]["val"]["shards"] == []
+    assert dataset.load_meta(str(out))["splits"]["val"]["shards"] == []
 
     out_glob = tmp_path / "glob"
     assert run("--input", str(tmp_path / "src" / "**" / "*.txt*"), "--tokenizer", tok, "--out_dir", out_glob,
@@ -196,7 +198,7 @@ def test_separate_val_input(sp_dataset, tmp_path):
                "--out_dir", out, "--workers", 1) == 0
     assert read_split(out, "train") == train_docs
     assert read_split(out, "val") == val_docs
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     assert meta["val_inputs"] == [str(va_gz)] and meta["val_fraction"] == 0.0
 
 
@@ -223,7 +225,7 @@ def test_max_docs_counts_input_records(sp_dataset, tmp_path):
     out = tmp_path / "out"
     assert run("--input", bad, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
                "--workers", 1, "--val_fraction", 0, "--max_docs", 7) == 0
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     assert read_split(out, "train") == ["good one"] and sum(meta["skipped"].values()) == 6
     assert meta["max_docs"] == 7
 
@@ -246,14 +248,14 @@ def test_tiktoken_file_small_vocab_is_uint16(corpus, tmp_path):
     out = tmp_path / "tt"
     assert run("--input", path, "--tokenizer", write_tiktoken(tmp_path / "small.tiktoken", ranks),
                "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     info = meta["tokenizer"]
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(ranks) + 1
     assert info["kind"] == "tiktoken" and info["name"] is None and info["file"] == "tokenizer.tiktoken"
     assert info["special_tokens"] == {"<|endoftext|>": len(ranks)} == {"<|endoftext|>": meta["eot_id"]}
-    assert info["pat_str"] == prepare.DEFAULT_TIKTOKEN_PATTERN
+    assert info["pat_str"] == tokenizer.DEFAULT_TIKTOKEN_PATTERN
     assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(docs)
-    tok = prepare.load_dataset_tokenizer(str(out))
+    tok = dataset.load_dataset_tokenizer(str(out))
     text = "the Привет"
     assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode()
     assert tok.token_bytes(tok.eot_id) == b""
@@ -269,7 +271,7 @@ def test_tiktoken_vocab_over_65536_is_uint32(tmp_path):
     assert run("--input", write_jsonl(tmp_path / "c.jsonl", docs), "--tokenizer",
                write_tiktoken(tmp_path / "big.tiktoken", ranks), "--out_dir", out, "--workers", 1,
                "--val_fraction", 0) == 0
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65793 and meta["eot_id"] == 65792
     ids = np.memmap(out / "train_000000.bin", dtype="uint32", mode="r")
     assert ids.max() == 65792 and (ids[ids != 65792] > 65535).any()
@@ -279,7 +281,7 @@ def test_tiktoken_vocab_over_65536_is_uint32(tmp_path):
 
 def test_named_tiktoken_without_cache_fails_fast_before_any_work(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv(prepare.OFFLINE_ENV, "1")
+    monkeypatch.setenv(tokenizer.OFFLINE_ENV, "1")
     out = tmp_path / "never"
     t0 = time.time()
     assert run("--input", corpus[0], "--tokenizer", "gpt2", "--out_dir", out) == 1
@@ -294,18 +296,18 @@ def test_named_tiktoken_is_saved_into_the_dataset(corpus, tmp_path, monkeypatch)
     import tiktoken
 
     ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257}
-    fake = tiktoken.Encoding(name="gpt2", pat_str=prepare.DEFAULT_TIKTOKEN_PATTERN, mergeable_ranks=ranks,
+    fake = tiktoken.Encoding(name="gpt2", pat_str=tokenizer.DEFAULT_TIKTOKEN_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 258, "<|fim|>": 259})
-    monkeypatch.setattr(prepare, "_load_named_tiktoken", lambda name: fake)
+    monkeypatch.setattr(tokenizer, "_load_named_tiktoken", lambda name: fake)
     out = tmp_path / "named"
     assert run("--input", corpus[0], "--tokenizer", "gpt2", "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
-    info = prepare.load_meta(str(out))["tokenizer"]
+    info = dataset.load_meta(str(out))["tokenizer"]
     assert info["name"] == "gpt2" and info["spec"] == "gpt2" and info["eot_id"] == 258
     assert info["special_tokens"] == {"<|endoftext|>": 258, "<|fim|>": 259}
-    assert prepare.read_tiktoken_ranks(str(out / "tokenizer.tiktoken")) == ranks
+    assert tokenizer.read_tiktoken_ranks(str(out / "tokenizer.tiktoken")) == ranks
     monkeypatch.undo()  # loading the dataset must not need tiktoken's registry or cache
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv(prepare.OFFLINE_ENV, "1")
+    monkeypatch.setenv(tokenizer.OFFLINE_ENV, "1")
     assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(corpus[1])
 
 
@@ -317,8 +319,8 @@ def test_tokenizer_spec_errors(corpus, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and no_leftovers(tmp_path)
-    with pytest.raises(prepare.TokenizerError, match="missing"):
-        prepare.load_tokenizer({"kind": "sentencepiece", "file": "tokenizer.model"}, str(tmp_path))
+    with pytest.raises(tokenizer.TokenizerError, match="missing"):
+        tokenizer.load_tokenizer({"kind": "sentencepiece", "file": "tokenizer.model"}, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -347,7 +349,7 @@ def test_shards_roll_over_at_shard_tokens(corpus, sp_dataset, tmp_path):
     out = tmp_path / "sharded"
     assert run("--input", path, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out, "--workers", 1,
                "--val_fraction", 0.2, "--shard_tokens", 1000) == 0
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     shards = meta["splits"]["train"]["shards"]
     assert len(shards) > 3 and [s["file"] for s in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
     assert all(s["tokens"] == 1000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 1000
@@ -378,7 +380,7 @@ def test_bad_records_are_skipped_counted_and_reported(sp_dataset, tmp_path, caps
     out = tmp_path / "out"
     assert run("--input", bad, "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
                "--workers", 1, "--val_fraction", 0) == 0
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     assert meta["skipped"] == {"bad_json": 1, "blank_line": 1, "empty_text": 1, "missing_text_key": 1,
                                "not_an_object": 1, "text_not_string": 1}
     assert meta["invalid_utf8"] == 2
@@ -468,7 +470,7 @@ def test_existing_output_needs_overwrite(corpus, sp_dataset, tmp_path, capsys):
 def test_failure_midway_leaves_no_dataset(corpus, sp_dataset, tmp_path, monkeypatch, exc):
     path, _ = corpus
     calls = []
-    real_write = prepare.ShardWriter.write
+    real_write = dataset.ShardWriter.write
 
     def failing_write(self, tokens):
         calls.append(1)
@@ -476,7 +478,7 @@ def test_failure_midway_leaves_no_dataset(corpus, sp_dataset, tmp_path, monkeypa
             raise exc
         real_write(self, tokens)
 
-    monkeypatch.setattr(prepare.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(dataset.ShardWriter, "write", failing_write)
     tok = sp_dataset / "tokenizer.model"
     out = tmp_path / "ds"
     args = ["--input", path, "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0.2,
@@ -492,10 +494,10 @@ def test_failure_midway_leaves_no_dataset(corpus, sp_dataset, tmp_path, monkeypa
     assert not out.exists() and no_leftovers(tmp_path)
 
     # A failed --overwrite run keeps the previous dataset intact.
-    monkeypatch.setattr(prepare.ShardWriter, "write", real_write)
+    monkeypatch.setattr(dataset.ShardWriter, "write", real_write)
     assert run(*args) == 0
     before, meta_before = shard_bytes(out), (out / "meta.json").read_text()
-    monkeypatch.setattr(prepare.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(dataset.ShardWriter, "write", failing_write)
     calls.clear()
     run_and_fail("--overwrite")
     assert shard_bytes(out) == before and (out / "meta.json").read_text() == meta_before
@@ -510,7 +512,7 @@ def test_demo_default_builds_data_demo_from_the_stdlib(tmp_path, monkeypatch, ca
     # The real default path (no --input, default tokenizer, default out dir), limited in size.
     assert run("--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
     out = tmp_path / prepare.DEMO_OUT_DIR
-    meta = prepare.load_meta(str(out))
+    meta = dataset.load_meta(str(out))
     assert "Python standard library" in capsys.readouterr().err
     assert meta["demo"] is True and meta["tokenizer"]["spec"] == prepare.DEFAULT_DEMO_TOKENIZER
     _, files = prepare.demo_files()

@@ -19,9 +19,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import checkpoint
 import sample
 from model import ModelConfig, Transformer
-from prepare import load_tokenizer
+from tokenizer import load_tokenizer
 
 torch.set_num_threads(2)
 
@@ -158,9 +159,9 @@ def make_run(directory, kind: str, rigged: bool = True):
 
 
 def load_run(out_dir: str):
-    path = sample.find_checkpoint(out_dir, None)
-    ckpt = sample.load_checkpoint(path)
-    return sample.build_model(ckpt, "cpu", torch.float32, name=path), sample.load_checkpoint_tokenizer(ckpt, path)
+    path = checkpoint.find_checkpoint(out_dir, None)
+    ckpt = checkpoint.load_checkpoint(path)
+    return sample.build_model(ckpt, "cpu", torch.float32, name=path), checkpoint.load_checkpoint_tokenizer(ckpt, path)
 
 
 def run_cli(*args, stdin: str = "", env_extra=None) -> subprocess.CompletedProcess:
@@ -308,7 +309,7 @@ def test_explicit_ckpt_and_numbered_fallback(tmp_path, capsys):
                         "--start", "Привет", "--max_new_tokens", 8, "--seed", 0)
     assert explicit.startswith("Привет") and len(explicit) > len("Привет\n")
     # With ckpt.pt gone, the newest numbered copy is the latest checkpoint.
-    assert sample.find_checkpoint(out_dir, None) == os.path.join(out_dir, "ckpt_000100.pt")
+    assert checkpoint.find_checkpoint(out_dir, None) == os.path.join(out_dir, "ckpt_000100.pt")
 
 
 def test_empty_start_begins_a_document_and_bfloat16_runs(tmp_path, capsys):
@@ -326,7 +327,7 @@ def test_tokenizer_falls_back_to_the_data_dir(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["train_config"]["data_dir"] = str(data_dir)
     torch.save(ckpt, path)
-    tok = sample.load_checkpoint_tokenizer(sample.load_checkpoint(path), path)
+    tok = checkpoint.load_checkpoint_tokenizer(checkpoint.load_checkpoint(path), path)
     assert tok.decode(tok.encode("Привет")) == "Привет"
 
 
@@ -496,8 +497,8 @@ def test_an_untrusted_pickle_is_refused_without_running_it(tmp_path):
     torch.load(path, weights_only=False)  # proof that the payload is live when trusted ...
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(sample.SampleError, match="refusing to load .*posix.system"):
-        sample.load_checkpoint(str(path))  # ... and that sample.py never trusts it
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load .*posix.system"):
+        checkpoint.load_checkpoint(str(path))  # ... and that sample.py never trusts it
     assert not marker.exists()  # (the CLI is checked in test_errors_in_a_real_process_...)
 
 

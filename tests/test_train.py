@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import prepare
 import train
-from train import TokenShards, TrainConfig, get_lr
+from configurator import TrainConfig
+from dataset import TokenShards
+from train import get_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,10 +130,10 @@ def test_lr_schedule_warms_up_from_nonzero_and_decays_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices():
-    from model import ModelConfig, Transformer
+    from model import ModelConfig, Transformer, make_optimizer
 
     m = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, qkv_bias=True))
-    opt = train.make_optimizer(m, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -151,6 +154,17 @@ def test_global_batch_sampling_is_defined_by_seed_and_step(tmp_path):
     assert x.shape == y.shape == (50, 9)
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.all(x[:, -1] - x[:, 0] == 8)  # contiguous windows, never across a shard boundary
+
+
+def test_dry_run_prints_a_presets_counts_without_training(tmp_path, capsys):
+    from model import count_params
+
+    train.main(["config/home_25m.py", "--vocab_size=1000", "--dry_run", f"--out_dir={tmp_path / 'o'}"])
+    out = capsys.readouterr().out
+    cfg = TrainConfig(n_layer=8, n_head=8, n_embd=512, block_size=1024).model_config(1000)
+    assert f"parameters: {count_params(cfg)['total']:,} total" in out
+    assert "FSDP x8" in out
+    assert not (tmp_path / "o").exists()  # nothing was trained or written
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
@@ -180,7 +194,7 @@ def test_nonfinite_loss_skips_then_stops_without_touching_the_checkpoint(dataset
 
 def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"step": 1}, str(tmp_path), 1, keep=0)
+    checkpoint.save_checkpoint({"step": 1}, str(tmp_path), 1, keep=0)
 
     def torn_save(obj, f):
         f.write(b"half a checkpoint")
@@ -188,7 +202,7 @@ def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        train.save_checkpoint({"step": 2}, str(tmp_path), 2, keep=0)
+        checkpoint.save_checkpoint({"step": 2}, str(tmp_path), 2, keep=0)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
 

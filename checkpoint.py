@@ -1,0 +1,326 @@
+"""Model weights on disk: HomeLLM checkpoints (write, find, load) and Hugging Face model
+directories (read).
+
+    save_checkpoint(state, out_dir, step, keep)  # atomic ckpt.pt plus numbered copies
+    path = find_checkpoint(out_dir)               # ckpt.pt, or the newest numbered copy
+    ckpt = load_checkpoint(path)                  # weights_only: a stranger's .pt cannot run code
+    tok = load_checkpoint_tokenizer(ckpt, path)   # the tokenizer it was trained with
+    cfg, state = load_hf_model("~/models/Qwen2.5-0.5B")
+
+A checkpoint is a dict of tensors and plain data: model (state dict without wrapper prefixes),
+model_config, tokenizer (the dataset's tokenizer record) and, when train.py wrote it, the
+training state (optimizer, scaler, rng, step, ...). train.py copies the tokenizer file next to
+ckpt.pt, so an out_dir is self-contained.
+
+HF directories map one to one onto our parameter names (model.py uses HF's names and its
+rotate-half RoPE layout), so reading one is renaming plus refusing every config.json feature
+model.py does not implement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+import zipfile
+from typing import NoReturn, Optional
+
+import torch
+
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or foreign; the message says what to do."""
+
+
+class HFError(CheckpointError):
+    """A Hugging Face model directory HomeLLM cannot read (bad path, unsupported model)."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target: a
+    crash at any moment leaves either the old or the new file, never a torn one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
+    """state -> out_dir/ckpt.pt (atomically), plus ckpt_STEP.pt; only the newest `keep` numbered
+    copies are kept."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    atomic_save(state, path)
+    if keep > 0:
+        numbered = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
+        if os.path.exists(numbered):
+            os.remove(numbered)
+        try:
+            os.link(path, numbered)  # the same bytes under a second name, without a copy
+        except OSError:
+            shutil.copyfile(path, numbered)
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+        for name in old[:-keep]:
+            os.remove(os.path.join(out_dir, name))
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
+    """The checkpoint to load: `ckpt` when given, else out_dir/ckpt.pt (train.py's latest)."""
+    if ckpt:
+        if not os.path.isfile(ckpt):
+            raise CheckpointError(f"checkpoint {ckpt} does not exist")
+        return ckpt
+    path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
+    # ckpt.pt is always the latest; if only numbered copies are left, take the newest of them.
+    numbered = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
+    if numbered:
+        return os.path.join(out_dir, numbered[-1])
+    raise CheckpointError(f"no checkpoint at {path}; run train.py first (it writes ckpt.pt into --out_dir) or pass --ckpt PATH")
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True: a checkpoint is tensors and plain data, and a .pt from
+    a stranger must not be able to run code while it is unpickled."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: stderr stays one line
+            # mmap (zip format only, which torch.save writes): only the tensors we touch are
+            # read, so the optimizer state in a training checkpoint costs no memory here.
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:
+        # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
+        # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
+        culprit = re.search(r"GLOBAL (\S+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and culprit:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
+                "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
+            ) from None
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise CheckpointError(f"{path} is not a HomeLLM checkpoint: expected a dict with 'model' and 'model_config', as train.py writes")
+    return ckpt
+
+
+def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
+    """The tokenizer file of a checkpoint: train.py copies it next to ckpt.pt; a checkpoint moved
+    without it falls back to the data directory it was trained on."""
+    info = ckpt.get("tokenizer")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
+    name = info.get("file") or ""
+    here = os.path.dirname(os.path.abspath(ckpt_path))
+    data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
+    for base_dir in (here, data_dir):
+        if base_dir and name and os.path.isfile(os.path.join(base_dir, name)):
+            return os.path.join(base_dir, name)
+    raise CheckpointError(
+        f"the tokenizer file {name or '(none recorded)'} of {ckpt_path} is neither next to it nor in its "
+        f"data_dir {data_dir}; copy {name or 'it'} from the prepared dataset into {here}"
+    )
+
+
+def load_checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> Tokenizer:
+    """The tokenizer the checkpoint was trained with (see checkpoint_tokenizer_path)."""
+    path = checkpoint_tokenizer_path(ckpt, ckpt_path)
+    try:
+        return load_tokenizer(ckpt["tokenizer"], os.path.dirname(path))
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from None  # the message already names the file and the fix
+
+
+# ----------------------------------------------------------------------------- Hugging Face directories (read)
+
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> the HF Llama/Qwen2 name, for every tensor, lm_head included (the
+    caller drops it when the embeddings are tied). q/k need no permutation: both sides rotate
+    pairs (i, i + head_dim/2), and llama.cpp's converter expects exactly this HF layout."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(cfg.n_layer):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        names[ours + "attn_norm.weight"] = hf + "input_layernorm.weight"
+        names[ours + "mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[f"{ours}attn.{proj}.weight"] = f"{hf}self_attn.{proj}.weight"
+        if cfg.qkv_bias:
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                names[f"{ours}attn.{proj}.bias"] = f"{hf}self_attn.{proj}.bias"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{ours}mlp.{proj}.weight"] = f"{hf}mlp.{proj}.weight"
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Shapes of our state dict, taken from model.py itself (on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Transformer(cfg).state_dict().items()}
+
+
+def refuse(field: str, value, why: str) -> NoReturn:
+    raise HFError(f"config.json has {field}={json.dumps(value)}, which HomeLLM does not implement ({why})")
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Our ModelConfig from a HF Llama/Qwen2 config.json, refusing every feature model.py does
+    not implement rather than importing a model that would silently compute something else."""
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        refuse("model_type", model_type, "only llama and qwen2 are supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU with silu")
+    if hf.get("mlp_bias"):
+        refuse("mlp_bias", hf["mlp_bias"], "the MLP has no biases")
+    if (hf.get("pretraining_tp") or 1) > 1:
+        refuse("pretraining_tp", hf["pretraining_tp"], "only pretraining_tp=1 is supported")
+    if hf.get("use_sliding_window"):
+        refuse("use_sliding_window", hf["use_sliding_window"], "attention is always over the full context")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        refuse("layer_types", hf["layer_types"], "attention is always over the full context")
+    for field in ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if hf.get(field):
+            refuse(field, hf[field], "mixture-of-experts layers are not implemented")
+    if hf.get("quantization_config"):
+        refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"), "only unquantized weights can be imported")
+    # RoPE: the old keys (rope_theta + rope_scaling) or transformers 5's rope_parameters.
+    rope_theta = hf.get("rope_theta", 10000.0)
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(field)
+        if rope is None:
+            continue
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            refuse(field, rope, "only plain RoPE is implemented, no scaling")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            refuse(field, rope, "RoPE rotates the whole head")
+        rope_theta = rope.get("rope_theta", rope_theta)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(field), int):
+            raise HFError(f"config.json has no integer {field}; it is not a complete {model_type} config")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * n_head != hf["hidden_size"]:
+        refuse("head_dim", head_dim, f"heads are hidden_size/num_attention_heads = {hf['hidden_size'] / n_head:g} wide")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf["hidden_size"],
+            ffn_hidden=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048 if model_type == "llama" else 32768),
+            rope_theta=float(rope_theta),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # both classes default to untied
+            # Qwen2 always has q/k/v biases; Llama's attention_bias adds an o_proj bias too,
+            # which load_hf_model accepts only when it is zero (as our exports write it).
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
+            dropout=0.0,
+            init_std=float(hf.get("initializer_range", 0.02)),
+        )
+    except ValueError as err:
+        raise HFError(f"config.json does not describe a model HomeLLM can build: {err}") from None
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise HFError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF checkpoint directory: model.safetensors, pytorch_model.bin, or the
+    shards listed by their .index.json."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+            break
+        if os.path.isfile(os.path.join(path, single)):
+            files = [single]
+            break
+    else:
+        raise HFError(f"no weights in {path}: expected model.safetensors, pytorch_model.bin or a sharded .index.json")
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise HFError(f"{file} is listed in the weight index but missing")
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise HFError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+            state.update(load_file(file))
+        else:
+            try:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+            except Exception as err:
+                raise HFError(f"cannot read {file} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
+    return state
+
+
+def load_hf_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A local HF Llama/Qwen2 directory as our ModelConfig and state dict (tensors in the dtype
+    they were stored in). Both embed.weight and lm_head.weight are present; when tied they are
+    the same tensor. Raises HFError naming any unsupported field or mismatched tensor."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise HFError(f"{path} is not a Hugging Face model directory (no config.json)")
+    hf_config = read_json(config_path)
+    cfg = model_config_from_hf(hf_config)
+    hf_state = read_hf_weights(path)
+    if hf_config["model_type"] == "llama" and cfg.qkv_bias:
+        for i in range(cfg.n_layer):
+            bias = hf_state.pop(f"model.layers.{i}.self_attn.o_proj.bias", None)
+            if bias is not None and bias.any():
+                refuse("attention_bias", True, f"model.layers.{i}.self_attn.o_proj.bias is non-zero and o_proj has no bias here")
+    names = hf_names(cfg)
+    if cfg.tie_embeddings:
+        del names["lm_head.weight"]  # some tied checkpoints store a copy anyway: ignore it
+    known = set(names.values()) | {"lm_head.weight"}
+    # Old checkpoints saved RoPE's inverse frequencies as a buffer; they follow from the config.
+    unexpected = [k for k in hf_state if k not in known and not k.endswith("rotary_emb.inv_freq")]
+    missing = [hf for hf in names.values() if hf not in hf_state]
+    if unexpected or missing:
+        problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise HFError(f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}")
+    state = {ours: hf_state[hf] for ours, hf in names.items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    for name, shape in expected_shapes(cfg).items():
+        if state[name].shape != shape:
+            raise HFError(f"{names.get(name, name)} in {path} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
+    return cfg, state

@@ -1,0 +1,122 @@
+"""The dataset format prepare.py writes and train.py reads: token shards plus meta.json.
+
+    <data_dir>/meta.json                  format_version, tokenizer record, vocab_size, dtype,
+                                          eot_id, splits: {train|val: {shards, tokens, documents, bytes}}
+    <data_dir>/train_000000.bin ...       raw little-endian uint16/uint32 token ids, documents
+    <data_dir>/val_000000.bin ...         separated by eot_id
+    <data_dir>/tokenizer.model|.tiktoken  the tokenizer the ids come from
+
+ShardWriter writes the shards (prepare.py), load_meta reads and checks meta.json, TokenShards
+samples training windows from the shards (train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenizer import Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+
+
+class DatasetError(RuntimeError):
+    """A prepared dataset directory is missing or unreadable; the message says what to do."""
+
+
+def load_meta(data_dir: str) -> dict:
+    """Read <data_dir>/meta.json written by prepare.py."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"no dataset at {data_dir} ({path} is missing); run `python prepare.py` first or pass --data_dir") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"Cannot read {path} ({e}); re-run prepare.py for this dataset.") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION}; re-run prepare.py.")
+    return meta
+
+
+def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
+    """The tokenizer a prepared dataset was built with."""
+    return load_tokenizer(load_meta(data_dir)["tokenizer"], data_dir)
+
+
+class TokenShards:
+    """Random windows of block_size + 1 tokens from one split of a prepare.py dataset.
+
+    Window starts are uniform over every position where a whole window fits inside a shard.
+    The memmaps are opened per read: a long-lived np.memmap keeps every page it touched
+    mapped, so a process reading a 100 GB corpus would appear to grow without bound.
+    """
+
+    def __init__(self, data_dir: str, meta: dict, split: str, block_size: int):
+        self.window = block_size + 1
+        self.dtype = np.dtype(meta["dtype"])
+        shards = meta["splits"].get(split, {}).get("shards", [])
+        self.paths = [os.path.join(data_dir, s["file"]) for s in shards]
+        starts = np.array([max(0, s["tokens"] - self.window + 1) for s in shards], dtype=np.int64)
+        self.cum_starts = np.cumsum(starts)
+        self.num_windows = int(self.cum_starts[-1]) if len(shards) else 0
+
+    def sample(self, seed: list[int], count: int) -> list[tuple[int, int]]:
+        """`count` (shard, offset) pairs drawn from a generator seeded by `seed`."""
+        rng = np.random.default_rng(seed)
+        flat = rng.integers(0, self.num_windows, size=count)
+        shard = np.searchsorted(self.cum_starts, flat, side="right")
+        before = np.concatenate([[0], self.cum_starts])[shard]
+        return list(zip(shard.tolist(), (flat - before).tolist()))
+
+    def read(self, picks: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.empty((len(picks), self.window), dtype=np.int64)
+        for i, (shard, offset) in enumerate(picks):
+            tokens = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
+            rows[i] = tokens[offset : offset + self.window]
+        batch = torch.from_numpy(rows)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        return batch[:, :-1], batch[:, 1:]
+
+
+class ShardWriter:
+    """Appends token arrays to <prefix>_000000.bin, <prefix>_000001.bin, ... of shard_tokens each.
+
+    Documents may continue from one shard into the next; every shard except the last is full.
+    """
+
+    def __init__(self, out_dir: str, prefix: str, dtype: str, shard_tokens: int) -> None:
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self._file: Any = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            # "<" = little-endian on disk whatever the machine, as meta.json promises.
+            self._file.write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+            self.shards[-1]["tokens"] += len(part)
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return self.shards

@@ -1,0 +1,148 @@
+"""What this machine is and what fits on it: device and dtype choice, peak FLOP/s for MFU,
+memory readings, and the training memory estimate.
+
+train.py, sample.py and bench.py resolve --device/--dtype here, so "auto" means the same thing
+everywhere; where training and inference really differ (fp16 needs a loss scaler, so only
+training falls back to it on GPUs without bf16), that is the explicit `training` argument.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Optional
+
+import torch
+
+from model import ModelConfig, count_params
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against
+# torch.cuda.get_device_name(); ordered so that more specific names match first.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+    "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 6000 Ada": 364e12, "RTX A6000": 155e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+class DeviceError(RuntimeError):
+    """A --device/--dtype this machine cannot honour; the message says what to use instead."""
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: cuda > mps > cpu. Plain "cuda" means this process's GPU: LOCAL_RANK under torchrun."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise DeviceError(f"--device {name} is not one of auto, cpu, cuda, cuda:N, mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for but this PyTorch sees no CUDA GPU; use --device cpu "
+                              "or install a CUDA build of torch (README: Installing PyTorch with CUDA)")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise DeviceError(f"--device {name}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", int(index) if index else local_rank)
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {name} was asked for but MPS is not available here; use --device cpu")
+    return torch.device(kind)
+
+
+def resolve_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
+    """--dtype auto: bf16 on CUDA GPUs that support it; otherwise fp16 for training (with a loss
+    scaler) but fp32 for inference; fp32 elsewhere (bf16 matmuls are many times slower than fp32
+    on AVX2-only CPUs). fp16 training needs CUDA's loss scaler."""
+    if name == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float16 if training else torch.float32
+        return torch.float32
+    if name not in DTYPES:
+        raise DeviceError(f"--dtype {name} is not one of auto, {', '.join(DTYPES)}")
+    if training and name == "float16" and device.type != "cuda":
+        raise DeviceError("--dtype=float16 needs CUDA (loss scaling); use float32 on this device")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s
+
+
+def measure_cpu_peak_flops(seconds: float = 0.5) -> float:
+    """fp32 matmul FLOP/s of this CPU with the threads torch uses: MFU's reference on CPU."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start)
+
+
+def device_peak_flops(device: torch.device, override: Optional[float] = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from): --peak_flops, the GPU table, or a CPU measurement."""
+    if override:
+        return override, "--peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} bf16 datasheet"
+        return float("nan"), f"{name} is not in the peak table; pass --peak_flops for MFU"
+    if device.type == "cpu":
+        return measure_cpu_peak_flops(), "measured fp32 matmul"
+    return float("nan"), "unknown device; pass --peak_flops for MFU"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: the CUDA allocator's peak, or the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+
+def estimate_train_memory_gb(
+    cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int = 1, fsdp: bool = False,
+    grad_checkpoint: bool = False, compute_bytes: int = 2,
+) -> dict[str, float]:
+    """Rough per-GPU training memory in GiB (arithmetic, not a measurement).
+
+    states: fp32 weights + grads + AdamW's two moments = 16 bytes/parameter, divided by
+    world_size under FSDP. activations: what backward keeps per token and layer in the
+    compute dtype: ~7*n_embd + 2*kv_dim + 4*ffn_hidden values (norm outputs, q/k/v, attention
+    output, residuals, the four SwiGLU tensors); with checkpointing only each block's input
+    plus one block being recomputed. logits: the (tokens x vocab) logits in the compute dtype
+    plus their fp32 copy and gradient for the loss. Allocator slack and buffers come on top.
+    """
+    n = count_params(cfg)["total"]
+    states = 16 * n / (world_size if fsdp else 1)
+    kv_dim = cfg.n_kv_head * cfg.head_dim
+    per_layer = (7 * cfg.n_embd + 2 * kv_dim + 4 * cfg.ffn_hidden) * compute_bytes
+    tokens = micro_batch * seq_len
+    if grad_checkpoint:
+        activations = tokens * (cfg.n_layer * cfg.n_embd * compute_bytes + per_layer)
+    else:
+        activations = tokens * cfg.n_layer * per_layer
+    logits = tokens * cfg.vocab_size * (compute_bytes + 8)
+    gib = 2**30
+    out = {"states": states / gib, "activations": activations / gib, "logits": logits / gib}
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory_table(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: int) -> str:
+    lines = [f"memory per GPU (rough estimate, bf16, micro-batch {micro_batch} x {seq_len} tokens):"]
+    for label, fsdp in (("DDP", False), (f"FSDP x{world_size}", True)):
+        for ckpt in (False, True):
+            m = estimate_train_memory_gb(cfg, micro_batch, seq_len, world_size, fsdp, ckpt)
+            lines.append(
+                f"  {label:<8} grad_checkpoint={str(ckpt):<5}: {m['total']:6.1f} GiB "
+                f"(states {m['states']:.1f} + activations {m['activations']:.1f} + logits {m['logits']:.1f})"
+            )
+    return "\n".join(lines)
