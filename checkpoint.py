@@ -30,7 +30,7 @@ from typing import NoReturn, Optional
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, count_params
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 CHECKPOINT_FORMAT = 1
@@ -62,23 +62,68 @@ def atomic_save(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy src to dst through a temp file and a rename: dst is either old or complete."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)  # copy_file_range on Linux: a reflink where the filesystem can
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+NUMBERED = re.compile(r"ckpt_(\d+)\.pt")
+
+
+def numbered_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the ckpt_STEP.pt copies in out_dir, oldest step first. Sorted by the
+    number, not the name: ckpt_1000000.pt comes after ckpt_999999.pt."""
+    found = [(int(m.group(1)), os.path.join(out_dir, name)) for name in os.listdir(out_dir) if (m := NUMBERED.fullmatch(name))]
+    return sorted(found)
+
+
 def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
-    """state -> out_dir/ckpt.pt (atomically), plus ckpt_STEP.pt; only the newest `keep` numbered
-    copies are kept."""
+    """state -> out_dir/ckpt.pt (atomically), plus an independent copy ckpt_STEP.pt; only the
+    newest `keep` numbered copies are kept. A copy, not a hard link: whatever later happens to
+    ckpt.pt (truncated, overwritten in place) cannot reach the numbered copy."""
     path = os.path.join(out_dir, "ckpt.pt")
-    atomic_save(state, path)
-    if keep > 0:
-        numbered = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
-        if os.path.exists(numbered):
-            os.remove(numbered)
-        try:
-            os.link(path, numbered)  # the same bytes under a second name, without a copy
-        except OSError:
-            shutil.copyfile(path, numbered)
-        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-        for name in old[:-keep]:
-            os.remove(os.path.join(out_dir, name))
+    try:
+        atomic_save(state, path)
+        if keep > 0:
+            atomic_copy(path, os.path.join(out_dir, f"ckpt_{step:06d}.pt"))
+            for _, old in numbered_checkpoints(out_dir)[:-keep]:
+                os.remove(old)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write a checkpoint into {out_dir} ({err.strerror or err}); the checkpoints already "
+            "there are intact: free disk space or fix permissions, then run again to resume"
+        ) from None
     return path
+
+
+def remove_stale_temp_files(out_dir: str) -> list[str]:
+    """Delete NAME.tmp.PID files that a killed writer left behind (PID no longer running)."""
+    removed = []
+    for name in os.listdir(out_dir):
+        m = re.fullmatch(r".+\.tmp\.(\d+)", name)
+        if m and not pid_alive(int(m.group(1))):
+            os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 # ----------------------------------------------------------------------------- reading
@@ -96,9 +141,9 @@ def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
     # ckpt.pt is always the latest; if only numbered copies are left, take the newest of them.
-    numbered = sorted(f for f in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", f))
+    numbered = numbered_checkpoints(out_dir)
     if numbered:
-        return os.path.join(out_dir, numbered[-1])
+        return numbered[-1][1]
     raise CheckpointError(f"no checkpoint at {path}; run train.py first (it writes ckpt.pt into --out_dir) or pass --ckpt PATH")
 
 
@@ -157,6 +202,38 @@ def load_checkpoint_tokenizer(ckpt: dict, ckpt_path: str) -> Tokenizer:
         raise CheckpointError(str(err)) from None  # the message already names the file and the fix
 
 
+def model_from_checkpoint(ckpt: dict, device: str | torch.device, dtype: torch.dtype, name: str = "the checkpoint") -> Transformer:
+    """The Transformer described by ckpt["model_config"] with ckpt["model"] loaded strictly, in
+    eval mode. Everything is checked before anything is allocated: a model_config that asks for
+    a size the stored weights do not have is refused, not built. `name` (the checkpoint's path)
+    only makes error messages clearer."""
+    try:
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{name} has an invalid model_config: {err}") from None
+    state = ckpt["model"]
+    stored = sum(t.numel() for k, t in state.items() if isinstance(t, torch.Tensor) and not (cfg.tie_embeddings and k == "lm_head.weight"))
+    wanted = count_params(cfg)["total"]
+    if stored != wanted:
+        raise CheckpointError(f"{name} does not match its model_config: the config describes {wanted:,} parameters, the file holds {stored:,}")
+    # Compare keys and shapes ourselves: load_state_dict's own error is a multi-line dump.
+    expected = expected_shapes(cfg)
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in state and getattr(state[k], "shape", None) != shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{name} does not match its model_config: {'; '.join(problems[:3])}{more}")
+    with torch.device(device):  # allocate on the target device directly, no CPU copy first
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype=dtype).eval()
+
+
 # ----------------------------------------------------------------------------- Hugging Face directories (read)
 
 
@@ -210,13 +287,16 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if hf.get(field):
             refuse(field, hf[field], "mixture-of-experts layers are not implemented")
     if hf.get("quantization_config"):
-        refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"), "only unquantized weights can be imported")
+        quant = hf["quantization_config"]
+        refuse("quantization_config", quant.get("quant_method", "?") if isinstance(quant, dict) else quant, "only unquantized weights can be imported")
     # RoPE: the old keys (rope_theta + rope_scaling) or transformers 5's rope_parameters.
     rope_theta = hf.get("rope_theta", 10000.0)
     for field in ("rope_scaling", "rope_parameters"):
         rope = hf.get(field)
         if rope is None:
             continue
+        if not isinstance(rope, dict):
+            refuse(field, rope, "it must be an object such as {\"rope_type\": \"default\"}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             refuse(field, rope, "only plain RoPE is implemented, no scaling")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
@@ -252,11 +332,15 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 def read_json(path: str) -> dict:
+    """A JSON object from a HF directory, or an HFError that names the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise HFError(f"{path} is not valid JSON ({err})") from None
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HFError(f"{path} is not valid UTF-8 JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise HFError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a Hugging Face config file")
+    return value
 
 
 def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
@@ -282,7 +366,10 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
                 from safetensors.torch import load_file
             except ImportError:
                 raise HFError("reading .safetensors needs the safetensors package: pip install safetensors") from None
-            state.update(load_file(file))
+            try:
+                state.update(load_file(file))
+            except Exception as err:  # SafetensorError: a truncated or corrupt file
+                raise HFError(f"cannot read {file} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
         else:
             try:
                 state.update(torch.load(file, map_location="cpu", weights_only=True))

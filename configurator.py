@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import re
 import runpy
 import sys
 import traceback
@@ -292,6 +293,42 @@ class TrainConfig:
     dist_timeout_min: float = _key(10.0, "a collective waiting longer than this ends the job")
     seed: int = _key(1337, "seeds the initial weights and which windows each step trains on")
     dry_run: bool = _key(False, "print the model's size and memory estimate, then exit without training")
+
+    def __post_init__(self) -> None:
+        """Reject values that could only fail later (or silently do nothing), with the fix."""
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                    "eval_interval", "eval_iters", "log_interval", "max_iters", "nonfinite_patience")
+        for name in positive:
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be a positive integer")
+        for name in ("vocab_size", "n_kv_head", "ffn_hidden", "max_seq_len", "lr_decay_iters"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be a positive integer (or None for the default)")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}; the schedule decays from learning_rate to min_lr")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("max_time_min", "peak_flops", "dist_timeout_min"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir is empty; name a directory for checkpoints and logs, e.g. --out_dir=out")
+        if not self.data_dir.strip():
+            raise ValueError("data_dir is empty; pass the directory prepare.py wrote, e.g. --data_dir=data/demo")
+        if self.resume not in ("auto", "never") and not self.resume.endswith(".pt"):
+            raise ValueError(f"resume={self.resume!r} must be auto, never or a path to a .pt checkpoint")
+        # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even
+        # head_dim, dropout in [0, 1)) live in ModelConfig; run them now, not after data loading.
+        self.model_config(self.vocab_size or 1)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The architecture these keys describe; vocab_size is the dataset tokenizer's, used

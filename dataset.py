@@ -12,14 +12,19 @@ samples training windows from the shards (train.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where it is used: prepare.py never needs it
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -41,7 +46,61 @@ def load_meta(data_dir: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise DatasetError(f"{path} has format_version {version}, this code reads {FORMAT_VERSION}; re-run prepare.py.")
+    try:  # the fields readers rely on, so a hand-edited meta.json fails here and not mid-run
+        np.dtype(meta["dtype"])
+        int(meta["vocab_size"]), int(meta["eot_id"]), meta["tokenizer"]["kind"]
+        for split in meta["splits"].values():
+            [(str(s["file"]), int(s["tokens"])) for s in split["shards"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{path} is incomplete or malformed ({type(e).__name__}: {e}); re-run prepare.py.") from None
     return meta
+
+
+def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> None:
+    """Check the shards against meta.json before training on them, cheaply: every shard exists
+    and holds exactly tokens x itemsize bytes (a uint32 file under a uint16 meta, a truncated
+    copy or a missing shard fails here), and the ids in a sample of each shard (its start, end
+    and a few spread-out blocks, sample_tokens in all) are below vocab_size."""
+    dtype = np.dtype(meta["dtype"])
+    for split, info in meta["splits"].items():
+        for shard in info.get("shards", []):
+            path = os.path.join(data_dir, shard["file"])
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                raise DatasetError(f"{path} is missing but listed in {data_dir}/meta.json; re-run prepare.py for this dataset") from None
+            if size != shard["tokens"] * dtype.itemsize:
+                raise DatasetError(
+                    f"{path} has {size:,} bytes but meta.json promises {shard['tokens']:,} {dtype.name} tokens "
+                    f"({shard['tokens'] * dtype.itemsize:,} bytes); the shard was truncated or rewritten: re-run prepare.py"
+                )
+            if shard["tokens"] == 0:
+                continue
+            tokens = np.memmap(path, dtype=dtype, mode="r")
+            block = max(1, min(len(tokens), sample_tokens) // 8)
+            starts = np.linspace(0, len(tokens) - block, num=8, dtype=np.int64)
+            top = max(int(tokens[s : s + block].max()) for s in starts)
+            del tokens
+            if top >= meta["vocab_size"]:
+                raise DatasetError(
+                    f"{path} holds token id {top} but the tokenizer has vocab_size={meta['vocab_size']}; "
+                    "the shard does not belong to this meta.json: re-run prepare.py"
+                )
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tokenizer_fingerprint(data_dir: str, meta: dict) -> str:
+    """SHA-256 of the dataset's tokenizer file: two datasets with equal vocab sizes can still
+    map ids to different text, and a checkpoint must keep decoding with the one it learned."""
+    path = os.path.join(data_dir, meta["tokenizer"].get("file") or "")
+    try:
+        return file_sha256(path)
+    except OSError as err:
+        raise DatasetError(f"cannot read the tokenizer file {path} ({err.strerror}); re-run prepare.py for this dataset") from None
 
 
 def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
@@ -75,6 +134,8 @@ class TokenShards:
         return list(zip(shard.tolist(), (flat - before).tolist()))
 
     def read(self, picks: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         rows = np.empty((len(picks), self.window), dtype=np.int64)
         for i, (shard, offset) in enumerate(picks):
             tokens = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")

@@ -72,8 +72,11 @@ def resolve_dtype(name: str, device: torch.device, training: bool) -> torch.dtyp
 
 
 def measure_cpu_peak_flops(seconds: float = 0.5) -> float:
-    """fp32 matmul FLOP/s of this CPU with the threads torch uses: MFU's reference on CPU."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    """fp32 matmul FLOP/s of this CPU with the threads torch uses: MFU's reference on CPU.
+    Its own generator: drawing from the global one would shift every later random number (dropout
+    masks), and a resumed run must draw exactly what the uninterrupted one drew."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
     a @ b
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

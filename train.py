@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
@@ -33,9 +33,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_hf_model, save_checkpoint
+from checkpoint import (
+    CHECKPOINT_FORMAT, NUMBERED, CheckpointError, load_checkpoint, load_hf_model, numbered_checkpoints,
+    remove_stale_temp_files, save_checkpoint,
+)
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
-from dataset import DatasetError, TokenShards, load_meta
+from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
 from hardware import DeviceError, device_peak_flops, memory_table, peak_memory_mb, resolve_device, resolve_dtype
 from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, make_optimizer
 from tokenizer import TokenizerError
@@ -205,16 +208,49 @@ def full_state_dicts(model: Transformer, optimizer, fsdp: bool) -> tuple[dict, d
     return model.state_dict(), optimizer.state_dict()
 
 
-def find_resume_checkpoint(cfg: TrainConfig) -> Optional[str]:
+def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to continue from, loaded: (path, ckpt), or (None, None) to start fresh.
+
+    --resume=auto takes ckpt.pt, or when it is missing or unreadable the newest numbered copy
+    that loads (and says so). It never starts over on top of checkpoints it cannot read: that
+    would rotate them away. --resume=never moves an earlier run's checkpoints and metrics into
+    a subdirectory first, so starting over loses nothing."""
+    if cfg.resume not in ("auto", "never"):
+        return cfg.resume, load_checkpoint(cfg.resume)
+    latest = os.path.join(cfg.out_dir, "ckpt.pt")
+    candidates = []
+    if os.path.isdir(cfg.out_dir):
+        candidates = ([latest] if os.path.exists(latest) else []) + [p for _, p in reversed(numbered_checkpoints(cfg.out_dir))]
     if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        return path if os.path.exists(path) else None
-    return cfg.resume
+        if candidates and d.is_main:
+            archive = os.path.join(cfg.out_dir, time.strftime("previous-run-%Y%m%d-%H%M%S"))
+            os.makedirs(archive)
+            for name in os.listdir(cfg.out_dir):
+                if NUMBERED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
+                    os.replace(os.path.join(cfg.out_dir, name), os.path.join(archive, name))
+            log0(d, f"--resume=never: moved the earlier run's checkpoints and metrics to {archive}")
+        return None, None
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log0(d, f"warning: cannot resume from {path}: {err}")
+            continue
+        if path != latest:
+            why = "is missing" if not os.path.exists(latest) else "cannot be read"
+            log0(d, f"note: {latest} {why}; resuming from the newest numbered copy that loads, {path}")
+        return path, ckpt
+    if problems:
+        raise TrainError(
+            f"{cfg.out_dir} holds checkpoints but none of them loads ({problems[0]}); pass --resume=PATH to pick one, "
+            "--resume=never to start over (the old files are moved aside), or another --out_dir"
+        )
+    return None, None
 
 
-def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist) -> None:
+def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist, tokenizer_sha256: str, out_dir_tokenizer: str) -> None:
     if "optimizer" not in ckpt or "world_size" not in ckpt:
         raise TrainError(
             f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
@@ -232,6 +268,41 @@ def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist) -> N
             f"cannot resume from {path}: it was written by {ckpt['world_size']} rank(s) and this run has {d.world_size}; "
             f"exact resume needs the same world size (or use --init_from={path} in a new out_dir for a weights-only warm start)"
         )
+    # Same vocab size is not enough: another tokenizer maps the same ids to other text. Older
+    # checkpoints carry no fingerprint; then the tokenizer copy in out_dir stands in for it.
+    trained_with = ckpt.get("tokenizer_sha256") or (file_sha256(out_dir_tokenizer) if os.path.isfile(out_dir_tokenizer) else None)
+    if trained_with and trained_with != tokenizer_sha256:
+        raise TrainError(
+            f"cannot resume from {path}: the dataset's tokenizer is not the one this run was trained with "
+            f"(sha256 {tokenizer_sha256[:12]} vs {trained_with[:12]}); train on data prepared with the same tokenizer, "
+            f"or start a new out_dir with --init_from={path} to continue from these weights on purpose"
+        )
+
+
+@contextmanager
+def own_out_dir(out_dir: str) -> Iterator[None]:
+    """Hold out_dir/train.lock for the run (rank 0), or refuse: two runs writing one out_dir
+    would interleave their metrics and checkpoints. flock is released by the kernel when the
+    holder dies, even by kill -9, so a stale lock never blocks; the pid and host written into
+    the file only make the message useful. Also removes temp files of saves that a kill cut short."""
+    import fcntl
+    import socket
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "train.lock"), "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise TrainError(f"{out_dir} is in use by another training run ({holder}); wait for it or stop it, or choose another --out_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        lock.flush()
+        for name in remove_stale_temp_files(out_dir):
+            print(f"removed {name}, left behind by a run killed while saving", flush=True)
+        yield
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -239,10 +310,16 @@ def truncate_metrics(path: str, step: int) -> None:
     reads as one run."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:  # a torn last line (power loss mid-write) is dropped, not fatal
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -262,6 +339,7 @@ class Run:
     autocast: Any  # a torch.autocast context, or nullcontext()
     global_batch: int  # sequences per optimizer step, over all ranks and micro-steps
     metrics_path: str
+    tokenizer_sha256: str
 
 
 @dataclass
@@ -274,9 +352,11 @@ class Progress:
 
 
 def write_metrics(run: Run, record: dict) -> None:
+    """Append one record to metrics.jsonl; NaN/inf become null, which every JSON reader accepts."""
     if run.d.is_main:
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(run.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean) + "\n")
 
 
 def micro_batches(run: Run, data: TokenShards, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -335,7 +415,7 @@ def checkpoint_state(run: Run, raw_model: Transformer, optimizer, scaler, progre
         "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "model_config": run.model_cfg.to_dict(), "train_config": config_to_dict(cfg),
         "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss,
-        "tokenizer": run.meta["tokenizer"],
+        "tokenizer": run.meta["tokenizer"], "tokenizer_sha256": run.tokenizer_sha256,
         "data": {"data_dir": cfg.data_dir, "vocab_size": run.meta["vocab_size"], "eot_id": run.meta["eot_id"]},
         "rng": rngs, "sampler": {"seed": cfg.seed, "next_step": progress.step, "global_batch": run.global_batch},
         "world_size": d.world_size, "parallel": "fsdp" if run.fsdp else "ddp" if d.enabled else "none",
@@ -343,13 +423,18 @@ def checkpoint_state(run: Run, raw_model: Transformer, optimizer, scaler, progre
 
 
 def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizer, scaler,
-                  val_data: TokenShards, progress: Progress, reason: str) -> None:
-    """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part."""
+                  val_data: TokenShards, progress: Progress, reason: str, nonfinite_run: int) -> bool:
+    """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part.
+    During a streak of non-finite steps nothing is saved: the weights may already be wrecked,
+    and the last checkpoint must stay one from before. Returns whether it saved."""
     result = evaluate(run, model, val_data)
     if result is not None:
         progress.best_val_loss = min(progress.best_val_loss, result["val_loss"])
         log0(run.d, f"step {progress.step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.4f}")
         write_metrics(run, {"step": progress.step, **result})
+    if nonfinite_run:
+        log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {nonfinite_run} step(s) were non-finite")
+        return False
     state = checkpoint_state(run, raw_model, optimizer, scaler, progress)
     if run.d.is_main:
         path = save_checkpoint(state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
@@ -357,6 +442,7 @@ def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizer,
     del state
     if run.d.enabled:
         dist.barrier()
+    return True
 
 
 class StopFlag:
@@ -381,12 +467,28 @@ class StopFlag:
 # ----------------------------------------------------------------------------- the run
 
 
+def warn_about_val_split(cfg: TrainConfig, d: Dist, meta: dict, val_data: TokenShards) -> None:
+    """Say so when validation cannot run or would re-read the same few tokens."""
+    val_tokens = meta["splits"].get("val", {}).get("tokens", 0)
+    read = cfg.eval_iters * cfg.batch_size * (cfg.block_size + 1)
+    fix = "re-run prepare.py with a larger --val_fraction or a --val_input"
+    if val_data.num_windows == 0:
+        log0(d, f"warning: the val split of {cfg.data_dir} ({val_tokens:,} tokens) holds no window of block_size+1="
+                f"{cfg.block_size + 1} tokens, so there will be no val loss or bits per byte; {fix}")
+    elif val_tokens < read:
+        log0(d, f"warning: the val split of {cfg.data_dir} has {val_tokens:,} tokens but one evaluation reads {read:,} "
+                f"(eval_iters x batch_size windows), so its windows overlap and val loss is noisy; {fix}, or lower --eval_iters")
+
+
 def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     meta = load_meta(cfg.data_dir)
+    verify_shards(cfg.data_dir, meta)
+    tokenizer_sha256 = tokenizer_fingerprint(cfg.data_dir, meta)
     train_data = TokenShards(cfg.data_dir, meta, "train", cfg.block_size)
     val_data = TokenShards(cfg.data_dir, meta, "val", cfg.block_size)
     if train_data.num_windows == 0:
         raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
+    warn_about_val_split(cfg, d, meta, val_data)
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = d.enabled and cfg.parallel == "fsdp"
@@ -398,10 +500,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     # Same seed on every rank: identical initial weights, which DDP and FSDP require.
     torch.manual_seed(cfg.seed)
     raw_model, model_cfg, init_state = build_model(cfg, meta, device)
-    resume_path = find_resume_checkpoint(cfg)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    resume_path, ckpt = find_resume_checkpoint(cfg, d)
+    tok_file = meta["tokenizer"].get("file") or ""
     if ckpt is not None:
-        check_resumable(ckpt, resume_path, model_cfg, d)
+        check_resumable(ckpt, resume_path, model_cfg, d, tokenizer_sha256, os.path.join(cfg.out_dir, tok_file))
         init_state = ckpt["model"]
     if init_state is not None and not fsdp:
         raw_model.load_state_dict(init_state)
@@ -446,7 +548,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
     tokens_per_step = global_batch * cfg.block_size
-    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"))
+    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256)
     counts = count_params(model_cfg)
     peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops)
     log0(d, format_config(cfg))
@@ -454,13 +556,12 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     log0(d, f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accum x {d.world_size} ranks = {global_batch} sequences = {tokens_per_step:,} tokens per step")
     log0(d, f"device: {device} {dtype} | parallel: {'fsdp' if fsdp else 'ddp' if d.enabled else 'none'} | compile: {use_compile} | grad checkpoint: {cfg.grad_checkpoint} | peak {peak_flops:.3g} FLOP/s ({peak_source})")
     if d.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"train": config_to_dict(cfg), "model": model_cfg.to_dict()}, f, indent=2)
-        tok_file = meta["tokenizer"].get("file")
-        if tok_file and os.path.exists(os.path.join(cfg.data_dir, tok_file)):
+        if tok_file:  # sample.py and export_hf.py then need only out_dir
             shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
+    last_saved = progress.step if resume_path else None
 
     stop = StopFlag()
     started = time.perf_counter()
@@ -505,9 +606,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             nonfinite_run += 1
             log0(d, f"step {step}: non-finite loss {loss_mean} / grad norm {grad_norm}; update skipped ({nonfinite_run}/{cfg.nonfinite_patience})")
             if nonfinite_run >= cfg.nonfinite_patience:
+                saved = f"the last checkpoint (step {last_saved}) is from before them" if last_saved is not None else "no checkpoint was saved"
                 raise TrainError(
-                    f"the loss was non-finite for {nonfinite_run} steps in a row (last at step {step}); the last checkpoint "
-                    "is untouched; lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
+                    f"the loss was non-finite for {nonfinite_run} steps in a row (last at step {step}); {saved}; "
+                    "lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
                 )
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -523,17 +625,18 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             mem = peak_memory_mb(device)
             log0(d, f"step {step}: loss {loss_mean:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | peak mem {mem:,.0f} MB")
             write_metrics(run, {
-                "step": step, "loss": loss_mean if finite else None, "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                "step": step, "loss": loss_mean if finite else None, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": mem, "tokens_seen": progress.tokens_seen,
                 "elapsed_s": time.perf_counter() - started,
             })
         if stop_votes:
             reason = "time budget spent" if out_of_time and not stop.requested else "stopped by signal"
-            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason)
+            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run)
             return
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
-            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason)
+            if eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run):
+                last_saved = step
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens")
 
 
@@ -552,16 +655,23 @@ def dry_run(cfg: TrainConfig) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     cfg = parse_args_or_exit(TrainConfig, sys.argv[1:] if argv is None else argv)
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        print(f"error: out_dir {cfg.out_dir} is a file, not a directory; choose another --out_dir", file=sys.stderr)
+        sys.exit(2)
     if cfg.dry_run:
         dry_run(cfg)
         return
     d = Dist()
     try:
         d, device = setup_distributed(cfg)
-        train(cfg, d, device)
+        with own_out_dir(cfg.out_dir) if d.is_main else nullcontext():
+            train(cfg, d, device)
     except USER_ERRORS as err:
         if d.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except OSError as err:  # a full disk, a read-only out_dir: the system's words, on one line
+        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if dist.is_initialized():
