@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,6 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from dataset import FORMAT_VERSION, ShardWriter
+from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
 from tokenizer import (
     DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
     resolve_tokenizer, save_tokenizer, train_sentencepiece,
@@ -211,21 +213,24 @@ def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> 
     """
     with open(path, "rb") as raw:
         f: Any = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
-        if kind == "file":  # the whole file is one document by definition
-            yield 1, f.read(), raw.tell()
-            return
-        if start:
-            raw.seek(start)
-            raw.readline()
-        line = 1
-        while True:
-            block = f.read(piece_bytes)
-            if not block:
+        try:
+            if kind == "file":  # the whole file is one document by definition
+                yield 1, f.read(), raw.tell()
                 return
-            if not block.endswith(b"\n"):
-                block += f.readline()
-            yield line, block, raw.tell()
-            line += block.count(b"\n")
+            if start:
+                raw.seek(start)
+                raw.readline()
+            line = 1
+            while True:
+                block = f.read(piece_bytes)
+                if not block:
+                    return
+                if not block.endswith(b"\n"):
+                    block += f.readline()
+                yield line, block, raw.tell()
+                line += block.count(b"\n")
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise PrepareError(f"{path} cannot be decompressed ({e}); the file is truncated or corrupt: download or compress it again.") from None
 
 
 def _cut_after_lines(data: bytes, n: int) -> bytes:
@@ -330,6 +335,9 @@ def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parse
             obj = json.loads(line)
         except ValueError as e:
             out.skips.append((line_no, "bad_json", f"malformed JSON ({e.args[0] if e.args else e})"))
+            continue
+        except RecursionError:  # e.g. 100,000 nested [: not a document, and not worth a crash
+            out.skips.append((line_no, "bad_json", "malformed JSON (nested too deeply)"))
             continue
         if not isinstance(obj, dict):
             out.skips.append((line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object"))
@@ -599,10 +607,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         # Re-running the README's quick start must not fail on the dataset its first run made.
         existing = os.path.join(os.path.abspath(cfg.out_dir or DEMO_OUT_DIR), "meta.json")
         if os.path.isfile(existing):
-            with open(existing, encoding="utf-8") as f:
-                meta = json.load(f)
+            try:
+                meta = load_meta(os.path.dirname(existing))
+            except DatasetError:
+                meta = {}  # unreadable: not reusable; _check_out_dir says what to do
             wanted = cfg.tokenizer or DEFAULT_DEMO_TOKENIZER
-            if meta.get("demo") and meta.get("max_docs") == cfg.max_docs and meta["tokenizer"]["spec"] == wanted:
+            if meta.get("demo") and meta.get("max_docs") == cfg.max_docs and meta["tokenizer"].get("spec") == wanted:
                 _log(f"{os.path.dirname(existing)} already holds the demo dataset; using it (--overwrite rebuilds it).")
                 return meta
 
@@ -626,7 +636,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     os.makedirs(parent, exist_ok=True)
     # Build everything in a hidden sibling directory and rename it into place at the very end:
     # an interrupted run leaves at most a ".<name>.tmp-*" directory, never a half-written dataset.
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_stale_work_dirs(out_dir)
+    tmp_dir = _make_owned_dir(f".{os.path.basename(out_dir)}.tmp-", parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a dataset is not
@@ -650,6 +661,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     return meta
 
 
+# Every file prepare.py writes into a dataset directory; --overwrite replaces only directories
+# that hold nothing else, and deletes only these names.
+DATASET_FILES = re.compile(r"(train|val)_\d{6}\.bin|meta\.json|tokenizer\.(model|tiktoken)")
+
+
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
     if not os.path.exists(out_dir):
         return
@@ -659,22 +675,84 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
         raise PrepareError(
             f"Output directory {out_dir} already exists; pass --overwrite to replace it or choose another --out_dir."
         )
-    # --overwrite deletes the old directory, so make sure it really is one of our datasets.
-    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "meta.json")):
+    if not os.listdir(out_dir):
+        return
+    # --overwrite replaces a directory only when it verifiably is one of our datasets.
+    try:
+        load_meta(out_dir)
+    except DatasetError:
         raise PrepareError(
-            f"{out_dir} is not empty and has no meta.json, so it is not a prepare.py dataset; "
+            f"{out_dir} has no readable prepare.py meta.json: it is not a prepare.py dataset, so --overwrite will not touch it; "
             "remove it yourself or choose another --out_dir."
+        ) from None
+    foreign = sorted(name for name in os.listdir(out_dir) if not DATASET_FILES.fullmatch(name))
+    if foreign:
+        raise PrepareError(
+            f"{out_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
+            "so --overwrite will not replace it; move them out or choose another --out_dir."
         )
 
 
 def _commit(tmp_dir: str, out_dir: str) -> None:
-    old = None
-    if os.path.exists(out_dir):  # --overwrite, already checked
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.rename(out_dir, os.path.join(old, "dataset"))
+    """Rename the finished dataset into place; an old one (--overwrite, checked by _check_out_dir)
+    is moved aside first and then only the files we write are deleted from it."""
+    os.remove(os.path.join(tmp_dir, OWNER_FILE))  # the dataset holds only dataset files
+    if not os.path.exists(out_dir):
+        os.rename(tmp_dir, out_dir)
+        return
+    old = _make_owned_dir(f".{os.path.basename(out_dir)}.old-", os.path.dirname(out_dir))
+    os.rename(out_dir, os.path.join(old, "dataset"))
     os.rename(tmp_dir, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(os.path.join(old, "dataset")):
+        if DATASET_FILES.fullmatch(name):
+            os.remove(os.path.join(old, "dataset", name))
+    try:
+        os.rmdir(os.path.join(old, "dataset"))
+        os.remove(os.path.join(old, OWNER_FILE))
+        os.rmdir(old)
+    except OSError:  # something we did not write appeared meanwhile: keep it
+        _log(f"note: {out_dir} was replaced; files prepare.py did not write were kept in {old}/dataset")
+
+
+# A hidden working directory (.NAME.tmp-*, .NAME.old-*) carries the pid and host of the run that
+# made it, so a later run can delete the ones whose run was killed, and never a live run's.
+OWNER_FILE = ".owner"
+
+
+def _make_owned_dir(prefix: str, parent: str) -> str:
+    import socket
+
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with open(os.path.join(path, OWNER_FILE), "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    return path
+
+
+def _remove_stale_work_dirs(out_dir: str) -> None:
+    import socket
+
+    parent, name = os.path.split(out_dir)
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        if not entry.startswith((f".{name}.tmp-", f".{name}.old-")):
+            continue
+        try:
+            with open(os.path.join(parent, entry, OWNER_FILE), encoding="utf-8") as f:
+                pid, host = f.read().split()
+        except (OSError, ValueError):
+            continue  # not one of ours, or an older version's: leave it
+        if host == socket.gethostname() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            _log(f"removed {os.path.join(parent, entry)}, left behind by a prepare.py run that was killed")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _prepare_into(
@@ -801,9 +879,30 @@ def _prepare_into(
 
 def _default_sigint() -> None:
     """Child processes die on Ctrl-C at once (even inside C++ code such as SentencePiece training)
-    instead of each printing a KeyboardInterrupt traceback; the main process cleans up."""
+    instead of each printing a KeyboardInterrupt traceback; the main process cleans up. They
+    also die with the main process: after a kill -9 of it, nobody would ever collect their
+    results, and each holds its tokenizer and tasks in memory."""
+    import multiprocessing
+    import threading
+
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent else os.getppid()
+    try:  # Linux: the kernel sends SIGKILL when the parent exits
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # elsewhere: poll for it
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
