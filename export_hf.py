@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import CheckpointError, HFError, checkpoint_tokenizer_path, find_checkpoint, hf_names, load_checkpoint, load_hf_model
+from checkpoint import CheckpointError, HFError, atomic_save, checkpoint_tokenizer_path, find_checkpoint, hf_names, load_checkpoint, load_hf_model
 from hardware import DTYPES
 from model import ModelConfig
 from tokenizer import QWEN2_PAT_STR, TokenizerError, hf_tokenizer, import_hf_tokenizer
@@ -108,6 +108,8 @@ def hf_config(cfg: ModelConfig, qwen: bool, bos_id: Optional[int], eos_id: Optio
 
 def prepare_dest(dest: str, overwrite: bool) -> None:
     """Refuse to write into a non-empty directory unless asked; then clear only our own files."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise HFError(f"--to {dest} is a file, not a directory; choose another --to")
     if os.path.isdir(dest) and os.listdir(dest):
         if not overwrite:
             raise HFError(f"{dest} is not empty; pass --overwrite to replace its files, or choose another --to")
@@ -187,11 +189,17 @@ def import_hf(path: str, dest: str, dtype: Optional[torch.dtype] = None, overwri
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]  # one tensor again, as in the model
+    created = not os.path.exists(dest)
     prepare_dest(dest, overwrite)
-    info = import_hf_tokenizer(path, dest)
-    ckpt = {"model": state, "model_config": cfg.to_dict(), "train_config": {}, "tokenizer": info, "step": 0, "tokens_seen": 0}
     ckpt_path = os.path.join(dest, "ckpt.pt")
-    torch.save(ckpt, ckpt_path)
+    try:
+        info = import_hf_tokenizer(path, dest)
+        ckpt = {"model": state, "model_config": cfg.to_dict(), "train_config": {}, "tokenizer": info, "step": 0, "tokens_seen": 0}
+        atomic_save(ckpt, ckpt_path)
+    except BaseException:
+        if created:  # a failed import leaves nothing behind (only a directory this call made)
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
     return ckpt_path
 
 
@@ -219,6 +227,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             run(args, dtype)
         except (CheckpointError, TokenizerError) as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as err:  # permissions, a full disk: the system's words, on one line
+            print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
             sys.exit(1)
 
 

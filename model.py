@@ -460,7 +460,10 @@ def sample_next_token(
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift so the largest logit is 0 before dividing: with a tiny temperature (1e-45) the
+    # quotients then go to -inf (a one-hot softmax) instead of overflowing into inf - inf = nan.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         if top_k < 1:
             raise ValueError(f"top_k={top_k} must be >= 1")

@@ -15,15 +15,16 @@ run code), --device/--dtype are resolved by hardware.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
+from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
 from hardware import DeviceError, resolve_device, resolve_dtype
-from model import ModelConfig, Transformer
+from model import Transformer
 from tokenizer import Tokenizer
 
 SEPARATOR = "-" * 40  # printed on its own line between samples
@@ -31,39 +32,12 @@ REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a who
 
 
 class SampleError(RuntimeError):
-    """A problem the user can fix (missing or foreign checkpoint, bad flag); main() prints the
-    message as one line and exits non-zero."""
+    """A problem the user can fix (missing or foreign checkpoint); main() prints the message as
+    one line and exits 1."""
 
 
-# ----------------------------------------------------------------------------- model
-
-
-def build_model(ckpt: dict, device: str | torch.device, dtype: torch.dtype, name: str = "the checkpoint") -> Transformer:
-    """The Transformer described by ckpt["model_config"] with ckpt["model"] loaded strictly, in
-    eval mode. `name` (the checkpoint's path) only makes error messages clearer."""
-    try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
-    except (TypeError, ValueError) as err:
-        raise SampleError(f"{name} has an invalid model_config: {err}") from None
-    with torch.device(device):  # allocate on the target device directly, no CPU copy first
-        model = Transformer(cfg)
-    # Compare keys and shapes ourselves: load_state_dict's own error is a multi-line dump.
-    state, expected = ckpt["model"], model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(getattr(state[k], 'shape', ()))}, the config needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and getattr(state[k], "shape", None) != v.shape
-    ]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise SampleError(f"{name} does not match its model_config: {'; '.join(problems[:3])}{more}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise SampleError(f"{name} does not match its model_config: {str(err).splitlines()[0]}") from None
-    return model.to(dtype=dtype).eval()
+class UsageError(SampleError):
+    """A bad flag value; main() prints it as one line and exits 2, as argparse does."""
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -130,6 +104,10 @@ def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) ->
 
 def read_prompt(start: str) -> str:
     """--start is the text itself, or FILE:path to read it from a UTF-8 file."""
+    try:
+        start.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UsageError("--start holds bytes that are not UTF-8 (check the terminal's encoding), or use --start FILE:path") from None
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:") :]
@@ -137,9 +115,9 @@ def read_prompt(start: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError:
-        raise SampleError(f"prompt file {path} is not UTF-8 text") from None
+        raise UsageError(f"prompt file {path} is not UTF-8 text") from None
     except OSError as err:
-        raise SampleError(f"cannot read prompt file {path}: {err.strerror}") from None
+        raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from None
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -228,15 +206,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
-        raise SampleError(f"--num_samples={args.num_samples} must be at least 1")
+        raise UsageError(f"--num_samples={args.num_samples} must be at least 1")
     if args.max_new_tokens < 1:
-        raise SampleError(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
-    if args.temperature < 0:
-        raise SampleError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+        raise UsageError(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature={args.temperature} must be a number >= 0 (0 is greedy)")
     if args.top_k < 0:
-        raise SampleError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
+        raise UsageError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise SampleError(f"--top_p={args.top_p} must be in (0, 1]")
+        raise UsageError(f"--top_p={args.top_p} must be in (0, 1]")
 
 
 def note(message: str) -> None:
@@ -337,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         dtype = resolve_dtype(args.dtype, device, training=False)
         path = find_checkpoint(args.out_dir, args.ckpt)
         ckpt = load_checkpoint(path)
-        model = build_model(ckpt, device, dtype, name=path)
+        model = model_from_checkpoint(ckpt, device, dtype, name=path)
         tokenizer = load_checkpoint_tokenizer(ckpt, path)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise SampleError(
@@ -372,7 +350,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):
             sys.exit(130)  # Ctrl-C: the usual exit status of an interrupted program
     except (SampleError, CheckpointError, DeviceError) as err:
-        sys.exit("error: " + " ".join(str(err).split()))  # one line, even if a library's text had several
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, even if a library's text had several
+        sys.exit(2 if isinstance(err, UsageError) else 1)
     except KeyboardInterrupt:
         note("")
         sys.exit(130)
