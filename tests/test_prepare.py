@@ -451,12 +451,15 @@ def test_existing_output_needs_overwrite(corpus, sp_dataset, tmp_path, capsys):
     out = tmp_path / "ds"
     args = ["--input", path, "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0.2]
     assert run(*args) == 0
-    (out / "marker").write_text("old")
     assert run(*args) == 1
-    assert "--overwrite" in capsys.readouterr().err and (out / "marker").exists()
+    assert "--overwrite" in capsys.readouterr().err
     assert run(*args, "--overwrite") == 0
-    assert not (out / "marker").exists() and shard_bytes(out) == shard_bytes(sp_dataset)
+    assert shard_bytes(out) == shard_bytes(sp_dataset)
     assert no_leftovers(tmp_path)
+    # A file we did not write makes even our own dataset off limits: --overwrite never deletes it.
+    (out / "marker").write_text("notes")
+    assert run(*args, "--overwrite") == 1
+    assert "did not write (marker)" in capsys.readouterr().err and (out / "marker").read_text() == "notes"
     # --overwrite refuses to delete a directory that is not a dataset.
     precious = tmp_path / "precious"
     precious.mkdir()

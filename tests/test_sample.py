@@ -161,7 +161,7 @@ def make_run(directory, kind: str, rigged: bool = True):
 def load_run(out_dir: str):
     path = checkpoint.find_checkpoint(out_dir, None)
     ckpt = checkpoint.load_checkpoint(path)
-    return sample.build_model(ckpt, "cpu", torch.float32, name=path), checkpoint.load_checkpoint_tokenizer(ckpt, path)
+    return checkpoint.model_from_checkpoint(ckpt, "cpu", torch.float32, name=path), checkpoint.load_checkpoint_tokenizer(ckpt, path)
 
 
 def run_cli(*args, stdin: str = "", env_extra=None) -> subprocess.CompletedProcess:
@@ -506,10 +506,12 @@ def test_errors_are_one_clear_line_with_nonzero_exit(tmp_path, capsys):
     for name, (argv, phrase) in error_cases(tmp_path).items():
         with pytest.raises(SystemExit) as exit_:
             sample.main([str(a) for a in argv])
-        message = str(exit_.value.code)  # sys.exit(text) prints text to stderr and exits 1
-        assert message.startswith("error: ") and "\n" not in message, (name, message)
+        captured = capsys.readouterr()
+        message = captured.err
+        assert exit_.value.code == (2 if name == "bad flag value" else 1), name  # usage errors exit 2, as argparse's
+        assert message.startswith("error: ") and message.count("\n") == 1, (name, message)
         assert phrase in message, (name, message)
-        assert capsys.readouterr().out == "", name
+        assert captured.out == "", name
 
 
 def test_errors_in_a_real_process_print_no_traceback(tmp_path):

@@ -1,0 +1,32 @@
+"""Fixtures shared by the role tests."""
+
+import base64
+import random
+
+import pytest
+
+import prepare
+
+
+def write_byte_tokenizer(path) -> None:
+    """A byte-level .tiktoken file: 256 single-byte tokens (then <|endoftext|> = 256)."""
+    ranks = {bytes([i]): i for i in range(256)}
+    path.write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> str:
+    """A byte-level tiktoken dataset of patterned Latin and Cyrillic text."""
+    root = tmp_path_factory.mktemp("data")
+    write_byte_tokenizer(root / "bytes.tiktoken")
+    rng = random.Random(0)
+    words = ["привет", "мир", "кот", "спит", "the", "cat", "sat", "on", "mat", "дом", "и", "a"]
+    with open(root / "corpus.txt", "w", encoding="utf-8") as f:
+        for _ in range(1500):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + "\n")
+    out = root / "ds"
+    prepare.main([
+        "--input", str(root / "corpus.txt"), "--tokenizer", str(root / "bytes.tiktoken"),
+        "--out_dir", str(out), "--val_fraction", "0.1", "--workers", "1",
+    ])
+    return str(out)

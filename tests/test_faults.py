@@ -1,0 +1,469 @@
+"""What a careful user does to HomeLLM: bad input, kills, full disks, odd files, two runs in
+one directory. Nothing may lose data, and every error is one line (exit 2 for a usage error,
+1 for a runtime one). Numbers in the test names refer to the items of the issue that asked
+for them."""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import export_hf
+import prepare
+import sample
+import train
+from conftest import write_byte_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+    "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=3", "--eval_iters=2", "--log_interval=1",
+    "--device=cpu", "--compile=False",
+]
+
+
+def train_exit(argv, capsys) -> tuple[int, str, str]:
+    """Run train.main in-process: (exit status, stdout, stderr)."""
+    try:
+        train.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def run_py(*args, **kwargs) -> subprocess.CompletedProcess:
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]  # bytes stay bytes: not-UTF-8 argv
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, timeout=300, **kwargs)
+
+
+# ----------------------------------------------------------------------------- data loss
+
+
+def test_1_overwrite_never_deletes_a_directory_that_is_not_our_dataset(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"документ номер {i}"}) + "\n" for i in range(50)), encoding="utf-8")
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    target = tmp_path / "P"
+    (target / "src").mkdir(parents=True)
+    (target / "src" / "main.py").write_text("x")
+    (target / "meta.json").write_text('{"name": "x"}')
+    args = ["--input", corpus, "--tokenizer", tok, "--out_dir", target, "--workers", 1, "--overwrite"]
+    assert prepare.main([str(a) for a in args]) == 1
+    assert "not a prepare.py dataset" in capsys.readouterr().err
+    assert (target / "src" / "main.py").read_text() == "x" and (target / "meta.json").exists()
+
+
+def run_to_step(dataset, out, max_iters, *extra, capsys=None):
+    code, out_text, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", f"--max_iters={max_iters}", *extra], capsys)
+    assert code == 0, err
+    return out_text
+
+
+def test_2_auto_resume_uses_the_newest_numbered_copy_when_ckpt_pt_is_gone(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 20, "--eval_interval=10", capsys=capsys)
+    os.remove(out / "ckpt.pt")
+    before = (out / "metrics.jsonl").read_text()
+    log = run_to_step(dataset, out, 30, "--eval_interval=10", capsys=capsys)
+    assert "resuming from the newest numbered copy" in log and "resumed from" in log and "at step 20" in log
+    assert (out / "metrics.jsonl").read_text().startswith(before)  # the first 20 steps are kept
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 30
+
+
+def test_2_unreadable_checkpoints_are_refused_not_overwritten(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 10, "--eval_interval=10", capsys=capsys)
+    for path in out.glob("ckpt*.pt"):
+        path.write_bytes(b"garbage")
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=20"], capsys)
+    assert code == 1 and "none of them loads" in one_line_error(err)
+    assert (out / "ckpt_000010.pt").read_bytes() == b"garbage"  # left for the user to rescue
+
+
+def test_2_resume_never_moves_the_earlier_run_aside(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 10, "--eval_interval=10", capsys=capsys)
+    old = (out / "ckpt.pt").read_bytes()
+    log = run_to_step(dataset, out, 4, "--eval_interval=4", "--resume=never", capsys=capsys)
+    [archive] = out.glob("previous-run-*")
+    assert str(archive) in log
+    assert (archive / "ckpt.pt").read_bytes() == old and (archive / "ckpt_000010.pt").exists() and (archive / "metrics.jsonl").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_3_no_checkpoint_is_written_during_a_nonfinite_streak(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    # lr 1e30: the update of step 4 sends the weights to ~1e30, every later loss is inf/nan.
+    # Evaluations fall at steps 6 and 9, inside the streak: neither may save.
+    code, out_text, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=3",
+                                      "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0", "--nonfinite_patience=5"], capsys)
+    assert code == 1
+    assert "not saving a checkpoint" in out_text
+    assert "the last checkpoint (step 4) is from before them" in one_line_error(err)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------- silent wrong results
+
+
+def test_4_the_cpu_peak_probe_leaves_the_global_rng_alone():
+    from hardware import measure_cpu_peak_flops
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    measure_cpu_peak_flops(0.01)
+    assert torch.equal(torch.get_rng_state(), state)
+    # (tests/test_train.py resumes a run with dropout bit-exactly, which needs exactly this)
+
+
+def test_5_resume_refuses_a_dataset_with_another_tokenizer(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 2, "--eval_interval=2", capsys=capsys)
+    # The same vocab size (257) but another id -> bytes mapping.
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    ranks = (other / "tokenizer.tiktoken").read_text().splitlines()
+    swapped = [f"{line.split()[0]} {(int(line.split()[1]) + 1) % 256}" for line in ranks]
+    (other / "tokenizer.tiktoken").write_text("\n".join(swapped) + "\n")
+    kept = (out / "tokenizer.tiktoken").read_bytes()
+    code, _, err = train_exit([*TINY, f"--data_dir={other}", f"--out_dir={out}", "--max_iters=4"], capsys)
+    message = one_line_error(err)
+    assert code == 1 and "not the one this run was trained with" in message and "--init_from=" in message
+    assert (out / "tokenizer.tiktoken").read_bytes() == kept  # older checkpoints still decode right
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("uint32", "truncated or rewritten"), ("truncate", "truncated or rewritten"), ("delete", "is missing"), ("big ids", "holds token id"),
+])
+def test_6_shards_are_checked_against_meta_json(dataset, tmp_path, capsys, damage, phrase):
+    broken = tmp_path / "ds"
+    shutil.copytree(dataset, broken)
+    shard = broken / "train_000000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    if damage == "uint32":
+        tokens.astype(np.uint32).tofile(shard)
+    elif damage == "truncate":
+        tokens[:-10].tofile(shard)
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        tokens[len(tokens) // 2] = 60000
+        tokens.tofile(shard)
+    code, _, err = train_exit([*TINY, f"--data_dir={broken}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2"], capsys)
+    assert code == 1 and phrase in one_line_error(err)
+
+
+def test_6_a_vocab_size_below_the_tokenizers_is_refused_at_start(dataset, tmp_path, capsys):
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'run'}", "--vocab_size=100"], capsys)
+    assert code == 1 and "is smaller than the dataset tokenizer's vocab_size=257" in one_line_error(err)
+
+
+def test_7_rotation_keeps_the_newest_steps_by_number_not_name(tmp_path):
+    for step in (999998, 999999):
+        checkpoint.save_checkpoint({"step": step}, str(tmp_path), step, keep=2)
+    checkpoint.save_checkpoint({"step": 1000000}, str(tmp_path), 1000000, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_1000000.pt", "ckpt_999999.pt"]
+    assert checkpoint.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt.pt")
+    os.remove(tmp_path / "ckpt.pt")
+    assert checkpoint.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_1000000.pt")
+
+
+def test_8_the_numbered_copy_is_independent_of_ckpt_pt(tmp_path):
+    checkpoint.save_checkpoint({"step": 5, "w": torch.ones(100)}, str(tmp_path), 5, keep=2)
+    assert os.stat(tmp_path / "ckpt.pt").st_ino != os.stat(tmp_path / "ckpt_000005.pt").st_ino
+    with open(tmp_path / "ckpt.pt", "r+b") as f:  # damage in place, as a careless tool would
+        f.truncate(10)
+    assert torch.load(tmp_path / "ckpt_000005.pt", weights_only=True)["step"] == 5
+
+
+# ----------------------------------------------------------------------------- one line, not a traceback
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "not gzip"])
+def test_9_a_broken_gz_input_names_the_file(tmp_path, capsys, kind):
+    data = gzip.compress(("".join(json.dumps({"text": f"строка {i} " * 20}) + "\n" for i in range(2000))).encode())
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes({"truncated": data[: len(data) // 2], "corrupt": data[:40] + b"\x00" * 200 + data[240:],
+                      "not gzip": b"plain text, not gzip\n" * 10}[kind])
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    code = prepare.main(["--input", str(path), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "out"), "--workers", "1", "--no_progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_9_absurdly_nested_json_is_a_counted_bad_line(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text("[" * 100_000 + "\n" + json.dumps({"text": "нормальный документ"}) + "\n", encoding="utf-8")
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    code = prepare.main(["--input", str(path), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "out"), "--workers", "1", "--val_fraction", "0"])
+    assert code == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"] == {"bad_json": 1} and meta["splits"]["train"]["documents"] == 1
+
+
+def test_9_a_demo_rerun_over_a_corrupt_meta_json_is_one_line(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "meta.json").write_text("{corrupt")
+    assert prepare.main(["--out_dir", str(out), "--max_docs", "3"]) == 1
+    err = capsys.readouterr().err
+    [error] = [line for line in err.splitlines() if "error" in line]
+    assert "--overwrite" in error and "Traceback" not in err
+    assert prepare.main(["--out_dir", str(out), "--max_docs", "3", "--overwrite"]) == 1
+    assert "not a prepare.py dataset" in capsys.readouterr().err and (out / "meta.json").read_text() == "{corrupt"
+
+
+@pytest.mark.parametrize("flag, phrase", [
+    ("--n_kv_head=3", "n_head=4 is not divisible by n_kv_head=3"),
+    ("--n_embd=30", "n_embd=30 is not divisible by n_head=4"),
+    ("--batch_size=0", "batch_size=0 must be a positive integer"),
+    ("--log_interval=0", "log_interval=0"), ("--eval_interval=-1", "eval_interval=-1"),
+    ("--gradient_accumulation_steps=0", "gradient_accumulation_steps=0"), ("--eval_iters=0", "eval_iters=0"),
+    ("--block_size=0", "block_size=0"), ("--learning_rate=-0.1", "learning_rate=-0.1 must not be negative"),
+    ("--dropout=1.0", "dropout=1.0 must be in [0, 1)"), ("--device=tpu", "device='tpu' is not one of"),
+    ("--out_dir=", "out_dir is empty"), ("--max_iters=-5", "max_iters=-5 must be a positive integer"),
+])
+def test_10_out_of_range_values_are_usage_errors(dataset, tmp_path, capsys, flag, phrase):
+    code, out, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", flag], capsys)
+    assert code == 2 and phrase in one_line_error(err) and out == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_10_an_out_dir_that_is_a_file_is_a_usage_error(dataset, tmp_path, capsys):
+    (tmp_path / "f").write_text("not a directory")
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'f'}"], capsys)
+    assert code == 2 and "is a file" in one_line_error(err)
+
+
+def test_11_a_torn_last_metrics_line_does_not_block_resume(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "loss": 3.1')  # what a power loss mid-write leaves
+    run_to_step(dataset, out, 6, "--eval_interval=6", capsys=capsys)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 6]  # train records 1..6, evals at 4 and 6
+
+
+def test_11_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 2, "--eval_interval=2", capsys=capsys)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"], capsys)
+    assert code == 1 and "No space left on device" in one_line_error(err) and "intact" in err
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not list(out.glob("*.tmp.*"))
+
+
+def make_sample_run(dataset, tmp_path, capsys) -> Path:
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 2, "--eval_interval=2", capsys=capsys)
+    return out
+
+
+def test_12_sample_refuses_bad_bytes_and_nan_temperature_and_survives_a_tiny_one(dataset, tmp_path, capsys):
+    out = make_sample_run(dataset, tmp_path, capsys)
+    bad = run_py("sample.py", "--out_dir", out, "--start", b"\xff\xfe caf\xe9")  # not UTF-8, as a Latin-1 terminal sends it
+    assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1 and "not UTF-8" in bad.stderr.decode()
+    for value in ("nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            sample.main(["--out_dir", str(out), "--temperature", value])
+        assert exit_.value.code == 2 and "--temperature" in one_line_error(capsys.readouterr().err)
+    sample.main(["--out_dir", str(out), "--start", "кот", "--temperature", "1e-45", "--max_new_tokens", "8", "--seed", "1"])
+    tiny = capsys.readouterr().out
+    sample.main(["--out_dir", str(out), "--start", "кот", "--temperature", "0", "--max_new_tokens", "8"])
+    assert tiny == capsys.readouterr().out  # a vanishing temperature is greedy, not nan
+
+
+def test_12_an_absurd_model_config_is_refused_before_allocating(dataset, tmp_path, capsys):
+    out = make_sample_run(dataset, tmp_path, capsys)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["model_config"].update(n_layer=100_000, n_embd=8192, n_head=64, n_kv_head=64, vocab_size=10_000_000)  # ~80 TB
+    torch.save(ckpt, out / "absurd.pt")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--ckpt", str(out / "absurd.pt")])
+    assert exit_.value.code == 1 and "does not match its model_config" in one_line_error(capsys.readouterr().err)
+    assert time.perf_counter() - start < 30
+
+
+def hf_dir(tmp_path, config) -> Path:
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+    return path
+
+
+LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize("config, phrase", [
+    ([1, 2, 3], "not an object"),
+    (b"\xff\xfe{not utf-8", "not valid UTF-8 JSON"),
+    (LLAMA | {"rope_scaling": "linear"}, "rope_scaling="),
+    (LLAMA | {"quantization_config": "gptq"}, "quantization_config="),
+])
+def test_13_import_refuses_odd_configs_in_one_line(tmp_path, capsys, config, phrase):
+    path = hf_dir(tmp_path, config)
+    with pytest.raises(SystemExit) as exit_:
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "out")])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_13_import_of_a_corrupt_safetensors_file_leaves_nothing_behind(tmp_path, capsys):
+    path = hf_dir(tmp_path, LLAMA)
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header")
+    with pytest.raises(SystemExit):
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "out")])
+    assert "cannot read" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_13_import_refuses_a_file_as_destination(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from model import ModelConfig, Transformer
+
+    path = hf_dir(tmp_path, LLAMA)
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=64, tie_embeddings=False))
+    state = {hf: model.state_dict()[ours].contiguous() for ours, hf in checkpoint.hf_names(model.config).items()}
+    save_file(state, str(path / "model.safetensors"))
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit):
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "taken")])
+    assert "is a file" in one_line_error(capsys.readouterr().err) and (tmp_path / "taken").read_text() == "a file"
+    # The same directory with a tokenizer that cannot be imported: the new --to is removed again.
+    with pytest.raises(SystemExit):
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "new")])
+    assert "no tokenizer" in one_line_error(capsys.readouterr().err) and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def test_14_pool_workers_die_with_a_killed_parent(tmp_path):
+    # The parent starts prepare.py's pool exactly as prepare.py does, reports the workers' pids,
+    # then is killed with SIGKILL: no cleanup code of its own can run.
+    script = (
+        "import os, sys, time, prepare\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "pool = ProcessPoolExecutor(2, mp_context=prepare.mp_context(), initializer=prepare._default_sigint)\n"
+        "futures = [pool.submit(time.sleep, 0.3) for _ in range(4)]\n"
+        "[f.result() for f in futures]\n"
+        "print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2 and all(checkpoint.pid_alive(p) for p in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(checkpoint.pid_alive(p) and not is_zombie(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(checkpoint.pid_alive(p) and not is_zombie(p) for p in workers)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_14_stale_work_dirs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_path, capsys):
+    import socket
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"строка {i}\n" for i in range(100)), encoding="utf-8")
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    stale, live, foreign = tmp_path / ".ds.tmp-dead", tmp_path / ".ds.tmp-live", tmp_path / ".ds.tmp-foreign"
+    for path, owner in ((stale, f"{dead_pid()} {socket.gethostname()}"), (live, f"{os.getpid()} {socket.gethostname()}"), (foreign, None)):
+        path.mkdir()
+        (path / "train_000000.bin").write_bytes(b"x" * 100)
+        if owner:
+            (path / ".owner").write_text(owner)
+    assert prepare.main(["--input", str(corpus), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "ds"), "--workers", "1", "--val_fraction", "0"]) == 0
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert not (tmp_path / "ds" / ".owner").exists()
+
+
+def test_15_stale_save_temp_files_are_removed(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / f"ckpt.pt.tmp.{dead_pid()}"
+    stale.write_bytes(b"half a checkpoint")
+    log = run_to_step(dataset, out, 2, "--eval_interval=2", capsys=capsys)
+    assert not stale.exists() and f"removed {stale.name}" in log
+
+
+def test_15_a_second_live_run_into_the_same_out_dir_is_refused(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX);"
+         "f.write('pid 4242 on host elsewhere'); f.flush(); print('locked', flush=True); time.sleep(600)", str(out / "train.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=2"], capsys)
+        assert code == 1 and "in use by another training run (pid 4242 on host elsewhere)" in one_line_error(err)
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_to_step(dataset, out, 2, "--eval_interval=2", capsys=capsys)  # a dead holder's lock is free at once
+
+
+def test_16_a_val_split_shorter_than_a_window_is_warned_about(tmp_path, capsys):
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    (tmp_path / "train.txt").write_text("".join(f"обучающая строка номер {i}\n" for i in range(400)), encoding="utf-8")
+    (tmp_path / "val.txt").write_text("коротко\n", encoding="utf-8")
+    data = tmp_path / "ds"
+    assert prepare.main(["--input", str(tmp_path / "train.txt"), "--val_input", str(tmp_path / "val.txt"), "--tokenizer", str(tok),
+                         "--out_dir", str(data), "--workers", "1"]) == 0
+    capsys.readouterr()
+    log = run_to_step(data, tmp_path / "run", 2, "--eval_interval=2", capsys=capsys)
+    assert "warning: the val split" in log and "no val loss" in log and "--val_fraction" in log
