@@ -91,7 +91,7 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
             sync(device)
             start = time.perf_counter()
         with autocast:
-            _, loss = model(x[:, :-1], x[:, 1:])
+            loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -204,6 +204,66 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
+# ----------------------------------------------------------------------------- loss
+
+# Logit values per chunk of the loss: 2**26 fp32 values are 256 MiB, whatever the vocabulary.
+LOSS_CHUNK_VALUES = 2**26
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ weight.T) against targets, ignoring targets == -1.
+
+    The logits of a (tokens x vocab) batch are the biggest tensor of a training step (16k
+    tokens x 152k vocab in fp32 is 10 GB, and plain autograd keeps them and their gradient).
+    Here they exist one chunk of rows at a time: each chunk's loss AND its gradients with
+    respect to h and weight are computed in forward, so backward only scales the stored
+    gradients by the incoming one. Same FLOPs as the unchunked loss, no recomputation."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens):
+        valid = targets != -1
+        count = valid.sum().clamp(min=1)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = (h[rows] @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = targets[rows].clamp(min=0)  # -1 rows pick row 0 and are masked out below
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            loss += torch.where(valid[rows], lse - picked, 0.0).sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                grad[torch.arange(len(target), device=grad.device), target] -= 1.0
+                grad = grad.mul_(valid[rows, None]).to(h.dtype)
+                if want_h:
+                    grad_h[rows] = grad @ weight
+                if want_w:
+                    grad_w += (grad.t() @ h[rows]).float()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return (
+            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """h: (tokens, n_embd), weight: (vocab, n_embd), targets: (tokens,) -> the mean loss."""
+    chunk_tokens = max(1, LOSS_CHUNK_VALUES // weight.shape[0])
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_tokens)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -246,9 +306,10 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab), or (logits, loss) when targets
-        are given; loss is the mean cross-entropy over targets != -1."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, vocab); or, when targets are given, only
+        the loss (the mean cross-entropy over targets != -1), computed without ever holding
+        the whole (tokens x vocab) logits: see chunked_cross_entropy."""
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
@@ -259,11 +320,10 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(h)
+        return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     # ------------------------------------------------------------------------- generation
 

@@ -78,21 +78,18 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if d.enabled:
         # nccl for GPUs, gloo for CPU; the timeout turns a dead or stuck rank into an error
-        # instead of an endless hang in the next collective.
+        # instead of an endless hang in the next collective. With FSDP's CPU offload the
+        # sharded gradients live in host memory, so gradient clipping and checkpoint gathers
+        # run collectives on CPU tensors too: those need gloo next to nccl.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda" and cfg.parallel == "fsdp" and cfg.fsdp_cpu_offload:
+            backend = "cuda:nccl,cpu:gloo"
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
+            backend=backend,
             timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
             device_id=device if device.type == "cuda" else None,
         )
     return d, device
-
-
-def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    """Sum a few scalars over ranks in one collective (gloo has no AVG, so callers divide)."""
-    t = torch.tensor(values, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
-    if d.enabled:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def log0(d: Dist, *args) -> None:
@@ -138,7 +135,9 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, device: torch.device, param
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": cfg.fsdp_reshard_after_forward}
     if param_dtype is not None:
         # Compute in bf16, but reduce gradients in fp32 so small updates are not rounded away.
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # Forward inputs are not cast: the blocks' inputs include the RoPE tables, which then
+        # stay fp32 exactly as under DDP's autocast (apply_rope computes in fp32 either way).
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if cfg.fsdp_cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in model.layers:
@@ -156,7 +155,9 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, device: torch.device, param
 def apply_ddp(model: Transformer, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradient_as_bucket_view: the gradients live inside DDP's communication buckets instead
+    # of beside them, which saves one full copy of the gradients.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 # ----------------------------------------------------------------------------- model and checkpoints
@@ -359,13 +360,12 @@ def write_metrics(run: Run, record: dict) -> None:
             f.write(json.dumps(clean) + "\n")
 
 
-def micro_batches(run: Run, data: TokenShards, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def read_step(run: Run, data: TokenShards, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches of `step`: slices of the global batch drawn from (seed, step)."""
     cfg, d = run.cfg, run.d
     picks = data.sample([cfg.seed, step], run.global_batch)
-    for micro in range(cfg.gradient_accumulation_steps):
-        start = (micro * d.world_size + d.rank) * cfg.batch_size
-        yield data.read(picks[start : start + cfg.batch_size], run.device)
+    starts = [(micro * d.world_size + d.rank) * cfg.batch_size for micro in range(cfg.gradient_accumulation_steps)]
+    return [data.read(picks[start : start + cfg.batch_size], run.device) for start in starts]
 
 
 @torch.no_grad()
@@ -382,19 +382,19 @@ def evaluate(run: Run, model: nn.Module, data: TokenShards) -> Optional[dict]:
     per_rank = math.ceil(cfg.eval_iters * cfg.batch_size / d.world_size)
     filler = picks[:1] or data.sample([cfg.seed, 1], 1)
     padded = picks + filler * (per_rank - len(picks))
-    loss_sum, tokens = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64 if run.device.type != "mps" else torch.float32, device=run.device)
     for start in range(0, per_rank, cfg.batch_size):
         x, y = data.read(padded[start : start + cfg.batch_size], run.device)
         y = y.clone()  # y shares storage with x (one window, shifted by one)
         y[max(0, len(picks) - start) :] = -1  # padding rows count for nothing
         with run.autocast:
-            loss = model(x, y)[1]
-        valid = int((y != -1).sum())
-        if valid:
-            loss_sum += loss.item() * valid
-            tokens += valid
+            loss = model(x, y)
+        valid = (y != -1).sum()
+        sums += torch.stack([loss.detach() * valid, valid]).to(sums.dtype)  # (a row of padding only: 0 * 0)
     model.train()
-    loss_total, token_total = all_reduce_sum([loss_sum, float(tokens)], d, run.device)
+    if d.enabled:
+        dist.all_reduce(sums)
+    loss_total, token_total = sums.tolist()
     val_loss = loss_total / token_total
     val = run.meta["splits"]["val"]
     bpb = val_loss / math.log(2) * val["tokens"] / val["bytes"] if val.get("bytes") else float("nan")
@@ -568,13 +568,14 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     nonfinite_run = 0
     model.train()
     t_log, tokens_at_log = time.perf_counter(), progress.tokens_seen
+    batches = read_step(run, train_data, progress.step)
     while progress.step < cfg.max_iters:
         step = progress.step
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro, (x, y) in enumerate(micro_batches(run, train_data, step)):
+        for micro, (x, y) in enumerate(batches):
             last = micro == cfg.gradient_accumulation_steps - 1
             # Gradients are reduced across ranks only on the last micro-step.
             if fsdp:
@@ -582,23 +583,27 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             sync = model.no_sync() if d.enabled and not fsdp and not last else nullcontext()
             with sync:
                 with autocast:
-                    _, loss = model(x, y)
+                    loss = model(x, y)
                 loss_sum += loss.detach().float()
                 # Divide so the accumulated gradient is the mean over the whole global batch.
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        # On a GPU the work above is only queued: read the next step's batches meanwhile.
+        batches = read_step(run, train_data, step + 1) if step + 1 < cfg.max_iters else []
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         out_of_time = cfg.max_time_min is not None and time.perf_counter() - started > cfg.max_time_min * 60
-        # One collective decides for all ranks: the mean loss, whether any rank saw a
-        # non-finite value, and whether any rank was asked to stop.
-        loss_total, nonfinite, stop_votes = all_reduce_sum(
-            [loss_sum.item(), float(not math.isfinite(loss_sum.item())), float(stop.requested or out_of_time)], d, device
-        )
+        # Everything the host needs from this step in one small tensor, summed over ranks and
+        # read once: the loss, the grad norm (equal on every rank) and the stop votes. A
+        # non-finite loss on any rank makes the sum non-finite, so all ranks skip together.
+        stats = torch.stack([loss_sum, grad_norm.float(), torch.tensor(float(stop.requested or out_of_time), device=device)])
+        if d.enabled:
+            dist.all_reduce(stats)
+        loss_total, grad_norm_total, stop_votes = stats.tolist()
         loss_mean = loss_total / (cfg.gradient_accumulation_steps * d.world_size)
-        grad_norm = grad_norm.item()
-        finite = not nonfinite and (scaler.is_enabled() or math.isfinite(grad_norm))
+        grad_norm = grad_norm_total / d.world_size
+        finite = math.isfinite(loss_total) and (scaler.is_enabled() or math.isfinite(grad_norm))
         if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
             nonfinite_run = 0
             scaler.step(optimizer)

@@ -68,19 +68,40 @@ def test_forward_shapes_and_loss_ignores_minus_one():
     m = build()
     idx = torch.randint(0, 97, (3, 10))
     targets = torch.randint(0, 97, (3, 10))
-    logits, loss = m(idx, targets)
-    assert logits.shape == (3, 10, 97)
+    logits, loss = m(idx), m(idx, targets)
+    assert logits.shape == (3, 10, 97) and loss.shape == ()
     expected = F.cross_entropy(logits.view(-1, 97), targets.view(-1))
     assert torch.allclose(loss, expected)
     targets[:, :5] = -1
-    _, loss_masked = m(idx, targets)
+    loss_masked = m(idx, targets)
     expected_masked = F.cross_entropy(logits[:, 5:].reshape(-1, 97), targets[:, 5:].reshape(-1))
     assert torch.allclose(loss_masked, expected_masked)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(monkeypatch, tie):
+    # Several chunks (5 tokens each), ignored targets, tied or untied head: the loss and every
+    # gradient must equal plain autograd through full logits within fp32 rounding.
+    monkeypatch.setattr(model, "LOSS_CHUNK_VALUES", 97 * 5)
+    m = build(tie_embeddings=tie)
+    idx, targets = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    targets[0, :7] = -1
+    loss = m(idx, targets)
+    loss.backward()
+    chunked = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    plain = F.cross_entropy(m(idx).flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+    plain.backward()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    for name, p in m.named_parameters():
+        assert torch.allclose(chunked[name], p.grad, rtol=1e-5, atol=1e-7), name
+    with torch.no_grad():  # evaluation: no gradient work, the same value
+        assert m(idx, targets).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_initial_loss_is_near_uniform():
     m = build()
-    _, loss = m(torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32)))
+    loss = m(torch.randint(0, 97, (4, 32)), torch.randint(0, 97, (4, 32)))
     assert abs(loss.item() - math.log(97)) < 0.1
 
 
@@ -203,7 +224,7 @@ def test_grad_checkpointing_gives_equal_gradients():
 
     def grads():
         m.zero_grad()
-        m(idx, targets)[1].backward()
+        m(idx, targets).backward()
         return {n: p.grad.clone() for n, p in m.named_parameters()}
 
     plain = grads()
@@ -333,7 +354,7 @@ def test_flops_per_token_matches_a_flop_counter(monkeypatch):
     idx = torch.randint(0, 101, (B, T))
     monkeypatch.setattr(F, "scaled_dot_product_attention", matmul_sdpa)
     with FlopCounterMode(display=False) as counter:
-        m(idx, idx)[1].backward()
+        m(idx, idx).backward()
     assert counter.get_total_flops() == pytest.approx(flops_per_token(cfg, T) * B * T, rel=0.01)
 
 
