@@ -18,11 +18,13 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -245,6 +247,78 @@ def truncate_metrics(path: str, step: int) -> None:
         f.writelines(lines)
 
 
+# ----------------------------------------------------------------------------- what others watch
+
+
+def write_status(out_dir: str, state: str, reason: Optional[str] = None, **fields: Any) -> None:
+    """out_dir/status.json: running, finished, stopped or crashed, and why, for studio.py and
+    anyone else watching (a "running" whose pid is gone died without a word, e.g. kill -9).
+    Fields not given keep their last value. Written to a temp file and renamed, so a reader
+    never sees half of it; a few hundred bytes, cheap enough to rewrite at every log."""
+    path = os.path.join(out_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record.update(fields, state=state, reason=reason, pid=os.getpid(), host=socket.gethostname(), updated=time.time())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def record_crash(out_dir: str, reason: str) -> None:
+    """Mark a run that had started in out_dir as crashed; never hides the error being reported."""
+    if os.path.exists(os.path.join(out_dir, "status.json")):
+        try:
+            write_status(out_dir, "crashed", " ".join(reason.split())[:1000])
+        except OSError:
+            pass
+
+
+def optional_import(module: str, flag: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TrainError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
+
+
+class MetricSinks:
+    """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
+    Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
+    imported only when asked for, on every rank, so a missing one stops the run before any
+    work; only rank 0 writes. W&B's run opens at the first record (a run that fails at start
+    leaves no empty W&B run) and finishes at exit by itself; TensorBoard is flushed after each
+    record, so nothing needs closing on any of train()'s ways out."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool):
+        self.cfg, self.is_main = cfg, is_main
+        self.wandb = optional_import("wandb", "--wandb_project", "wandb") if cfg.wandb_project else None
+        self.tensorboard = optional_import("torch.utils.tensorboard", "--tensorboard_dir", "tensorboard") if cfg.tensorboard_dir else None
+        self.wandb_run: Any = None
+        self.tb_writer: Any = None
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
+        if self.wandb is not None:
+            if self.wandb_run is None:
+                name = os.path.basename(os.path.abspath(self.cfg.out_dir))
+                self.wandb_run = self.wandb.init(project=self.cfg.wandb_project, name=name, config=config_to_dict(self.cfg))
+            self.wandb_run.log(scalars, step=step)
+        if self.tensorboard is not None:
+            if self.tb_writer is None:
+                self.tb_writer = self.tensorboard.SummaryWriter(log_dir=self.cfg.tensorboard_dir)
+            for key, value in scalars.items():
+                self.tb_writer.add_scalar(key, value, step)
+            self.tb_writer.flush()
+
+
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
@@ -262,6 +336,7 @@ class Run:
     autocast: Any  # a torch.autocast context, or nullcontext()
     global_batch: int  # sequences per optimizer step, over all ranks and micro-steps
     metrics_path: str
+    sinks: Optional["MetricSinks"] = None  # --wandb_project / --tensorboard_dir
 
 
 @dataclass
@@ -277,6 +352,8 @@ def write_metrics(run: Run, record: dict) -> None:
     if run.d.is_main:
         with open(run.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if run.sinks is not None:
+            run.sinks.write(record)
 
 
 def micro_batches(run: Run, data: TokenShards, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -382,6 +459,7 @@ class StopFlag:
 
 
 def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
+    sinks = MetricSinks(cfg, d.is_main)  # first: a missing wandb/tensorboard fails before any work
     meta = load_meta(cfg.data_dir)
     train_data = TokenShards(cfg.data_dir, meta, "train", cfg.block_size)
     val_data = TokenShards(cfg.data_dir, meta, "val", cfg.block_size)
@@ -446,7 +524,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
     tokens_per_step = global_batch * cfg.block_size
-    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"))
+    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), sinks)
     counts = count_params(model_cfg)
     peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops)
     log0(d, format_config(cfg))
@@ -461,6 +539,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         if tok_file and os.path.exists(os.path.join(cfg.data_dir, tok_file)):
             shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
+        write_status(cfg.out_dir, "running", step=progress.step, max_iters=cfg.max_iters, world_size=d.world_size,
+                     started=time.time(), cwd=os.getcwd(), command=sys.argv)
 
     stop = StopFlag()
     started = time.perf_counter()
@@ -527,14 +607,20 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": mem, "tokens_seen": progress.tokens_seen,
                 "elapsed_s": time.perf_counter() - started,
             })
+            if d.is_main:
+                write_status(cfg.out_dir, "running", step=step)
         if stop_votes:
             reason = "time budget spent" if out_of_time and not stop.requested else "stopped by signal"
             eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason)
+            if d.is_main:
+                write_status(cfg.out_dir, "stopped", "signal" if reason == "stopped by signal" else "time budget", step=step)
             return
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
             eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason)
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens")
+    if d.is_main:
+        write_status(cfg.out_dir, "finished", "max_iters", step=progress.step)
 
 
 def dry_run(cfg: TrainConfig) -> None:
@@ -562,7 +648,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except USER_ERRORS as err:
         if d.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            record_crash(cfg.out_dir, f"error: {err}")
         sys.exit(1)
+    except (Exception, KeyboardInterrupt) as err:  # a bug, out of memory, a second Ctrl-C: the traceback still prints
+        if d.is_main:
+            record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
