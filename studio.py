@@ -349,12 +349,14 @@ class Studio:
     def summary(self, run_dir: Path) -> Summary:
         with self.lock:
             s = self.summaries.get(run_dir) or Summary()
-            lines, cursor, reset, _ = read_new_lines(run_dir / "metrics.jsonl", s.cursor)
-            if reset:
-                s = Summary()
-            for record in parse_records(lines):
-                s.add(record)
-            s.cursor = cursor
+            more = True
+            while more:  # a long metrics.jsonl is read once, in slices; after that only new lines
+                lines, cursor, reset, more = read_new_lines(run_dir / "metrics.jsonl", s.cursor)
+                if reset:
+                    s = Summary()
+                for record in parse_records(lines):
+                    s.add(record)
+                s.cursor = cursor
             self.summaries[run_dir] = s
             return s
 

@@ -21,12 +21,16 @@ import torch
 
 import studio
 import train
+from configurator import TrainConfig
+from model import count_params
 from test_train import TINY, dataset  # noqa: F401  (dataset is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # A run that goes on until it is stopped; one log line per step.
 ENDLESS = "--n_layer=2 --n_head=4 --n_kv_head=2 --n_embd=32 --block_size=32 --batch_size=4 --warmup_iters=3 " \
           "--eval_iters=2 --log_interval=1 --device=cpu --compile=False --max_iters=100000 --eval_interval=100000"
+# TINY's and ENDLESS's model on the byte-level dataset (257 tokens)
+TINY_PARAMS = count_params(TrainConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32).model_config(257))["total"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_lists_a_run_started_from_the_command_line(server, runs_dir):
     best = min(vals, key=lambda r: r["val_loss"])
     assert run["loss"] == records[-2]["loss"] and run["best_val_loss"] == best["val_loss"] and run["val_bpb"] == best["val_bpb"]
     assert run["tokens_per_s"] == [r for r in records if "loss" in r][-1]["tokens_per_s"]
-    assert run["params"] == 63680 and run["data_dir"] == str(runs_dir / "data" / "tiny")
+    assert run["params"] == TINY_PARAMS and run["data_dir"] == str(runs_dir / "data" / "tiny")
     assert run["pid"] == os.getpid() and run["world_size"] == 1 and run["started"] <= run["updated"]
     assert "ckpt.pt" in run["files"] and not run["from_studio"]
 
@@ -217,7 +221,7 @@ def test_start_watch_stop_and_resume_a_run(server, runs_dir):
         time.sleep(0.1)
     assert steps == list(range(1, len(steps) + 1))
     run = server.run("live")
-    assert run["state"] == "running" and run["from_studio"] and run["preset"] == "tiny_cpu" and run["params"] == 63680
+    assert run["state"] == "running" and run["from_studio"] and run["preset"] == "tiny_cpu" and run["params"] == TINY_PARAMS
 
     status, body = server.call("/api/stop", {"run": "live"})
     assert status == 200 and body["state"] == "stopping"
@@ -262,7 +266,7 @@ def test_estimate_counts_parameters_and_memory_as_the_libraries_do(server):
 
     status, body = server.call("/api/estimate", {"preset": "tiny_cpu", "data_dir": "data/tiny", "overrides": "--n_layer=3 --n_embd=64", "nproc": 2})
     assert status == 200, body
-    cfg = train.TrainConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, block_size=256).model_config(257)
+    cfg = TrainConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, block_size=256).model_config(257)
     assert body["params"] == count_params(cfg)["total"] and body["vocab_size"] == 257 and body["vocab_source"] == "the dataset"
     assert body["memory_gb"] == pytest.approx(estimate_train_memory_gb(cfg, 16, 256, 2, compute_bytes=4))
     assert body["tokens_per_step"] == 16 * 2 * 256
@@ -426,7 +430,7 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         outdir.clear()
         outdir.send_keys("browser-run")
         browser.find_element(By.ID, "overrides").send_keys("--eval_interval=100000 --eval_iters=2 --log_interval=1 --warmup_iters=3")
-        wait.until(lambda b: "63.7k" in b.find_element(By.ID, "estimate").text)  # the estimate follows the edits
+        wait.until(lambda b: f"{TINY_PARAMS / 1e3:.1f}k parameters" in b.find_element(By.ID, "estimate").text)  # follows the edits
         browser.find_element(By.ID, "startbtn").click()
 
         points = lambda b: int(b.find_element(By.ID, "chart-loss").get_attribute("data-points") or 0)  # noqa: E731
