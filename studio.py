@@ -463,7 +463,7 @@ class Studio:
             vocab_size, vocab_source = 32000, "a default: no dataset at data_dir"
         info = describe_config(cfg, vocab_size, nproc)
         info["vocab_source"] = "set in the config" if cfg.vocab_size else vocab_source
-        if need_out_dir:
+        if need_out_dir or body.get("out_dir"):
             out_dir = resolve_inside(self.root, cfg.out_dir)
             info["out_dir"] = out_dir
             info["resumes"] = cfg.resume == "auto" and (out_dir / "ckpt.pt").exists()

@@ -270,6 +270,10 @@ def test_estimate_counts_parameters_and_memory_as_the_libraries_do(server):
     assert body["params"] == count_params(cfg)["total"] and body["vocab_size"] == 257 and body["vocab_source"] == "the dataset"
     assert body["memory_gb"] == pytest.approx(estimate_train_memory_gb(cfg, 16, 256, 2, compute_bytes=4))
     assert body["tokens_per_step"] == 16 * 2 * 256
+    assert "resumes" not in body  # no out_dir asked about
+    body = server.call("/api/estimate", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "cli"})[1]
+    assert body["resumes"] is True  # cli holds ckpt.pt: Start would continue it
+    assert server.call("/api/estimate", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "../x"})[0] == 403
 
 
 def sample(server, body) -> tuple[str, dict]:
