@@ -282,6 +282,8 @@ class TrainConfig:
     log_interval: int = _key(10, "print and record train metrics every this many steps")
     max_time_min: Optional[float] = _key(None, "stop cleanly (eval + save) after this many minutes")
     peak_flops: Optional[float] = _key(None, "device peak FLOP/s for MFU; None: GPU table or a CPU matmul measurement")
+    wandb_project: Optional[str] = _key(None, "also send every metrics.jsonl record to this Weights & Biases project (pip install wandb)")
+    tensorboard_dir: Optional[str] = _key(None, "also write every metrics.jsonl record as TensorBoard scalars here (pip install tensorboard)")
     # system
     device: str = _key("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps")
     dtype: str = _key("auto", "auto | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))

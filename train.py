@@ -18,16 +18,18 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -280,30 +282,30 @@ def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist, toke
         )
 
 
-@contextmanager
-def own_out_dir(out_dir: str) -> Iterator[None]:
-    """Hold out_dir/train.lock for the run (rank 0), or refuse: two runs writing one out_dir
+def own_out_dir(out_dir: str) -> Any:
+    """Take out_dir/train.lock for this run (rank 0), or refuse: two runs writing one out_dir
     would interleave their metrics and checkpoints. flock is released by the kernel when the
     holder dies, even by kill -9, so a stale lock never blocks; the pid and host written into
-    the file only make the message useful. Also removes temp files of saves that a kill cut short."""
+    the file only make the message useful. Also removes temp files of saves that a kill cut
+    short. Returns the open lock file: the lock lasts as long as that object."""
     import fcntl
-    import socket
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "train.lock"), "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise TrainError(f"{out_dir} is in use by another training run ({holder}); wait for it or stop it, or choose another --out_dir") from None
+    lock = open(os.path.join(out_dir, "train.lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-        lock.flush()
-        for name in remove_stale_temp_files(out_dir):
-            print(f"removed {name}, left behind by a run killed while saving", flush=True)
-        yield
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise TrainError(f"{out_dir} is in use by another training run ({holder}); wait for it or stop it, or choose another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    lock.flush()
+    for name in remove_stale_temp_files(out_dir):
+        print(f"removed {name}, left behind by a run killed while saving", flush=True)
+    return lock
 
 
 def truncate_metrics(path: str, step: int) -> None:
@@ -321,6 +323,78 @@ def truncate_metrics(path: str, step: int) -> None:
                 continue
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+# ----------------------------------------------------------------------------- what others watch
+
+
+def write_status(out_dir: str, state: str, reason: Optional[str] = None, **fields: Any) -> None:
+    """out_dir/status.json: running, finished, stopped or crashed, and why, for studio.py and
+    anyone else watching (a "running" whose pid is gone died without a word, e.g. kill -9).
+    Fields not given keep their last value. Written to a temp file and renamed, so a reader
+    never sees half of it; a few hundred bytes, cheap enough to rewrite at every log."""
+    path = os.path.join(out_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record.update(fields, state=state, reason=reason, pid=os.getpid(), host=socket.gethostname(), updated=time.time())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def record_crash(out_dir: str, reason: str) -> None:
+    """Mark a run that had started in out_dir as crashed; never hides the error being reported."""
+    if os.path.exists(os.path.join(out_dir, "status.json")):
+        try:
+            write_status(out_dir, "crashed", " ".join(reason.split())[:1000])
+        except OSError:
+            pass
+
+
+def optional_import(module: str, flag: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TrainError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
+
+
+class MetricSinks:
+    """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
+    Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
+    imported only when asked for, on every rank, so a missing one stops the run before any
+    work; only rank 0 writes. W&B's run opens at the first record (a run that fails at start
+    leaves no empty W&B run) and finishes at exit by itself; TensorBoard is flushed after each
+    record, so nothing needs closing on any of train()'s ways out."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool):
+        self.cfg, self.is_main = cfg, is_main
+        self.wandb = optional_import("wandb", "--wandb_project", "wandb") if cfg.wandb_project else None
+        self.tensorboard = optional_import("torch.utils.tensorboard", "--tensorboard_dir", "tensorboard") if cfg.tensorboard_dir else None
+        self.wandb_run: Any = None
+        self.tb_writer: Any = None
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
+        if self.wandb is not None:
+            if self.wandb_run is None:
+                name = os.path.basename(os.path.abspath(self.cfg.out_dir))
+                self.wandb_run = self.wandb.init(project=self.cfg.wandb_project, name=name, config=config_to_dict(self.cfg))
+            self.wandb_run.log(scalars, step=step)
+        if self.tensorboard is not None:
+            if self.tb_writer is None:
+                self.tb_writer = self.tensorboard.SummaryWriter(log_dir=self.cfg.tensorboard_dir)
+            for key, value in scalars.items():
+                self.tb_writer.add_scalar(key, value, step)
+            self.tb_writer.flush()
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -341,6 +415,7 @@ class Run:
     global_batch: int  # sequences per optimizer step, over all ranks and micro-steps
     metrics_path: str
     tokenizer_sha256: str
+    sinks: Optional["MetricSinks"] = None  # --wandb_project / --tensorboard_dir
 
 
 @dataclass
@@ -358,6 +433,8 @@ def write_metrics(run: Run, record: dict) -> None:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(run.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
+        if run.sinks is not None:
+            run.sinks.write(clean)
 
 
 def read_step(run: Run, data: TokenShards, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -481,6 +558,7 @@ def warn_about_val_split(cfg: TrainConfig, d: Dist, meta: dict, val_data: TokenS
 
 
 def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
+    sinks = MetricSinks(cfg, d.is_main)  # first: a missing wandb/tensorboard fails before any work
     meta = load_meta(cfg.data_dir)
     verify_shards(cfg.data_dir, meta)
     tokenizer_sha256 = tokenizer_fingerprint(cfg.data_dir, meta)
@@ -489,6 +567,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     if train_data.num_windows == 0:
         raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
     warn_about_val_split(cfg, d, meta, val_data)
+    _lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held until train() returns
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = d.enabled and cfg.parallel == "fsdp"
@@ -548,7 +627,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
     tokens_per_step = global_batch * cfg.block_size
-    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256)
+    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256, sinks)
     counts = count_params(model_cfg)
     peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops)
     log0(d, format_config(cfg))
@@ -561,6 +640,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         if tok_file:  # sample.py and export_hf.py then need only out_dir
             shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
+        write_status(cfg.out_dir, "running", step=progress.step, max_iters=cfg.max_iters, world_size=d.world_size,
+                     started=time.time(), cwd=os.getcwd(), command=sys.argv)
     last_saved = progress.step if resume_path else None
 
     stop = StopFlag()
@@ -634,15 +715,21 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": mem, "tokens_seen": progress.tokens_seen,
                 "elapsed_s": time.perf_counter() - started,
             })
+            if d.is_main:
+                write_status(cfg.out_dir, "running", step=step)
         if stop_votes:
             reason = "time budget spent" if out_of_time and not stop.requested else "stopped by signal"
             eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run)
+            if d.is_main:
+                write_status(cfg.out_dir, "stopped", "signal" if reason == "stopped by signal" else "time budget", step=step)
             return
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
             if eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run):
                 last_saved = step
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens")
+    if d.is_main:
+        write_status(cfg.out_dir, "finished", "max_iters", step=progress.step)
 
 
 def dry_run(cfg: TrainConfig) -> None:
@@ -669,15 +756,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     d = Dist()
     try:
         d, device = setup_distributed(cfg)
-        with own_out_dir(cfg.out_dir) if d.is_main else nullcontext():
-            train(cfg, d, device)
+        train(cfg, d, device)
     except USER_ERRORS as err:
         if d.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            record_crash(cfg.out_dir, f"error: {err}")
         sys.exit(1)
     except OSError as err:  # a full disk, a read-only out_dir: the system's words, on one line
-        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr, flush=True)
+        message = f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}"
+        print(message, file=sys.stderr, flush=True)
+        if d.is_main:
+            record_crash(cfg.out_dir, message)
         sys.exit(1)
+    except (Exception, KeyboardInterrupt) as err:  # a bug, out of memory, a second Ctrl-C: the traceback still prints
+        if d.is_main:
+            record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,14 +22,9 @@ import export_hf
 import prepare
 import sample
 import train
-from conftest import write_byte_tokenizer
+from conftest import TINY, write_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-    "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=3", "--eval_iters=2", "--log_interval=1",
-    "--device=cpu", "--compile=False",
-]
 
 
 def train_exit(argv, capsys) -> tuple[int, str, str]:

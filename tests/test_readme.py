@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 CI = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-SCRIPTS = ("prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py", "model.py")
+SCRIPTS = ("prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py", "studio.py", "model.py")
 
 
 def quick_start_commands() -> tuple[str, str]:
@@ -63,7 +63,7 @@ def readme_invocations() -> list[tuple[str, list[str]]]:
 
 
 def test_readme_has_commands_for_every_role():
-    assert {script for script, _ in readme_invocations()} >= {"prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py"}
+    assert {script for script, _ in readme_invocations()} >= {"prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py", "studio.py"}
 
 
 @pytest.mark.parametrize("script, flags", readme_invocations(), ids=lambda v: v if isinstance(v, str) else " ".join(v))

@@ -6,9 +6,11 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +21,11 @@ import checkpoint
 import train
 from configurator import TrainConfig
 from dataset import TokenShards
+from conftest import TINY
 from train import get_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A small model that still has every feature on: GQA, qkv bias, untied head would be
-# another variant; these runs take well under a second per step on 2 cores.
-TINY = [
-    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=32", "--block_size=32",
-    "--batch_size=4", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=3",
-    "--eval_iters=2", "--log_interval=1", "--device=cpu", "--compile=False",
-]
 
 
 def run_inprocess(argv: list[str]) -> None:
@@ -328,3 +324,82 @@ def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- status.json and metric sinks
+
+
+def status(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "status.json").read_text())
+
+
+def test_status_json_says_finished_stopped_or_crashed_and_why(dataset, tmp_path):
+    out = tmp_path / "run"
+    before = time.time()
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3"])
+    s = status(out)
+    assert (s["state"], s["reason"], s["step"], s["max_iters"], s["world_size"]) == ("finished", "max_iters", 3, 3, 1)
+    assert s["pid"] == os.getpid() and s["host"] == socket.gethostname() and before <= s["started"] <= s["updated"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # written through a temp file and a rename
+
+    # A failure after the run had started in this out_dir: crashed, with train.py's error line.
+    with pytest.raises(SystemExit):
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=6", "--n_layer=3"])
+    s = status(out)
+    assert s["state"] == "crashed" and s["reason"].startswith("error: cannot resume") and s["step"] == 3
+
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'timed'}", "--max_iters=100000", "--eval_interval=100000", "--max_time_min=0.005"])
+    s = status(tmp_path / "timed")
+    assert (s["state"], s["reason"]) == ("stopped", "time budget")
+    assert s["step"] == torch.load(tmp_path / "timed" / "ckpt.pt", weights_only=True)["step"]
+
+
+def test_no_status_json_where_the_run_never_started(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main([f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_metric_sinks_receive_every_metrics_record(dataset, tmp_path, monkeypatch):
+    logged, scalars, flushes = [], [], []
+
+    class FakeWandbRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+    def fake_init(project, name, config):
+        assert project == "homellm-test" and name == "run" and config["max_iters"] == 4
+        return FakeWandbRun()
+
+    class FakeSummaryWriter:
+        def __init__(self, log_dir):
+            assert log_dir == str(tmp_path / "tb")
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((step, tag, value))
+
+        def flush(self):
+            flushes.append(len(scalars))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=fake_init))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                   "--wandb_project=homellm-test", f"--tensorboard_dir={tmp_path / 'tb'}"])
+    expected = [(r["step"], {k: v for k, v in r.items() if k != "step" and v is not None}) for r in metrics(out)]
+    assert len(expected) == 6 and logged == expected  # 4 train records + 2 evaluations, same names and values
+    assert scalars == [(step, k, v) for step, values in expected for k, v in values.items()]
+    assert len(flushes) == 6 and flushes[-1] == len(scalars)  # on disk after every record
+
+
+@pytest.mark.parametrize("flag, module, package", [
+    ("--wandb_project=p", "wandb", "wandb"), ("--tensorboard_dir=tb", "torch.utils.tensorboard", "tensorboard")])
+def test_a_missing_sink_package_is_one_line_before_any_work(dataset, tmp_path, monkeypatch, capsys, flag, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # what an absent package looks like to import
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", flag])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    option = flag.split("=")[0]
+    assert err == f"error: {option} needs the {package} package, which is not installed: pip install {package} (or drop {option})\n"
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,821 @@
+"""HomeLLM studio: a local web page to watch, start, stop, resume, compare and sample runs.
+
+    python studio.py                              # http://127.0.0.1:8501/?token=...
+    python studio.py --runs_dir ~/runs --port 8600
+
+A run is any directory under --runs_dir that holds metrics.jsonl, ckpt.pt or status.json,
+whether the studio started it or a terminal did: everything shown is read from those files
+(status.json says running / finished / stopped / crashed; a "running" run whose process is
+gone crashed). Runs are started as child processes, `python train.py ...` or `torchrun`,
+from an argument list, never a shell string; their console output goes to out_dir/console.log,
+so they keep training when the studio exits. Stop is SIGTERM, which train.py answers by
+finishing the step and saving. Sampling runs sample.py and streams what it prints.
+
+The page (studio.html) polls small JSON endpoints. Files are read incrementally: a cursor
+(byte offset + fingerprint of the bytes before it) returns only the complete lines written
+since, and notices a file that was truncated or rewritten (train.py drops records past the
+checkpoint on resume) so the page starts that run over.
+
+Security, since the server can start processes: it binds 127.0.0.1 unless --host says
+otherwise; every /api/ request needs the random token printed in the URL (as Jupyter does);
+a request whose Host or Origin is not this server's is refused (DNS rebinding, cross-site
+POSTs); run names and paths must resolve inside --runs_dir; a bad request gets a 4xx with a
+one-line JSON error and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
+from dataset import DatasetError, load_meta
+from hardware import estimate_train_memory_gb
+from model import ModelConfig, count_params
+
+REPO = Path(__file__).resolve().parent
+PAGE = REPO / "studio.html"
+RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")
+SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
+MAX_BODY_BYTES = 1 << 20
+MAX_READ_BYTES = 4 << 20  # per metrics request; the page asks again at once when there is more
+CONSOLE_TAIL_BYTES = 64 << 10  # a page opening a long console.log starts this far from its end
+MAX_SAMPLERS = 2  # sample.py processes at once
+HOST = socket.gethostname()
+
+
+class RequestError(Exception):
+    """A request the studio refuses: HTTP status and a one-line message for the page."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------- paths and files
+
+
+def resolve_inside(root: Path, name: str) -> Path:
+    """root/name with every symlink resolved, refused unless the result stays inside root, so
+    neither `../` nor a symlink can reach the rest of the disk. `root` is already resolved."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise RequestError(400, "a run or path name is required")
+    path = (root / name).resolve()
+    if path != root and root not in path.parents:
+        raise RequestError(403, f"{name!r} is outside --runs_dir ({root}); run names and paths must stay inside it")
+    return path
+
+
+def run_name(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A small JSON file as a dict, or None when it is missing, unreadable or half-written."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _fingerprint(f, offset: int) -> str:
+    f.seek(max(0, offset - 256))
+    return hashlib.sha1(f.read(min(offset, 256))).hexdigest()[:16]
+
+
+def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, tail: Optional[int] = None) -> tuple[list[str], str, bool, bool]:
+    """The complete lines appended to `path` since `cursor`: (lines, new cursor, reset, more).
+
+    A cursor is "offset:fingerprint", the fingerprint being a hash of the 256 bytes before the
+    offset. If the file is now shorter than the offset, or those bytes changed (the file was
+    rewritten, e.g. truncated on resume and written again), reading restarts at byte 0 and
+    `reset` says so. A last line without its newline is still being written: it is left for
+    the next call. `tail` (a first read only) starts that many bytes before the end."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return [], "", bool(cursor), False
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        offset, reset = 0, False
+        if cursor:
+            raw_offset, _, mark = cursor.partition(":")
+            offset = int(raw_offset) if raw_offset.isdigit() else -1
+            if not 0 <= offset <= size or _fingerprint(f, offset) != mark:
+                offset, reset = 0, True
+        if offset == 0 and tail is not None and size > tail:
+            f.seek(size - tail)
+            f.readline()  # start at a line boundary
+            offset = f.tell()
+        f.seek(offset)
+        data = f.read(limit)
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) == limit:
+            end = len(data)  # one enormous line: pass it on rather than stall forever
+        new_offset = offset + end
+        lines = data[:end].decode("utf-8", errors="replace").splitlines()
+        return lines, f"{new_offset}:{_fingerprint(f, new_offset)}", reset, new_offset < size
+
+
+def parse_records(lines: list[str]) -> list[dict]:
+    """metrics.jsonl lines as dicts; NaN/inf (an MFU without a known peak) become null, which
+    JSON can carry."""
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a damaged line costs that line, not the chart
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()})
+    return records
+
+
+def utf8_chunks(fd: int) -> Iterator[str]:
+    """Text read from fd as it arrives, each chunk whole UTF-8 characters: a character whose
+    bytes straddle two reads waits for its last byte instead of turning into U+FFFD."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(fd, 4096):
+        text = decoder.decode(chunk)
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether pid is a live train.py process on this machine (its command line says so where
+    /proc exists, so a recycled pid does not keep a dead run "running")."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    if Path("/proc/self/cmdline").exists():
+        try:
+            return b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Summary:
+    """What the runs table shows from metrics.jsonl, updated from the new lines only."""
+
+    cursor: str = ""
+    step: Optional[int] = None
+    loss: Optional[float] = None
+    best_val_loss: Optional[float] = None
+    val_bpb: Optional[float] = None  # at the best val loss
+    tokens_per_s: Optional[float] = None
+    mfu: Optional[float] = None
+
+    def add(self, record: dict) -> None:
+        self.step = max(self.step or 0, record["step"])
+        if record.get("loss") is not None:
+            self.loss = record["loss"]
+        if record.get("tokens_per_s") is not None:
+            self.tokens_per_s, self.mfu = record["tokens_per_s"], record.get("mfu")
+        val = record.get("val_loss")
+        if val is not None and (self.best_val_loss is None or val < self.best_val_loss):
+            self.best_val_loss, self.val_bpb = val, record.get("val_bpb")
+
+
+@dataclass
+class Job:
+    """A train.py (or torchrun) child this studio started; its output goes to console.log."""
+
+    proc: subprocess.Popen
+    command: list[str]
+    preset: Optional[str]
+    started: float = field(default_factory=time.time)
+    stopping: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
+    """Directories under root holding a run file; hidden and package directories and symlinks
+    are not entered, nor a run's own subdirectories."""
+    found = []
+
+    def visit(directory: Path, depth: int) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        if any(e.name in RUN_FILES for e in entries):
+            found.append(directory)
+            return
+        if depth < max_depth:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP_DIRS:
+                    visit(Path(e.path), depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+def preset_of(command: Any) -> Optional[str]:
+    """The config file in a train.py command line (status.json's `command`), if any."""
+    if isinstance(command, list):
+        files = [c for c in command[1:] if isinstance(c, str) and c.endswith(".py") and not c.startswith("-")]
+        return Path(files[0]).stem if files else None
+    return None
+
+
+def run_state(status: Optional[dict], job: Optional[Job], last_step: Optional[int], max_iters: Optional[int]) -> tuple[str, Optional[str]]:
+    """(state, reason): running / stopping / finished / stopped / crashed / unknown."""
+    if job is not None and job.alive:
+        return ("stopping", "SIGTERM sent: finishing the step, then saving") if job.stopping else ("running", None)
+    state = status.get("state") if status else None
+    if state == "running":
+        if status.get("host") != HOST:
+            return "unknown", f"running on another host ({status.get('host')}); cannot check its process"
+        if pid_alive(status.get("pid")):
+            return "running", None
+        return "crashed", f"process {status.get('pid')} ended without saving a final state (killed?)"
+    if state in ("finished", "stopped", "crashed"):
+        return state, status.get("reason")
+    if job is not None:  # exited before writing any status: it failed at start
+        return "crashed", f"exited with status {job.proc.returncode} before training started; see the console"
+    if last_step is not None and max_iters is not None and last_step >= max_iters:
+        return "finished", "no status.json; metrics reach max_iters"
+    return "unknown", "no status.json (a run from before studio existed)"
+
+
+# ----------------------------------------------------------------------------- presets and estimates
+
+
+def preset_comment(path: Path) -> str:
+    """The comment lines a preset opens with: what it is and what it needs."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return " ".join(lines)
+
+
+def memory_plan(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict:
+    """Per-GPU training memory for a config: the one place the studio asks hardware.py."""
+    compute_bytes = 4 if cfg.dtype == "float32" or cfg.device == "cpu" else 2
+    return estimate_train_memory_gb(model_cfg, cfg.batch_size, cfg.block_size, world_size,
+                                    fsdp=cfg.parallel == "fsdp" and world_size > 1,
+                                    grad_checkpoint=cfg.grad_checkpoint, compute_bytes=compute_bytes)
+
+
+def describe_config(cfg: TrainConfig, vocab_size: int, world_size: int) -> dict:
+    """Parameters and memory estimate of what cfg builds; a bad shape is a RequestError."""
+    try:
+        model_cfg = cfg.model_config(vocab_size)
+    except ValueError as err:
+        raise RequestError(400, f"error: invalid model config: {err}") from None
+    counts = count_params(model_cfg)
+    return {
+        "params": counts["total"], "non_embedding": counts["non_embedding"], "vocab_size": model_cfg.vocab_size,
+        "memory_gb": memory_plan(cfg, model_cfg, world_size),
+        "tokens_per_step": cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size,
+        "model": model_cfg.to_dict(),
+    }
+
+
+def split_overrides(text: Any) -> list[str]:
+    """The form's free --key=value text as arguments. Config files (.py) run code, so only the
+    listed presets may name one; --help would print instead of validating."""
+    if isinstance(text, list):
+        args = [str(a) for a in text]
+    else:
+        try:
+            args = shlex.split(str(text or ""))
+        except ValueError as err:
+            raise RequestError(400, f"error: cannot split the overrides: {err}") from None
+    for arg in args:
+        if not arg.startswith("--") or arg == "--help":
+            raise RequestError(400, f"error: unexpected argument '{arg}'; overrides are --key=value")
+    return args
+
+
+# ----------------------------------------------------------------------------- the studio
+
+
+class Studio:
+    """Everything the request handlers share: the runs directory, the token, the children."""
+
+    def __init__(self, runs_dir: Path, token: str, allowed_hosts: set[str]):
+        self.root = runs_dir.resolve()
+        self.token = token
+        self.allowed_hosts = allowed_hosts
+        self.lock = threading.Lock()
+        self.jobs: dict[Path, Job] = {}
+        self.stopping_pids: dict[Path, int] = {}  # runs not started here that we sent SIGTERM
+        self.summaries: dict[Path, Summary] = {}
+        self.samplers = threading.BoundedSemaphore(MAX_SAMPLERS)
+
+    # -- reading
+
+    def summary(self, run_dir: Path) -> Summary:
+        with self.lock:
+            s = self.summaries.get(run_dir) or Summary()
+            more = True
+            while more:  # a long metrics.jsonl is read once, in slices; after that only new lines
+                lines, cursor, reset, more = read_new_lines(run_dir / "metrics.jsonl", s.cursor)
+                if reset:
+                    s = Summary()
+                for record in parse_records(lines):
+                    s.add(record)
+                s.cursor = cursor
+            self.summaries[run_dir] = s
+            return s
+
+    def describe_run(self, run_dir: Path) -> dict:
+        status = read_json(run_dir / "status.json")
+        config = read_json(run_dir / "config.json") or {}
+        train_cfg, model = config.get("train") or {}, config.get("model")
+        job = self.jobs.get(run_dir)
+        if job is not None and status is not None and (status.get("updated") or 0) < job.started:
+            status = None  # left by an earlier run in this out_dir; ours has not written yet
+        s = self.summary(run_dir)
+        max_iters = (status or {}).get("max_iters", train_cfg.get("max_iters"))
+        state, reason = run_state(status, job, s.step, max_iters)
+        if state == "running" and self.stopping_pids.get(run_dir) == (status or {}).get("pid"):
+            state, reason = "stopping", "SIGTERM sent: finishing the step, then saving"
+        try:
+            params = count_params(ModelConfig.from_dict(model))["total"] if model else None
+        except (TypeError, ValueError):
+            params = None
+        step = s.step
+        if status and isinstance(status.get("step"), int) and state in ("stopped", "finished", "running"):
+            step = status["step"]  # the saved step once stopped; metrics may run a line ahead of it
+        files = [f for f in ("ckpt.pt", "metrics.jsonl", "console.log") if (run_dir / f).exists()]
+        started = (status or {}).get("started") or (job.started if job else None)
+        if started is None and (run_dir / "config.json").exists():
+            started = (run_dir / "config.json").stat().st_mtime
+        return {
+            "name": run_name(self.root, run_dir), "state": state, "reason": reason,
+            "step": step, "max_iters": max_iters, "loss": s.loss, "best_val_loss": s.best_val_loss,
+            "val_bpb": s.val_bpb, "tokens_per_s": s.tokens_per_s, "mfu": s.mfu, "params": params,
+            "preset": (job.preset if job else None) or preset_of((status or {}).get("command")),
+            "data_dir": train_cfg.get("data_dir"), "started": started, "updated": (status or {}).get("updated"),
+            "pid": (status or {}).get("pid"), "host": (status or {}).get("host"), "world_size": (status or {}).get("world_size"),
+            "from_studio": job is not None, "files": files,
+        }
+
+    def runs(self) -> list[dict]:
+        with self.lock:
+            dirs = set(find_runs(self.root)) | set(self.jobs)
+        runs = [self.describe_run(d) for d in dirs]
+        runs.sort(key=lambda r: -(r["started"] or r["updated"] or 0))  # newest first; rows do not hop as runs log
+        return runs
+
+    def datasets(self) -> list[dict]:
+        found = []
+        for meta_path in sorted((self.root / "data").glob("*/meta.json")):
+            name = run_name(self.root, meta_path.parent)
+            try:
+                meta = load_meta(str(meta_path.parent))
+            except DatasetError as err:
+                found.append({"name": name, "error": str(err)})
+                continue
+            tok = meta.get("tokenizer") or {}
+            splits = meta.get("splits") or {}
+            found.append({
+                "name": name, "tokenizer": tok.get("spec") or tok.get("name") or tok.get("kind"),
+                "vocab_size": meta.get("vocab_size"),
+                "train_tokens": (splits.get("train") or {}).get("tokens"), "val_tokens": (splits.get("val") or {}).get("tokens"),
+                "documents": sum((splits.get(s) or {}).get("documents", 0) for s in ("train", "val")),
+            })
+        return found
+
+    def presets(self) -> list[dict]:
+        out = []
+        for path in sorted((REPO / "config").glob("*.py")):
+            try:
+                cfg = parse_args(TrainConfig, [str(path)])
+            except ConfigError as err:
+                out.append({"name": path.stem, "error": str(err)})
+                continue
+            out.append({"name": path.stem, "file": f"config/{path.name}", "comment": preset_comment(path),
+                        "sets": sorted(read_config_file(str(path))), "config": config_to_dict(cfg)})
+        return out
+
+    # -- building a train.py command line
+
+    def build(self, body: dict, need_out_dir: bool) -> tuple[TrainConfig, list[str], dict]:
+        """The form as train.py arguments, validated by configurator.py exactly as train.py's
+        command line is; returns the config, the arguments and its size/memory description."""
+        preset = body.get("preset") or None
+        args: list[str] = []
+        if preset is not None:
+            path = REPO / "config" / f"{preset}.py"
+            if not isinstance(preset, str) or "/" in preset or "\\" in preset or not path.is_file():
+                raise RequestError(400, f"error: unknown preset {preset!r}; pick one of config/*.py")
+            args.append(str(path))
+        for key in ("data_dir", "out_dir"):
+            if body.get(key):
+                args.append(f"--{key}={body[key]}")
+        args += split_overrides(body.get("overrides", ""))
+        nproc = body.get("nproc", 1)
+        if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= 64:
+            raise RequestError(400, f"error: processes must be a whole number from 1 to 64, got {nproc!r}")
+        try:
+            cfg = parse_args(TrainConfig, args)
+        except ConfigError as err:
+            raise RequestError(400, f"error: {err}") from None
+        data_dir = resolve_inside(self.root, cfg.data_dir)
+        try:
+            vocab_size, vocab_source = load_meta(str(data_dir))["vocab_size"], "the dataset"
+        except DatasetError as err:
+            if need_out_dir:
+                raise RequestError(400, f"error: {err}") from None
+            vocab_size, vocab_source = 32000, "a default: no dataset at data_dir"
+        info = describe_config(cfg, vocab_size, nproc)
+        info["vocab_source"] = "set in the config" if cfg.vocab_size else vocab_source
+        if need_out_dir or body.get("out_dir"):
+            out_dir = resolve_inside(self.root, cfg.out_dir)
+            info["out_dir"] = out_dir
+            info["resumes"] = cfg.resume == "auto" and (out_dir / "ckpt.pt").exists()
+        return cfg, args, info
+
+    def launch(self, out_dir: Path, args: list[str], nproc: int, preset: Optional[str]) -> Job:
+        """Start train.py in out_dir (cwd: runs_dir), its output appended to console.log."""
+        with self.lock:
+            old = self.jobs.get(out_dir)
+            if (old is not None and old.alive) or self._running_elsewhere(out_dir):
+                raise RequestError(409, f"error: {run_name(self.root, out_dir)} is already training; stop it first")
+            train_py = str(REPO / "train.py")
+            if nproc == 1:
+                command = [sys.executable, train_py, *args]
+            else:
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", train_py, *args]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / "console.log", "ab") as log:
+                log.write(f"\n$ {shlex.join(command)}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(command, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            job = Job(proc, command, preset)
+            self.jobs[out_dir] = job
+            self.stopping_pids.pop(out_dir, None)
+            return job
+
+    def _running_elsewhere(self, run_dir: Path) -> bool:
+        status = read_json(run_dir / "status.json")
+        return bool(status and status.get("state") == "running" and status.get("host") == HOST and pid_alive(status.get("pid")))
+
+    # -- actions
+
+    def start(self, body: dict) -> dict:
+        cfg, args, info = self.build(body, need_out_dir=True)
+        self.launch(info["out_dir"], args, body.get("nproc", 1), body.get("preset"))
+        return {"run": run_name(self.root, info["out_dir"]), "resumes": info["resumes"], "command": args}
+
+    def stop(self, run_dir: Path) -> dict:
+        """SIGTERM to rank 0 (train.py finishes the step, every rank saves and exits 0), or to
+        our child while it has not written status.json yet (torchrun forwards it)."""
+        with self.lock:
+            job = self.jobs.get(run_dir)
+            status = read_json(run_dir / "status.json") or {}
+            pid = status.get("pid")
+            ours = job is not None and job.alive
+            fresh = status.get("state") == "running" and status.get("host") == HOST and pid_alive(pid)
+            if ours and not (fresh and (status.get("updated") or 0) >= job.started):
+                pid = job.proc.pid
+            elif not fresh:
+                raise RequestError(409, f"error: {run_name(self.root, run_dir)} is not training")
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                raise RequestError(409, f"error: {run_name(self.root, run_dir)} has just ended") from None
+            if ours:
+                job.stopping = True
+            else:
+                self.stopping_pids[run_dir] = pid
+        return {"run": run_name(self.root, run_dir), "pid": pid, "state": "stopping"}
+
+    def resume(self, run_dir: Path) -> dict:
+        """Start train.py again with the run's own config.json and --resume=auto."""
+        config = read_json(run_dir / "config.json")
+        if not config or not isinstance(config.get("train"), dict):
+            raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no config.json to resume from")
+        if not (run_dir / "ckpt.pt").exists():
+            raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no ckpt.pt yet; start it again instead")
+        status = read_json(run_dir / "status.json") or {}
+        base = Path(status["cwd"]) if isinstance(status.get("cwd"), str) else self.root
+        defaults = config_to_dict(TrainConfig())
+        args = []
+        for key, value in config["train"].items():
+            if key in ("out_dir", "resume", "dry_run") or defaults.get(key, object()) == value:
+                continue
+            if key == "data_dir" and isinstance(value, str):
+                value = str(resolve_inside(self.root, str(base / value)))
+            args.append(f"--{key}={value!r}")  # a literal, so "None" or "123" in a text key stays text
+        args += [f"--out_dir={run_dir}", "--resume=auto"]
+        try:
+            parse_args(TrainConfig, args)
+        except ConfigError as err:
+            raise RequestError(400, f"error: {err}") from None
+        nproc = status.get("world_size") if isinstance(status.get("world_size"), int) else 1
+        self.launch(run_dir, args, nproc, preset_of(status.get("command")))
+        return {"run": run_name(self.root, run_dir), "command": args}
+
+    def sample_command(self, run_dir: Path, body: dict, prompt_file: str) -> list[str]:
+        if not (run_dir / "ckpt.pt").exists():
+            raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no checkpoint yet")
+        try:
+            temperature = float(body.get("temperature", 0.8))
+            top_k = int(body.get("top_k", 200))
+            max_new_tokens = int(body.get("max_new_tokens", 200))
+        except (TypeError, ValueError):
+            raise RequestError(400, "error: temperature must be a number, top_k and max_new_tokens whole numbers") from None
+        if not (0 <= temperature <= 10 and 0 <= top_k and 1 <= max_new_tokens <= 4096):
+            raise RequestError(400, "error: need 0 <= temperature <= 10, top_k >= 0, 1 <= max_new_tokens <= 4096")
+        # The prompt travels in a file (--start FILE:...): any text arrives exactly, even one
+        # that itself starts with "FILE:", is long, or holds characters argv cannot carry.
+        return [sys.executable, str(REPO / "sample.py"), "--out_dir", str(run_dir), "--start", f"FILE:{prompt_file}",
+                "--temperature", str(temperature), "--top_k", str(top_k), "--max_new_tokens", str(max_new_tokens)]
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "HomeLLMStudio/1"
+    studio: Studio  # set on the subclass made by make_server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per poll would bury the URL; errors are printed where they happen
+
+    # -- plumbing
+
+    def send_json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload, allow_nan=False, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.common_headers()
+        self.end_headers()
+        self.wfile.write(body)
+
+    def common_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                         "script-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")
+
+    def check_origin(self) -> None:
+        """Host must name this server (a DNS-rebinding page reaches us under its own name), and
+        so must Origin when the browser sends one (a cross-site POST carries the other site's)."""
+        allowed = self.studio.allowed_hosts
+        if self.headers.get("Host", "").lower() not in allowed:
+            raise RequestError(403, f"refused: Host {self.headers.get('Host')!r} is not this studio's address")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parts = urlsplit(origin.lower())
+            if parts.scheme != "http" or parts.netloc not in allowed:
+                raise RequestError(403, f"refused: a request from the page {origin!r}, not from the studio")
+
+    def check_token(self, query: dict) -> None:
+        given = self.headers.get("X-Studio-Token") or (query.get("token") or [""])[0]
+        if not hmac.compare_digest(given.encode(), self.studio.token.encode()):
+            raise RequestError(403, "refused: missing or wrong token; open the URL with ?token=... that studio.py printed")
+
+    def read_body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise RequestError(400, "bad Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            raise RequestError(413, "request body too large")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            raise RequestError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    def handle_safely(self, method: str) -> None:
+        try:
+            self.check_origin()
+            url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            if method == "GET" and url.path in ("/", "/index.html"):
+                self.send_page()
+                return
+            if not url.path.startswith("/api/"):
+                raise RequestError(404, f"no such page: {url.path}")
+            self.check_token(query)
+            route = getattr(self, f"{method.lower()}_{url.path[5:].replace('/', '_')}", None)
+            if route is None:
+                raise RequestError(404 if method == "GET" else 405, f"no such endpoint: {method} {url.path}")
+            if method == "POST":
+                route(self.read_body())
+            else:
+                route({k: v[-1] for k, v in query.items()})
+        except RequestError as err:
+            self.send_json(err.status, {"error": str(err)})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the page went away mid-answer
+        except Exception as err:  # a bug must cost one request, not the server
+            print(f"studio: {method} {self.path} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            try:
+                self.send_json(500, {"error": f"internal error: {type(err).__name__}: {err}"})
+            except OSError:
+                pass
+
+    def do_GET(self) -> None:
+        self.handle_safely("GET")
+
+    def do_POST(self) -> None:
+        self.handle_safely("POST")
+
+    def send_page(self) -> None:
+        body = PAGE.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.common_headers()
+        self.end_headers()
+        self.wfile.write(body)
+
+    def run_dir(self, params: dict) -> Path:
+        path = resolve_inside(self.studio.root, params.get("run", ""))
+        if not path.is_dir() and path not in self.studio.jobs:
+            raise RequestError(404, f"no run {params.get('run')!r} in --runs_dir")
+        return path
+
+    # -- endpoints: GET /api/NAME -> get_NAME, POST /api/NAME -> post_NAME
+
+    def get_runs(self, params: dict) -> None:
+        self.send_json(200, {"runs": self.studio.runs(), "runs_dir": str(self.studio.root), "host": HOST})
+
+    def get_setup(self, params: dict) -> None:
+        self.send_json(200, {"presets": self.studio.presets(), "datasets": self.studio.datasets(),
+                             "defaults": config_to_dict(TrainConfig()), "cpus": os.cpu_count()})
+
+    def get_metrics(self, params: dict) -> None:
+        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "metrics.jsonl", params.get("cursor", ""))
+        self.send_json(200, {"records": parse_records(lines), "cursor": cursor, "reset": reset, "more": more})
+
+    def get_console(self, params: dict) -> None:
+        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "console.log", params.get("cursor", ""), tail=CONSOLE_TAIL_BYTES)
+        self.send_json(200, {"text": "".join(line + "\n" for line in lines), "cursor": cursor, "reset": reset, "more": more})
+
+    def post_estimate(self, body: dict) -> None:
+        cfg, args, info = self.studio.build(body, need_out_dir=False)
+        info.pop("out_dir", None)
+        self.send_json(200, {**info, "config": config_to_dict(cfg), "args": args})
+
+    def post_start(self, body: dict) -> None:
+        self.send_json(200, self.studio.start(body))
+
+    def post_stop(self, body: dict) -> None:
+        self.send_json(200, self.studio.stop(self.run_dir(body)))
+
+    def post_resume(self, body: dict) -> None:
+        self.send_json(200, self.studio.resume(self.run_dir(body)))
+
+    def post_sample(self, body: dict) -> None:
+        """Stream sample.py's output as JSON lines: {"text": ...} per chunk of whole UTF-8
+        characters, then {"done": true, "exit_code", "note", "error"}."""
+        run_dir = self.run_dir(body)
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise RequestError(400, "error: the prompt must be text")
+        if not self.studio.samplers.acquire(blocking=False):
+            raise RequestError(429, f"error: {MAX_SAMPLERS} samples are already running; wait for one to finish")
+        try:
+            with tempfile.TemporaryDirectory(prefix="studio-prompt-") as tmp:
+                prompt_file = os.path.join(tmp, "prompt.txt")
+                with open(prompt_file, "w", encoding="utf-8", newline="") as f:
+                    f.write(prompt)
+                command = self.studio.sample_command(run_dir, body, prompt_file)
+                self.stream_process(command)
+        finally:
+            self.studio.samplers.release()
+
+    def stream_process(self, command: list[str]) -> None:
+        proc = subprocess.Popen(command, cwd=self.studio.root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+        self.common_headers()
+        self.end_headers()
+        try:
+            for text in utf8_chunks(proc.stdout.fileno()):
+                self.wfile.write((json.dumps({"text": text}) + "\n").encode())
+                self.wfile.flush()
+            proc.wait()
+            reader.join(timeout=5)
+            err_lines = b"".join(errors).decode("utf-8", errors="replace").strip().splitlines()
+            error = next((line for line in reversed(err_lines) if line.startswith("error:")), None)
+            if proc.returncode and error is None:
+                error = err_lines[-1] if err_lines else f"sample.py exited with status {proc.returncode}"
+            note = err_lines[0] if err_lines and not err_lines[0].startswith("error:") else None
+            self.wfile.write((json.dumps({"done": True, "exit_code": proc.returncode, "note": note, "error": error}) + "\n").encode())
+        finally:
+            if proc.poll() is None:  # the page closed the stream: stop generating
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The Host header values (host:port) that name this server."""
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        names |= {HOST, socket.getfqdn()}
+        try:
+            names |= set(socket.gethostbyname_ex(HOST)[2])
+        except OSError:
+            pass
+    names = {n.lower() for n in names}
+    return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+
+def make_server(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("StudioHandler", (Handler,), {"studio": studio})
+    server_cls = type("StudioServer", (ThreadingHTTPServer,), {
+        "daemon_threads": True, "request_queue_size": 64,  # a page polls several endpoints at once
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    server = server_cls((host, port), handler)
+    studio.allowed_hosts = allowed_hosts(host, server.server_address[1])
+    return server
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="HomeLLM studio: watch, start, stop and compare training runs in the browser.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501; 0 picks a free one)")
+    p.add_argument("--runs_dir", default=".", help="where the out_dirs live, and data/ with the datasets (default: here)")
+    args = p.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    if not runs_dir.is_dir():
+        print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
+        sys.exit(2)
+    studio = Studio(runs_dir, secrets.token_urlsafe(24), set())
+    try:
+        server = make_server(studio, args.host, args.port)
+    except OSError as err:
+        print(f"error: cannot listen on {args.host}:{args.port} ({err.strerror}); pass another --port", file=sys.stderr)
+        sys.exit(1)
+    port = server.server_address[1]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}, not only this machine: anyone who can reach it and has the "
+              "token can start processes as you. Prefer an SSH tunnel to a 127.0.0.1 studio.", file=sys.stderr)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else (f"[{args.host}]" if ":" in args.host else args.host)
+    print(f"HomeLLM studio: runs in {studio.root}\nopen http://{shown}:{port}/?token={studio.token}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        alive = [run_name(studio.root, d) for d, job in studio.jobs.items() if job.alive]
+        if alive:
+            print(f"studio stopped; still training (stop them from a new studio or with kill -TERM): {', '.join(alive)}")
+
+
+if __name__ == "__main__":
+    main()
