@@ -105,12 +105,17 @@ def save_checkpoint(state: dict, out_dir: str, step: int, keep: int) -> str:
 
 
 def remove_stale_temp_files(out_dir: str) -> list[str]:
-    """Delete NAME.tmp.PID files that a killed writer left behind (PID no longer running)."""
+    """Delete NAME.tmp.PID files that a killed writer left behind (PID no longer running), and
+    unfinished sharded saves (.ckpt_STEP.tmp/; the caller holds out_dir's lock, so no live
+    run is writing one)."""
     removed = []
     for name in os.listdir(out_dir):
         m = re.fullmatch(r".+\.tmp\.(\d+)", name)
         if m and not pid_alive(int(m.group(1))):
             os.remove(os.path.join(out_dir, name))
+            removed.append(name)
+        elif re.fullmatch(r"\.ckpt_\d+\.(tmp|old)", name) and os.path.isdir(os.path.join(out_dir, name)):
+            shutil.rmtree(os.path.join(out_dir, name))
             removed.append(name)
     return removed
 
@@ -130,24 +135,51 @@ def pid_alive(pid: int) -> bool:
 
 
 def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
-    """The checkpoint to load: `ckpt` when given, else out_dir/ckpt.pt (train.py's latest)."""
+    """The checkpoint to load: `ckpt` when given, else the newest in out_dir (see
+    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs."""
     if ckpt:
-        if not os.path.isfile(ckpt):
+        if not os.path.isfile(ckpt) and not is_sharded(ckpt):
             raise CheckpointError(f"checkpoint {ckpt} does not exist")
         return ckpt
-    path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.isfile(path):
-        return path
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
-    # ckpt.pt is always the latest; if only numbered copies are left, take the newest of them.
-    numbered = numbered_checkpoints(out_dir)
-    if numbered:
-        return numbered[-1][1]
-    raise CheckpointError(f"no checkpoint at {path}; run train.py first (it writes ckpt.pt into --out_dir) or pass --ckpt PATH")
+    candidates = checkpoint_candidates(out_dir)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (nor a numbered or sharded ckpt_STEP one); "
+                              "run train.py first (it writes them into --out_dir) or pass --ckpt PATH")
+    return candidates[0]
+
+
+def checkpoint_candidates(out_dir: str) -> list[str]:
+    """Every checkpoint in out_dir, newest first: ckpt.pt, the numbered ckpt_STEP.pt copies and
+    the sharded ckpt_STEP/ directories of FSDP runs (a run may have both, e.g. FSDP resumed on
+    one process). The higher step wins; at equal steps ckpt.pt comes first. ckpt.pt's step is
+    read from the file; if it cannot be read it is listed first, so that the caller's load
+    reports why."""
+    found = [(step, 0, path) for step, path in numbered_checkpoints(out_dir)]
+    found += [(step, 1, path) for step, path in sharded_checkpoints(out_dir)]
+    latest = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isfile(latest):
+        try:
+            step = int(load_checkpoint(latest).get("step", 0))
+        except CheckpointError:
+            step = 1 << 62
+        found.append((step, 2, latest))
+    return [path for _, _, path in sorted(found, reverse=True)]
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint as a dict with at least "model" (the weights) and "model_config". A .pt file
+    is read with weights_only=True (see load_checkpoint_file); a sharded checkpoint (an FSDP
+    run's ckpt_STEP/ directory) is consolidated on the fly: the full weights, on the CPU,
+    without a process group; its optimizer state is not read."""
+    ckpt = load_sharded_weights(path) if is_sharded(path) else load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise CheckpointError(f"{path} is not a HomeLLM checkpoint: expected a dict with 'model' and 'model_config', as train.py writes")
+    return ckpt
+
+
+def load_checkpoint_file(path: str) -> object:
     """torch.load with weights_only=True: a checkpoint is tensors and plain data, and a .pt from
     a stranger must not be able to run code while it is unpickled."""
     if not os.path.isfile(path):
@@ -157,7 +189,7 @@ def load_checkpoint(path: str) -> dict:
             warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: stderr stays one line
             # mmap (zip format only, which torch.save writes): only the tensors we touch are
             # read, so the optimizer state in a training checkpoint costs no memory here.
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:
         # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
         # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
@@ -170,9 +202,6 @@ def load_checkpoint(path: str) -> dict:
         lines = [line for line in str(err).splitlines() if line.strip()]
         detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
-        raise CheckpointError(f"{path} is not a HomeLLM checkpoint: expected a dict with 'model' and 'model_config', as train.py writes")
-    return ckpt
 
 
 def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
@@ -232,6 +261,139 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device, dtype: torch.d
         model = Transformer(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (FSDP)
+# An FSDP run saves with torch.distributed.checkpoint (DCP): every rank writes its own shards
+# of the weights and optimizer state in parallel, nothing is gathered, and any number of ranks
+# (one process included) can load the result. Layout of out_dir/ckpt_STEP/:
+#   .metadata, __RANK_0.distcp ...  DCP's index and shards: {"model": ..., "optimizer": ...}
+#   train_state.pt                  everything else, as in a .pt checkpoint (torch.save, weights_only)
+
+SHARDED = re.compile(r"ckpt_(\d+)")
+TRAIN_STATE = "train_state.pt"
+
+
+def is_sharded(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def sharded_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete ckpt_STEP/ directories in out_dir, oldest first."""
+    found = []
+    for name in os.listdir(out_dir):
+        m = SHARDED.fullmatch(name)
+        if m and is_sharded(os.path.join(out_dir, name)) and os.path.isfile(os.path.join(out_dir, name, TRAIN_STATE)):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def save_sharded(shards: dict, state: dict, out_dir: str, step: int, keep: int) -> str:
+    """Write `shards` (DTensor state dicts: {"model": ..., "optimizer": ...}) with DCP, each rank
+    its own part, plus `state` (plain data, rank 0) as ckpt_STEP/. Atomic like save_checkpoint:
+    everything goes into .ckpt_STEP.tmp/ and is renamed at the end, so a kill at any moment
+    leaves the earlier checkpoints as they were. Keeps the newest max(1, keep) such directories.
+    A collective: every rank calls it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    final = os.path.join(out_dir, f"ckpt_{step:06d}")
+    tmp, old = os.path.join(out_dir, f".ckpt_{step:06d}.tmp"), os.path.join(out_dir, f".ckpt_{step:06d}.old")
+    try:
+        if rank == 0:
+            for path in (tmp, old):
+                shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP's notes about overwriting and planners
+            dcp.save(shards, checkpoint_id=tmp)
+        if rank == 0:
+            atomic_save(state, os.path.join(tmp, TRAIN_STATE))
+            if os.path.exists(final):  # the same step saved again: swap, never delete first
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            for _, stale in sharded_checkpoints(out_dir)[: -max(1, keep)]:
+                shutil.rmtree(stale)
+        dist.barrier()
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write a sharded checkpoint into {out_dir} ({err.strerror or err}); the checkpoints already "
+            "there are intact: free disk space or fix permissions, then run again to resume"
+        ) from None
+    return final
+
+
+def load_sharded(path: str, shards: dict) -> None:
+    """Fill `shards` (state dicts of the current model and optimizer, sharded or not) from the
+    sharded checkpoint at path. DCP reshards as needed: 2 ranks may load what 4 wrote, and a
+    single process (no process group) may load it too."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(shards, storage_reader=_SafeReader(path), no_dist=not dist.is_initialized())
+
+
+def load_train_state(path: str) -> dict:
+    """The non-tensor part of a sharded checkpoint (config, step, RNG, tokenizer, ...)."""
+    state = load_checkpoint_file(os.path.join(path, TRAIN_STATE))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}/{TRAIN_STATE} is not a HomeLLM training state")
+    return {**state, "sharded": True}
+
+
+def load_sharded_weights(path: str) -> dict:
+    """A sharded checkpoint as one in-memory checkpoint dict with the full weights (CPU)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state = load_train_state(path)
+    try:
+        index = _SafeReader(path).read_metadata().state_dict_metadata
+        model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in index.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+        load_sharded(path, {"model": model})
+    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return {**state, "model": model}
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's reader, but its index (.metadata) is unpickled with a whitelist: the stock
+        reader runs pickle.load on it, and a directory from a stranger must not run code."""
+
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(self.path, ".metadata"), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _SafeReader(path: str):
+    return _safe_reader_class()(path)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        value = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or isinstance(value, torch.dtype):
+            return value
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
 
 
 # ----------------------------------------------------------------------------- Hugging Face directories (read)

@@ -178,6 +178,25 @@ def export_hf(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, ov
 
 
 
+def consolidate(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> None:
+    """One HomeLLM .pt file from any checkpoint, e.g. an FSDP run's sharded ckpt_STEP/: the full
+    weights and the run's records (config, tokenizer, step), without the optimizer state, which
+    only resuming needs (and resuming reads the sharded directory itself). The tokenizer file is
+    copied next to it, so sample.py --ckpt dest works anywhere."""
+    if os.path.exists(dest) and not overwrite:
+        raise HFError(f"{dest} exists; pass --overwrite to replace it, or choose another --to")
+    ckpt = load_checkpoint(ckpt_path)
+    tokenizer_src = checkpoint_tokenizer_path(ckpt, ckpt_path)
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "sharded")}
+    if dtype is not None:
+        state["model"] = {name: tensor.to(dtype) for name, tensor in ckpt["model"].items()}
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_save(state, dest)
+    tokenizer_dest = os.path.join(os.path.dirname(os.path.abspath(dest)), os.path.basename(tokenizer_src))
+    if not os.path.exists(tokenizer_dest):
+        shutil.copyfile(tokenizer_src, tokenizer_dest)
+
+
 # ----------------------------------------------------------------------------- import
 
 
@@ -208,9 +227,10 @@ def import_hf(path: str, dest: str, dtype: Optional[torch.dtype] = None, overwri
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export a HomeLLM checkpoint to a Hugging Face model directory, or import one (--import_from).")
-    parser.add_argument("--to", required=True, help="the directory to write: the HF model (export) or the out_dir with ckpt.pt (import)")
-    parser.add_argument("--out_dir", default="out", help="export the checkpoint out_dir/ckpt.pt")
-    parser.add_argument("--ckpt", default=None, help="export this checkpoint file instead of out_dir/ckpt.pt")
+    parser.add_argument("--to", required=True, help="what to write: a HF model directory (export), the out_dir for ckpt.pt "
+                        "(import), or a FILE.pt: the checkpoint consolidated into one HomeLLM file (weights, no optimizer)")
+    parser.add_argument("--out_dir", default="out", help="export the newest checkpoint in out_dir (ckpt.pt or an FSDP run's ckpt_STEP/)")
+    parser.add_argument("--ckpt", default=None, help="export this checkpoint (a .pt file or a sharded ckpt_STEP/ directory) instead")
     parser.add_argument("--import_from", default=None, metavar="HF_DIR", help="import this local HF Llama/Qwen2 directory instead of exporting")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights (default: as stored)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --to directory")
@@ -241,6 +261,9 @@ def run(args: argparse.Namespace, dtype: Optional[torch.dtype]) -> None:
             raise HFError(f"{args.import_from} is not a directory; --import_from takes a local HF model directory")
         ckpt_path = import_hf(args.import_from, args.to, dtype, args.overwrite)
         print(f"wrote {ckpt_path}; sample with `python sample.py --out_dir {args.to}` or continue pretraining with --init_from={ckpt_path}")
+    elif args.to.endswith(".pt"):
+        consolidate(find_checkpoint(args.out_dir, args.ckpt), args.to, dtype, args.overwrite)
+        print(f"wrote {args.to}; sample with `python sample.py --ckpt {args.to}` or start a run from it with --init_from={args.to}")
     else:
         export_hf(find_checkpoint(args.out_dir, args.ckpt), args.to, dtype, args.overwrite)
         print(f"wrote {args.to}; load it with transformers.AutoModelForCausalLM.from_pretrained({args.to!r})")

@@ -286,22 +286,33 @@ class Transformer(nn.Module):
         self.grad_checkpoint = False
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Init: N(0, init_std) for embeddings and linear weights, zero biases, unit norm gains.
-        The two projections that write into the residual stream (o_proj, down_proj) get
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Initialize every parameter (see init_parameter) and the RoPE tables. Parameters are
+        drawn one after another in named_parameters() order from `generator` (default: torch's
+        global one), so any code that walks the same order with the same generator, e.g. one
+        full tensor at a time for a sharded model, gets the same weights."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                self.init_parameter(name, param, generator)
+        self.init_rope()
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """N(0, init_std) for embeddings and linear weights, zero biases, unit norm gains. The
+        two projections that write into the residual stream (o_proj, down_proj) get
         init_std / sqrt(2 * n_layer), so the residual's variance does not grow with depth
         (GPT-2's scaling)."""
         std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std / scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(tensor)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(tensor)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(tensor, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer), generator=generator)
+        else:
+            nn.init.normal_(tensor, mean=0.0, std=std, generator=generator)
+
+    def init_rope(self) -> None:
+        """Fill the RoPE tables (buffers derived from the config, never saved)."""
         cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

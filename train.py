@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, NUMBERED, CheckpointError, load_checkpoint, load_hf_model, numbered_checkpoints,
-    remove_stale_temp_files, save_checkpoint,
+    CHECKPOINT_FORMAT, NUMBERED, SHARDED, CheckpointError, checkpoint_candidates, is_sharded, load_checkpoint, load_hf_model,
+    load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint, save_sharded,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
 from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
@@ -165,9 +165,10 @@ def apply_ddp(model: Transformer, device: torch.device) -> nn.Module:
 # ----------------------------------------------------------------------------- model and checkpoints
 
 
-def build_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[Transformer, ModelConfig, Optional[dict]]:
-    """The plain model, with weights from --init_from when asked. Returns the weights to
-    load (None: keep the fresh init) so that FSDP can load them after sharding."""
+def build_model(cfg: TrainConfig, meta: dict) -> tuple[Transformer, ModelConfig, Optional[dict]]:
+    """The plain model on the meta device (shapes only, no memory yet), and the weights to load
+    into it from --init_from (None: a fresh init). Parallelism is applied to the meta model,
+    then each rank allocates only its own part (see materialize)."""
     init_state = None
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
@@ -183,9 +184,49 @@ def build_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[Tra
         )
     if model_cfg.max_seq_len < cfg.block_size:
         raise TrainError(f"block_size={cfg.block_size} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}")
-    with torch.device(device):
+    with torch.device("meta"):
         model = Transformer(model_cfg)
     return model, model_cfg, init_state
+
+
+def materialize(model: Transformer, device: torch.device, init_state: Optional[dict], seed: int) -> None:
+    """Allocate the (possibly sharded) meta model on device and fill it: with init_state when
+    given, else with a fresh init drawn on the CPU from a generator seeded with `seed`, one full
+    tensor at a time in the model's parameter order. Either way each rank copies only its own
+    part, so memory holds this rank's shards plus one full tensor at most, and the weights are
+    the same for any number of ranks and any layout (plain, DDP, FSDP). A mmapped checkpoint
+    is read only where this rank's slices lie, so a node reads each byte once."""
+    model.to_empty(device=device)
+    if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own new tensor
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if init_state is None:
+            for name, param in model.named_parameters():
+                full = torch.empty(param.shape)
+                model.init_parameter(name, full, generator)
+                copy_local_part(param, full)
+        else:
+            expected = model.state_dict()
+            missing, unexpected = set(expected) - set(init_state), set(init_state) - set(expected)
+            if missing or unexpected:
+                raise TrainError(f"the initial weights do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+            for name, param in expected.items():
+                copy_local_part(param, init_state[name])
+    model.init_rope()
+
+
+def copy_local_part(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param (a plain tensor, or an FSDP shard as a DTensor) <- its part of the full tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    param.to_local().copy_(local)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -201,49 +242,63 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def full_state_dicts(model: Transformer, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded, prefix-free model and optimizer state (FSDP: gathered to rank 0 on CPU)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizer, scaler, d: Dist, device: torch.device) -> None:
+    """Optimizer, loss scaler and RNG from a checkpoint (a sharded one: the weights too). A
+    sharded checkpoint loads into any number of ranks; a .pt one's optimizer state is full, and
+    each rank keeps its part of it. Each rank takes back its own RNG state; ranks the writer
+    did not have keep their fresh seed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return model.state_dict(), optimizer.state_dict()
+    if ckpt.get("sharded"):
+        model_state, optim_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optim_state}
+        load_sharded(path, shards)
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:  # keyed by parameter name: each rank of a sharded model keeps its part
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if d.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][d.rank], device)
 
 
 def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> tuple[Optional[str], Optional[dict]]:
     """The checkpoint to continue from, loaded: (path, ckpt), or (None, None) to start fresh.
+    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True).
 
-    --resume=auto takes ckpt.pt, or when it is missing or unreadable the newest numbered copy
-    that loads (and says so). It never starts over on top of checkpoints it cannot read: that
-    would rotate them away. --resume=never moves an earlier run's checkpoints and metrics into
-    a subdirectory first, so starting over loses nothing."""
+    --resume=auto takes the newest checkpoint that loads (ckpt.pt, a numbered copy, or an FSDP
+    run's ckpt_STEP/), saying so when it had to pass over a newer one. It never starts over on
+    top of checkpoints it cannot read: that would rotate them away. --resume=never moves an
+    earlier run's checkpoints and metrics into a subdirectory first, so starting over loses
+    nothing."""
+    def load(path: str) -> dict:
+        return load_train_state(path) if is_sharded(path) else load_checkpoint(path)
+
     if cfg.resume not in ("auto", "never"):
-        return cfg.resume, load_checkpoint(cfg.resume)
-    latest = os.path.join(cfg.out_dir, "ckpt.pt")
-    candidates = []
-    if os.path.isdir(cfg.out_dir):
-        candidates = ([latest] if os.path.exists(latest) else []) + [p for _, p in reversed(numbered_checkpoints(cfg.out_dir))]
+        return cfg.resume, load(cfg.resume)
+    candidates = checkpoint_candidates(cfg.out_dir) if os.path.isdir(cfg.out_dir) else []
     if cfg.resume == "never":
         if candidates and d.is_main:
             archive = os.path.join(cfg.out_dir, time.strftime("previous-run-%Y%m%d-%H%M%S"))
             os.makedirs(archive)
             for name in os.listdir(cfg.out_dir):
-                if NUMBERED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
+                if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
                     os.replace(os.path.join(cfg.out_dir, name), os.path.join(archive, name))
             log0(d, f"--resume=never: moved the earlier run's checkpoints and metrics to {archive}")
         return None, None
     problems = []
     for path in candidates:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load(path)
         except CheckpointError as err:
             problems.append(str(err))
             log0(d, f"warning: cannot resume from {path}: {err}")
             continue
-        if path != latest:
-            why = "is missing" if not os.path.exists(latest) else "cannot be read"
-            log0(d, f"note: {latest} {why}; resuming from the newest numbered copy that loads, {path}")
+        latest = os.path.join(cfg.out_dir, "ckpt.pt")
+        if NUMBERED.fullmatch(os.path.basename(path)) and not os.path.exists(latest):
+            log0(d, f"note: {latest} is missing; resuming from the newest numbered copy that loads, {path}")
         return path, ckpt
     if problems:
         raise TrainError(
@@ -253,8 +308,8 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist) -> tuple[Optional[str], Op
     return None, None
 
 
-def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist, tokenizer_sha256: str, out_dir_tokenizer: str) -> None:
-    if "optimizer" not in ckpt or "world_size" not in ckpt:
+def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist, global_batch: int, tokenizer_sha256: str, out_dir_tokenizer: str) -> None:
+    if ("optimizer" not in ckpt and not ckpt.get("sharded")) or "world_size" not in ckpt:
         raise TrainError(
             f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
             f"train into another out_dir with --init_from={path}"
@@ -267,10 +322,13 @@ def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, d: Dist, toke
             f"or start a new out_dir with --init_from={path} to warm-start from its weights"
         )
     if ckpt["world_size"] != d.world_size:
-        raise TrainError(
-            f"cannot resume from {path}: it was written by {ckpt['world_size']} rank(s) and this run has {d.world_size}; "
-            f"exact resume needs the same world size (or use --init_from={path} in a new out_dir for a weights-only warm start)"
-        )
+        # Weights and optimizer state reshard to any number of ranks. Which windows a step reads
+        # depends only on (seed, step, global batch), so with the same global batch the data
+        # continues exactly; only the per-rank dropout RNG streams cannot be carried over.
+        before, now = ckpt.get("sampler", {}).get("global_batch"), global_batch
+        same = "the same global batch, so the data order continues exactly" if before == now else (
+            f"a global batch of {now} sequences instead of {before}: set batch_size or gradient_accumulation_steps to keep it")
+        log0(d, f"note: {path} was written by {ckpt['world_size']} rank(s), this run has {d.world_size}; {same}")
     # Same vocab size is not enough: another tokenizer maps the same ids to other text. Older
     # checkpoints carry no fingerprint; then the tokenizer copy in out_dir stands in for it.
     trained_with = ckpt.get("tokenizer_sha256") or (file_sha256(out_dir_tokenizer) if os.path.isfile(out_dir_tokenizer) else None)
@@ -478,18 +536,17 @@ def evaluate(run: Run, model: nn.Module, data: TokenShards) -> Optional[dict]:
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bpb}
 
 
-def checkpoint_state(run: Run, raw_model: Transformer, optimizer, scaler, progress: Progress) -> dict:
-    """Everything exact resume needs. A collective under DDP/FSDP: every rank must call it."""
+def checkpoint_state(run: Run, progress: Progress, scaler) -> dict:
+    """Everything exact resume needs besides weights and optimizer state. A collective under
+    DDP/FSDP (every rank's RNG state is gathered): every rank must call it."""
     cfg, d = run.cfg, run.d
-    model_state, optim_state = full_state_dicts(raw_model, optimizer, run.fsdp)
     rngs: list[Any] = [None] * d.world_size
     if d.enabled:
         dist.all_gather_object(rngs, rng_state(run.device))
     else:
         rngs[0] = rng_state(run.device)
     return {
-        "format_version": CHECKPOINT_FORMAT,
-        "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "format_version": CHECKPOINT_FORMAT, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "model_config": run.model_cfg.to_dict(), "train_config": config_to_dict(cfg),
         "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss,
         "tokenizer": run.meta["tokenizer"], "tokenizer_sha256": run.tokenizer_sha256,
@@ -512,13 +569,21 @@ def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizer,
     if nonfinite_run:
         log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {nonfinite_run} step(s) were non-finite")
         return False
-    state = checkpoint_state(run, raw_model, optimizer, scaler, progress)
-    if run.d.is_main:
-        path = save_checkpoint(state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
-        log0(run.d, f"saved {path} ({reason})")
-    del state
-    if run.d.enabled:
-        dist.barrier()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    state = checkpoint_state(run, progress, scaler)
+    if run.fsdp:  # every rank writes its own shards; nothing is gathered
+        model_state, optim_state = get_state_dict(raw_model, optimizer)
+        path = save_sharded({"model": model_state, "optimizer": optim_state}, state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
+    else:
+        if run.d.is_main:
+            # The optimizer state keyed by parameter name, so that any layout can load it.
+            model_state, optim_state = get_state_dict(raw_model, optimizer)
+            state.update(model=model_state, optimizer=optim_state)
+            path = save_checkpoint(state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
+        if run.d.enabled:
+            dist.barrier()
+    log0(run.d, f"saved {path if run.d.is_main else ''} ({reason})")
     return True
 
 
@@ -576,18 +641,13 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     if dtype == torch.bfloat16 and device.type == "cpu":
         log0(d, "note: bfloat16 on CPU is usually several times slower than float32")
 
-    # Same seed on every rank: identical initial weights, which DDP and FSDP require.
-    torch.manual_seed(cfg.seed)
-    raw_model, model_cfg, init_state = build_model(cfg, meta, device)
+    raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
     resume_path, ckpt = find_resume_checkpoint(cfg, d)
     tok_file = meta["tokenizer"].get("file") or ""
     if ckpt is not None:
-        check_resumable(ckpt, resume_path, model_cfg, d, tokenizer_sha256, os.path.join(cfg.out_dir, tok_file))
-        init_state = ckpt["model"]
-    if init_state is not None and not fsdp:
-        raw_model.load_state_dict(init_state)
-    # Dropout masks differ per rank; restored from the checkpoint on resume.
-    torch.manual_seed(cfg.seed + 1 + d.rank)
+        global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
+        check_resumable(ckpt, resume_path, model_cfg, d, global_batch, tokenizer_sha256, os.path.join(cfg.out_dir, tok_file))
+        init_state = None if ckpt.get("sharded") else ckpt["model"]
 
     model: nn.Module = raw_model
     if cfg.grad_checkpoint:
@@ -596,32 +656,21 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         apply_compile(raw_model)
     if fsdp:
         apply_fsdp(raw_model, cfg, device, torch.bfloat16 if dtype == torch.bfloat16 else None)
-    elif d.enabled:
+    materialize(raw_model, device, init_state, cfg.seed)
+    if d.enabled and not fsdp:
         model = apply_ddp(raw_model, device)
     optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                fused=device.type == "cuda" and not cfg.fsdp_cpu_offload)
-    if fsdp and init_state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # Full weights come from rank 0 and are scattered into the shards. (One call per
-        # object: the combined set_state_dict with empty dicts on other ranks hangs.)
-        set_model_state_dict(raw_model, init_state if d.is_main else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # FSDP runs its own mixed precision; otherwise autocast does, with a loss scaler for fp16.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # Dropout masks differ per rank; restored from the checkpoint on resume.
+    torch.manual_seed(cfg.seed + 1 + d.rank)
 
     progress = Progress()
     if ckpt is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"] if d.is_main else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        restore_training_state(ckpt, resume_path, raw_model, optimizer, scaler, d, device)
         progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"])
-        set_rng_state(ckpt["rng"][d.rank], device)
         log0(d, f"resumed from {resume_path} at step {progress.step}")
     del ckpt, init_state
 

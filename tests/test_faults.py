@@ -6,6 +6,7 @@ for them."""
 import gzip
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -123,6 +124,23 @@ def test_3_no_checkpoint_is_written_during_a_nonfinite_streak(dataset, tmp_path,
     assert "the last checkpoint (step 4) is from before them" in one_line_error(err)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
+    # DCP's own reader unpickles .metadata with pickle.load; ours allows only DCP's index classes.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ckpt_000001"
+    evil.mkdir()
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (evil / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    torch.save({"step": 1, "model_config": {}, "tokenizer": {}}, evil / "train_state.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable sharded checkpoint.*not allowed"):
+        checkpoint.load_checkpoint(str(evil))
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- silent wrong results

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import checkpoint
+import export_hf
 import train
 from configurator import TrainConfig
 from dataset import TokenShards
@@ -283,33 +284,55 @@ def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exa
     finish(torchrun([*args, f"--out_dir={cut}"]))
     assert comparable(metrics(cut)) == comparable(metrics(ddp))  # bit-exact across the kill
 
-    # The same checkpoint cannot continue on one process: its RNG/data state is per rank.
-    with pytest.raises(SystemExit):
-        run_inprocess([*args, f"--out_dir={cut}", "--max_iters=40"])
+    # One process with twice the accumulation continues the 2-rank run: the same global batch,
+    # so the same windows, and the 2-rank run's losses within reduction-order rounding.
+    one_more = tmp_path / "one_more"
+    run_inprocess([*args, f"--out_dir={one_more}", "--gradient_accumulation_steps=2", f"--resume={cut / 'ckpt_000055.pt'}"])
+    continued, reference = train_losses(one_more), train_losses(ddp)
+    assert sorted(continued) == list(range(56, 61))
+    for step in continued:
+        assert continued[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), step
 
 
-def test_fsdp_two_ranks_train_save_and_resume(dataset, tmp_path):
+def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path):
     out = tmp_path / "fsdp"
     # eval_iters x batch_size = 3 x 3 = 9 validation windows: rank 0 takes 5, rank 1 takes 4 plus
     # one padding row, which must neither change the mean nor leave FSDP's collectives unmatched.
-    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--parallel=fsdp", "--eval_interval=4", "--lr_decay_iters=8",
-            "--eval_iters=3", "--batch_size=3"]
-    log = finish(torchrun([*args, "--max_iters=4"]))
+    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3", "--batch_size=3"]
+    fsdp = [*common, "--parallel=fsdp"]
+    log = finish(torchrun([*fsdp, "--max_iters=4"]))
     assert "parallel: fsdp" in log
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    # Each rank wrote its own shards; nothing was gathered into a ckpt.pt.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt_000004"]
+    assert sorted(p.name for p in (out / "ckpt_000004").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    ckpt = checkpoint.load_checkpoint(checkpoint.find_checkpoint(str(out)))  # consolidated on the fly, no process group
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and ckpt["parallel"] == "fsdp"
-    assert ckpt["model"]["embed.weight"].shape == (257, 32)  # gathered full tensors, not shards
-    finish(torchrun([*args, "--max_iters=8"]))
+    assert ckpt["model"]["embed.weight"].shape == (257, 32)
+    # 2 ranks -> 1 process (same global batch: 2x accumulation) -> 2 ranks again.
+    run_inprocess([*common, "--max_iters=8", "--gradient_accumulation_steps=2"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
+    finish(torchrun([*fsdp, "--max_iters=12"]))
+    assert checkpoint.find_checkpoint(str(out)) == str(out / "ckpt_000012")
     resumed = train_losses(out)
-    assert sorted(resumed) == list(range(1, 9))
+    assert sorted(resumed) == list(range(1, 13))
     # FSDP and a single process compute the same thing: compare against one process, 2x accumulation.
     single = tmp_path / "single"
-    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={single}", "--eval_interval=4", "--lr_decay_iters=8", "--max_iters=8", "--gradient_accumulation_steps=2", "--eval_iters=3", "--batch_size=3"])
+    run_inprocess([*common, f"--out_dir={single}", "--max_iters=12", "--gradient_accumulation_steps=2"])
     for step, loss in train_losses(single).items():
-        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-4)
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), step
     val_single = [r["val_loss"] for r in metrics(single) if "val_loss" in r]
     val_fsdp = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
-    assert len(val_single) == 2 and val_fsdp == pytest.approx(val_single, rel=1e-4)
+    assert len(val_single) == 3 and val_fsdp == pytest.approx(val_single, rel=1e-4)
+    # sample.py reads the sharded run directly.
+    sampled = subprocess.run([sys.executable, "sample.py", "--out_dir", str(out), "--start", "кот", "--max_new_tokens", "5", "--seed", "1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("кот") and "ckpt_000012: step 12" in sampled.stderr
+    # ... and export_hf.py consolidates it into one .pt with the same weights (no optimizer state).
+    export_hf.main(["--out_dir", str(out), "--to", str(tmp_path / "full" / "model.pt")])
+    full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    assert full["step"] == 12 and "optimizer" not in full and (tmp_path / "full" / "tokenizer.tiktoken").exists()
+    sharded = checkpoint.load_checkpoint(str(out / "ckpt_000012"))
+    assert all(torch.equal(full["model"][k], v) for k, v in sharded["model"].items())
 
 
 def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
