@@ -20,10 +20,12 @@ model.py does not implement.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import struct
 import warnings
 import zipfile
 from typing import NoReturn, Optional
@@ -505,6 +507,38 @@ def read_json(path: str) -> dict:
     return value
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, memory-mapped: nothing is read until used, and
+    processes on one machine share the pages, so ranks that each take their slice of every
+    tensor read the file once between them. (The format: an 8-byte little-endian header size,
+    a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.)"""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            header_size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_size))
+        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, never written back
+        start = 8 + header_size
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            numel = math.prod(shape)
+            if end - begin != numel * dtype.itemsize or start + end > len(data):
+                raise ValueError(f"{name} claims {numel * dtype.itemsize} bytes at {begin}..{end} of a {len(data)}-byte file")
+            flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin) if numel else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.view(shape)
+    except (OSError, ValueError, KeyError, TypeError, struct.error, OverflowError) as err:
+        raise HFError(f"cannot read {path}: it is not a valid .safetensors file ({type(err).__name__}: {err})") from None
+    return tensors
+
+
 def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a HF checkpoint directory: model.safetensors, pytorch_model.bin, or the
     shards listed by their .index.json."""
@@ -524,14 +558,7 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
         if not os.path.isfile(file):
             raise HFError(f"{file} is listed in the weight index but missing")
         if name.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise HFError("reading .safetensors needs the safetensors package: pip install safetensors") from None
-            try:
-                state.update(load_file(file))
-            except Exception as err:  # SafetensorError: a truncated or corrupt file
-                raise HFError(f"cannot read {file} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
+            state.update(read_safetensors(file))
         else:
             try:
                 state.update(torch.load(file, map_location="cpu", weights_only=True))

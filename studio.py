@@ -48,9 +48,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qs, urlsplit
 
+import torch
+
 from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
 from dataset import DatasetError, load_meta
-from hardware import estimate_train_memory_gb
+from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
 
 REPO = Path(__file__).resolve().parent
@@ -290,11 +292,11 @@ def preset_comment(path: Path) -> str:
 
 
 def memory_plan(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> dict:
-    """Per-GPU training memory for a config: the one place the studio asks hardware.py."""
-    compute_bytes = 4 if cfg.dtype == "float32" or cfg.device == "cpu" else 2
-    return estimate_train_memory_gb(model_cfg, cfg.batch_size, cfg.block_size, world_size,
-                                    fsdp=cfg.parallel == "fsdp" and world_size > 1,
-                                    grad_checkpoint=cfg.grad_checkpoint, compute_bytes=compute_bytes)
+    """Per-GPU training memory for a config (GiB by part, and "total"): the one place the studio
+    asks hardware.py, with the same plan train.py --dry_run prints and checks before a run."""
+    on_cpu = cfg.device == "cpu"
+    dtype = DTYPES.get(cfg.dtype, torch.float32 if on_cpu else torch.bfloat16)
+    return plan_run_memory(cfg, model_cfg, world_size, "cpu" if on_cpu else "cuda", dtype).gib()
 
 
 def describe_config(cfg: TrainConfig, vocab_size: int, world_size: int) -> dict:

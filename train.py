@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -39,10 +39,13 @@ from checkpoint import (
     CHECKPOINT_FORMAT, NUMBERED, SHARDED, CheckpointError, checkpoint_candidates, is_sharded, load_checkpoint, load_hf_model,
     load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint, save_sharded,
 )
-from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
+from configurator import ConfigError, TrainConfig, config_to_dict, format_config, parse_args, parse_args_or_exit
 from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
-from hardware import DeviceError, device_peak_flops, memory_table, peak_memory_mb, resolve_device, resolve_dtype
-from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, make_optimizer
+from hardware import (
+    DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, device_peak_flops, memory_table, peak_memory_mb, plan_run_memory,
+    resolve_device, resolve_dtype,
+)
+from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import TokenizerError
 
 
@@ -632,7 +635,6 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     if train_data.num_windows == 0:
         raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
     warn_about_val_split(cfg, d, meta, val_data)
-    _lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held until train() returns
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = d.enabled and cfg.parallel == "fsdp"
@@ -642,6 +644,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         log0(d, "note: bfloat16 on CPU is usually several times slower than float32")
 
     raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
+    check_memory_fits(cfg, model_cfg, d, device, dtype)
+    _lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held until train() returns
     resume_path, ckpt = find_resume_checkpoint(cfg, d)
     tok_file = meta["tokenizer"].get("file") or ""
     if ckpt is not None:
@@ -666,6 +670,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     # Dropout masks differ per rank; restored from the checkpoint on resume.
     torch.manual_seed(cfg.seed + 1 + d.rank)
+    ready = [peak_memory_mb(device)] * d.world_size
+    if d.enabled:
+        dist.all_gather_object(ready, ready[0])
+    log0(d, "memory with the model built: " + ", ".join(f"rank {r} {mb:,.0f} MB" for r, mb in enumerate(ready)) + " (peak so far)")
 
     progress = Progress()
     if ckpt is not None:
@@ -782,16 +790,55 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
 
 def dry_run(cfg: TrainConfig) -> None:
-    """Print what the config builds and roughly what it needs, without allocating anything."""
+    """Print what the config builds, what each rank needs and roughly how long a step takes,
+    without allocating anything. Under torchrun the plan is for that many ranks."""
+    if int(os.environ.get("RANK", 0)):
+        return
     try:
         vocab_size, source = load_meta(cfg.data_dir)["vocab_size"], f"the tokenizer of {cfg.data_dir}"
     except DatasetError:
         vocab_size, source = 32000, f"a default: no dataset at {cfg.data_dir}"
     model_cfg = cfg.model_config(vocab_size)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device_type = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda"
+    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
     print(f"vocab_size: {model_cfg.vocab_size} ({'set in the config' if cfg.vocab_size else source})")
     print(describe(model_cfg, cfg.block_size))
-    world_size = int(os.environ.get("WORLD_SIZE", 8))
-    print(memory_table(model_cfg, cfg.batch_size, cfg.block_size, world_size))
+    print(plan_run_memory(cfg, model_cfg, world_size, device_type, dtype).format())
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size
+    flops = flops_per_token(model_cfg, cfg.block_size) * tokens_per_step / world_size
+    times = ", ".join(f"{gpu} {flops / (GPU_PEAK_FLOPS[gpu] * 0.4):.2f} s" for gpu in ("H100 SXM", "A100", "L40S", "RTX 4090", "L4"))
+    print(f"tokens per step: {tokens_per_step:,}; step time at an assumed 40% MFU: {times}")
+    print(memory_table(model_cfg, cfg.batch_size, cfg.block_size, max(world_size, 8), cfg.gradient_accumulation_steps))
+
+
+def check_memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, d: Dist, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating anything, a run whose planned memory exceeds the device's: an
+    out-of-memory kill minutes later (or a swapping machine) is worse than a message now."""
+    plan = plan_run_memory(cfg, model_cfg, d.world_size, device.type, dtype)
+    available, what = available_memory_bytes(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if plan.total <= available:
+        return
+    options = []
+    for flag, change in (("--grad_checkpoint=True", {"grad_checkpoint": True}), (f"--batch_size={max(1, cfg.batch_size // 4)}", {"batch_size": max(1, cfg.batch_size // 4)}),
+                         ("--parallel=fsdp", {"parallel": "fsdp"}), ("--fsdp_cpu_offload=True", {"parallel": "fsdp", "fsdp_cpu_offload": True})):
+        other = replace(cfg, **change)
+        if other != cfg and plan_run_memory(other, model_cfg, d.world_size, device.type, dtype).total <= available:
+            options.append(flag)
+    if not options:  # which presets would, on this machine and data
+        presets_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+        for name in sorted(os.listdir(presets_dir)) if os.path.isdir(presets_dir) else []:
+            try:
+                preset = parse_args(TrainConfig, [os.path.join(presets_dir, name)])
+                preset_model = preset.model_config(model_cfg.vocab_size)
+            except (ConfigError, ValueError):
+                continue
+            if plan_run_memory(preset, preset_model, d.world_size, device.type, dtype).total <= available:
+                options.append(f"config/{name}")
+    biggest = max(plan.parts, key=plan.parts.get)
+    hint = f"these would fit: {', '.join(options)}" if options else "use more GPUs with --parallel=fsdp (see --dry_run)"
+    raise TrainError(f"this run needs about {plan.total / 2**30:.1f} GiB per rank (the most for {biggest}: {plan.parts[biggest] / 2**30:.1f} GiB) "
+                     f"but {what}; {hint}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

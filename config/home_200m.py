@@ -1,6 +1,6 @@
 # Home-sized model, 1024 hidden / 16 layers / 16 heads (GQA with 8 KV heads).
 # Parameters (python train.py config/home_200m.py --dry_run --vocab_size=32000): 221,545,472 total, 188,777,472 non-embedding
-# Hardware: one 24 GB GPU (bf16, batch 8) or several with torchrun; add grad_checkpoint on less.
+# Hardware: one 24 GB GPU (plan: 20.2 GiB in bf16 at batch 8) or several with torchrun; --grad_checkpoint=True cuts it to 7.4 GiB.
 data_dir = "data/demo"
 out_dir = "out-home-200m"
 

@@ -1,6 +1,6 @@
 # Home-sized model, 512 hidden / 8 layers / 8 heads: trains on one consumer GPU.
 # Parameters (python train.py config/home_25m.py --dry_run --vocab_size=32000): 43,655,680 total, 27,271,680 non-embedding
-# Hardware: one GPU with 8+ GB (bf16); CPU works but slowly.
+# Hardware: one GPU with 8+ GB: the plan (train.py --dry_run) is 6.2 GiB in bf16 at this batch.
 data_dir = "data/demo"
 out_dir = "out-home-25m"
 

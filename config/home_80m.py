@@ -1,6 +1,6 @@
 # Home-sized model, 768 hidden / 12 layers / 12 heads (GPT-2-small shape with a modern block).
 # Parameters (python train.py config/home_80m.py --dry_run --vocab_size=32000): 109,529,856 total, 84,953,856 non-embedding
-# Hardware: one GPU with 16+ GB (bf16), or several with torchrun (DDP).
+# Hardware: one GPU with 16+ GB (plan: 11.9 GiB in bf16 at this batch), or several with torchrun (DDP).
 data_dir = "data/demo"
 out_dir = "out-home-80m"
 

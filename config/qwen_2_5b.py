@@ -1,13 +1,17 @@
 # Qwen2.5-3B-shaped model (36 layers, hidden 2048, 16 heads, 8 KV heads, FFN 11008, qkv bias,
 # RoPE theta 1e6, context 32768, vocab 151936). Despite the file name the arithmetic says:
 # Parameters (python train.py config/qwen_2_5b.py --dry_run): 3,199,240,192 total, 2,888,075,264 non-embedding
-# Memory per GPU (rough arithmetic from hardware.estimate_train_memory_gb, bf16, batch 1 x 4096):
-#   DDP      grad_checkpoint=False:   70.1 GiB (states 47.7 + activations 16.6 + logits 5.8)
-#   DDP      grad_checkpoint=True :   54.5 GiB (states 47.7 + activations 1.0 + logits 5.8)
-#   FSDP x8  grad_checkpoint=False:   28.3 GiB (states 6.0 + activations 16.6 + logits 5.8)
-#   FSDP x8  grad_checkpoint=True :   12.8 GiB (states 6.0 + activations 1.0 + logits 5.8)
-# Hardware: FSDP (the default here) over 4-8 GPUs of 40-80 GB. DDP keeps the whole optimizer
-# state on every GPU: only 80 GB cards with grad_checkpoint, and little room to spare.
+# Memory per GPU from the plan train.py checks before every run (python train.py
+# config/qwen_2_5b.py --dry_run under torchrun prints it in full; hardware.memory_table):
+#   DDP      grad_checkpoint=False:   79.4 GiB
+#   DDP      grad_checkpoint=True :   58.0 GiB
+#   FSDP x8  grad_checkpoint=False:   41.2 GiB
+#   FSDP x8  grad_checkpoint=True :   22.3 GiB
+# (FSDP x4: 47.2 / 28.2 GiB. Gradient accumulation under FSDP holds 11.9 GiB of unsharded fp32
+# gradients between micro-steps; the chunked loss keeps the 152k-vocab logits small.)
+# Hardware: FSDP (the default here) over 4-8 GPUs of 80 GB without activation checkpointing,
+# which would cost ~1/3 more FLOPs; on 40-48 GB cards add --grad_checkpoint=True. DDP keeps the
+# whole optimizer state on every GPU: only 80 GB cards with grad_checkpoint, little room to spare.
 #   torchrun --nproc_per_node=8 train.py config/qwen_2_5b.py
 vocab_size = 151936
 n_layer = 36
@@ -25,7 +29,7 @@ block_size = 4096
 data_dir = "data/fineweb2_ru"
 out_dir = "out-qwen-2-5b"
 parallel = "fsdp"
-grad_checkpoint = True
+grad_checkpoint = False  # fits 80 GB cards under FSDP; --grad_checkpoint=True for 40-48 GB
 dtype = "bfloat16"
 
 batch_size = 1

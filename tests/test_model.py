@@ -407,7 +407,7 @@ def test_qwen_preset_shape_and_memory_table_match_the_code():
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.ffn_hidden) == (36, 2048, 16, 8, 11008)
     assert (cfg.max_seq_len, cfg.rope_theta, cfg.vocab_size, cfg.qkv_bias) == (32768, 1e6, 151936, True)
     assert 3.1e9 < count_params(cfg)["total"] < 3.3e9  # not 2.5B: the comment must not say so either
-    table = memory_table(cfg, values["batch_size"], values["block_size"], 8).splitlines()[1:]
+    table = memory_table(cfg, values["batch_size"], values["block_size"], 8, values["gradient_accumulation_steps"]).splitlines()[1:]
     text = open(path, encoding="utf-8").read()
     for line in table:
         assert f"# {line}\n" in text

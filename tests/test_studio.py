@@ -261,14 +261,15 @@ def test_overrides_are_validated_before_launch_with_the_cli_error(server, runs_d
 
 
 def test_estimate_counts_parameters_and_memory_as_the_libraries_do(server):
-    from hardware import estimate_train_memory_gb
+    from hardware import plan_training_memory
     from model import count_params
 
     status, body = server.call("/api/estimate", {"preset": "tiny_cpu", "data_dir": "data/tiny", "overrides": "--n_layer=3 --n_embd=64", "nproc": 2})
     assert status == 200, body
     cfg = TrainConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, block_size=256).model_config(257)
     assert body["params"] == count_params(cfg)["total"] and body["vocab_size"] == 257 and body["vocab_source"] == "the dataset"
-    assert body["memory_gb"] == pytest.approx(estimate_train_memory_gb(cfg, 16, 256, 2, compute_bytes=4))
+    plan = plan_training_memory(cfg, 16, 256, world_size=2, compute_dtype=torch.float32, device_type="cpu")  # tiny_cpu: device cpu
+    assert body["memory_gb"] == pytest.approx(plan.gib())
     assert body["tokens_per_step"] == 16 * 2 * 256
     assert "resumes" not in body  # no out_dir asked about
     body = server.call("/api/estimate", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "cli"})[1]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -139,8 +140,21 @@ def test_dry_run_prints_a_presets_counts_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     cfg = TrainConfig(n_layer=8, n_head=8, n_embd=512, block_size=1024).model_config(1000)
     assert f"parameters: {count_params(cfg)['total']:,} total" in out
-    assert "FSDP x8" in out
+    assert "FSDP x8" in out and "memory per rank (one process" in out and "step time at an assumed 40% MFU" in out
+    for part in ("parameters", "gradients", "optimizer", "activations", "loss", "total"):
+        assert re.search(rf"^  {part} +[\d.]+ GiB", out, re.M), part
     assert not (tmp_path / "o").exists()  # nothing was trained or written
+
+
+def test_a_model_too_big_for_this_machine_is_refused_in_seconds(dataset, tmp_path, capsys):
+    # qwen_2_5b (3.2B parameters, ~58 GiB per process) on a CPU box: a message, not an OOM kill.
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["config/qwen_2_5b.py", f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and time.perf_counter() - start < 60
+    assert re.fullmatch(r"error: this run needs about [\d.]+ GiB per rank \(the most for optimizer: [\d.]+ GiB\) but this machine has [\d.]+ GiB available; these would fit: .*config/tiny_cpu.py.*", err), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
@@ -426,3 +440,22 @@ def test_a_missing_sink_package_is_one_line_before_any_work(dataset, tmp_path, m
     option = flag.split("=")[0]
     assert err == f"error: {option} needs the {package} package, which is not installed: pip install {package} (or drop {option})\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_fsdp_ranks_hold_about_their_shard_at_start_not_the_whole_model(dataset, tmp_path):
+    # A ~400 MB fp32 model (8 layers x 1024 wide, tiny vocab) on 2 ranks. Built on the meta
+    # device and filled shard by shard, each FSDP rank's peak memory at start must be near
+    # baseline + half the model; a full copy per rank (as DDP holds) would be baseline + all of it.
+    big = [*TINY, "--n_layer=8", "--n_embd=1024", "--n_head=8", "--n_kv_head=8", "--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
+    model_mb = 8 * (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4 / 2**20  # 8 layers of attention + SwiGLU weights, fp32
+
+    def start_memory(*extra):
+        log = finish(torchrun([*big, f"--data_dir={dataset}", f"--out_dir={tmp_path / str(len(extra))}", *extra]))
+        line = next(line for line in log.splitlines() if line.startswith("memory with the model built:"))
+        return [float(mb.replace(",", "")) for mb in re.findall(r"rank \d ([\d,]+) MB", line)]
+
+    baseline = start_memory("--n_layer=1", "--n_embd=64", "--n_head=4", "--n_kv_head=2")
+    sharded = start_memory("--parallel=fsdp")
+    for rank, mb in enumerate(sharded):
+        assert mb - baseline[rank] < 0.5 * model_mb + 0.15 * model_mb, (sharded, baseline, model_mb)
+    assert 350 < model_mb < 450

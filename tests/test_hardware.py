@@ -1,0 +1,89 @@
+"""hardware.py: device and dtype resolution, and the memory plan checked against what autograd
+really keeps and what a real training step really uses."""
+
+import pytest
+import torch
+
+import hardware
+from model import ModelConfig, Transformer, count_params
+
+
+def saved_activation_bytes(block, x, cos, sin, autocast) -> int:
+    """Bytes autograd keeps for backward over one block's forward, each storage once, the
+    block's weights (and autocast's low-precision copies of them) and RoPE tables left out:
+    those are not activations (the plan counts autocast's weight copies separately)."""
+    not_activations = {p.untyped_storage().data_ptr() for p in block.parameters()} | {cos.untyped_storage().data_ptr()}
+    weight_shapes = {tuple(p.shape) for p in block.parameters()} | {tuple(p.shape[::-1]) for p in block.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in not_activations and tuple(t.shape) not in weight_shapes:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16 autocast", "bfloat16 weights (FSDP)"])
+@pytest.mark.parametrize("shape", [dict(n_embd=256, n_head=4, n_kv_head=2), dict(n_embd=384, n_head=6, n_kv_head=6, ffn_hidden=1000)])
+def test_activation_count_matches_what_autograd_keeps(mode, shape):
+    cfg = ModelConfig(vocab_size=100, n_layer=1, max_seq_len=64, **shape)
+    model = Transformer(cfg)
+    B, T = 3, 64
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    if mode == "bfloat16 weights (FSDP)":  # FSDP's mixed precision: bf16 weights and activations, no autocast
+        model = model.to(torch.bfloat16)
+        x = torch.randn(B, T, cfg.n_embd, dtype=torch.bfloat16, requires_grad=True)
+        a, r, autocast = 2, 2, torch.autocast("cpu", enabled=False)
+    else:
+        x = torch.randn(B, T, cfg.n_embd, requires_grad=True)
+        a, r = (4, 4) if mode == "float32" else (2, 4)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32")
+    measured = saved_activation_bytes(model.layers[0], x, cos, sin, autocast) / (B * T)
+    assert hardware.activation_bytes_per_token(cfg, a, r) == pytest.approx(measured, rel=0.02)
+
+
+def test_plan_adds_up_and_shards_the_states_under_fsdp():
+    cfg = ModelConfig(vocab_size=32000, n_layer=8, n_head=8, n_embd=512, max_seq_len=1024)
+    n = count_params(cfg)["total"]
+    ddp = hardware.plan_training_memory(cfg, 8, 1024, world_size=4)
+    fsdp = hardware.plan_training_memory(cfg, 8, 1024, world_size=4, fsdp=True, grad_accum=4)
+    assert ddp.parts["parameters"] == 4 * n and ddp.parts["optimizer"] == 8 * n
+    assert fsdp.parts["parameters"] == 4 * n / 4 and fsdp.parts["optimizer"] == 8 * n / 4
+    assert fsdp.parts["no-sync gradients"] == 4 * n  # accumulation keeps unsharded fp32 gradients
+    assert ddp.total == pytest.approx(sum(ddp.parts.values())) and ddp.gib()["total"] == pytest.approx(ddp.total / 2**30)
+    ckpt = hardware.plan_training_memory(cfg, 8, 1024, world_size=4, grad_checkpoint=True)
+    assert ckpt.parts["activations"] < ddp.parts["activations"] / 4
+    text = ddp.format()
+    assert "parameters" in text and "activations" in text and "total" in text
+
+
+def test_a_training_step_uses_about_what_the_plan_says():
+    # One process, fp32, on the CPU: peak RSS growth over a real step against the plan (minus
+    # the runtime baseline that is already counted in RSS before the model exists).
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch, sys\n"
+        "from model import ModelConfig, Transformer, make_optimizer\n"
+        "torch.set_num_threads(1)\n"
+        "def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "cfg = ModelConfig(vocab_size=8192, n_layer=6, n_head=8, n_embd=512, max_seq_len=256)\n"
+        "x = torch.randint(0, 8192, (8, 257)); torch.zeros(1).sum()\n"
+        "base = rss()\n"
+        "m = Transformer(cfg); opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))\n"
+        "for _ in range(2):\n"
+        "    m(x[:, :-1], x[:, 1:]).backward(); opt.step(); opt.zero_grad(set_to_none=True)\n"
+        "print(rss() - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr
+    measured = int(out.stdout.split()[-1])
+    cfg = ModelConfig(vocab_size=8192, n_layer=6, n_head=8, n_embd=512, max_seq_len=256)
+    plan = hardware.plan_training_memory(cfg, 8, 256, compute_dtype=torch.float32, device_type="cpu")
+    expected = plan.total - plan.parts["overhead"]  # the runtime was already in RSS at the baseline
+    assert measured == pytest.approx(expected, rel=0.15), (measured / 2**20, {k: v / 2**20 for k, v in plan.parts.items()})
