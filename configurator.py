@@ -270,7 +270,7 @@ class TrainConfig:
     min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = _key(100, "steps of linear warmup")
     lr_decay_iters: Optional[int] = _key(None, "end of the cosine decay; None: max_iters")
-    max_iters: int = _key(5000, "optimizer steps in the whole run")
+    max_iters: Optional[int] = _key(5000, "optimizer steps in the whole run; None: as many as max_time_min allows")
     weight_decay: float = _key(0.1, "AdamW weight decay, applied to matrices only")
     beta1: float = _key(0.9, "AdamW beta1")
     beta2: float = _key(0.95, "AdamW beta2")
@@ -280,7 +280,7 @@ class TrainConfig:
     eval_interval: int = _key(500, "evaluate and checkpoint every this many steps")
     eval_iters: int = _key(20, "validation batches per evaluation, split over ranks (eval_iters x batch_size windows)")
     log_interval: int = _key(10, "print and record train metrics every this many steps")
-    max_time_min: Optional[float] = _key(None, "stop cleanly (eval + save) after this many minutes")
+    max_time_min: Optional[float] = _key(None, "a time budget: the learning rate decays over it and the run ends (eval + save) when it is spent; max_iters then only caps the steps")
     peak_flops: Optional[float] = _key(None, "device peak FLOP/s for MFU; None: GPU table or a CPU matmul measurement")
     wandb_project: Optional[str] = _key(None, "also send every metrics.jsonl record to this Weights & Biases project (pip install wandb)")
     tensorboard_dir: Optional[str] = _key(None, "also write every metrics.jsonl record as TensorBoard scalars here (pip install tensorboard)")
@@ -299,15 +299,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Reject values that could only fail later (or silently do nothing), with the fix."""
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval", "max_iters", "nonfinite_patience")
+                    "eval_interval", "eval_iters", "log_interval", "nonfinite_patience")
         for name in positive:
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"{name}={value} must be a positive integer")
-        for name in ("vocab_size", "n_kv_head", "ffn_hidden", "max_seq_len", "lr_decay_iters"):
+        if self.max_iters is None and self.max_time_min is None:
+            raise ValueError("max_iters=None needs a time budget: pass --max_time_min=MINUTES, or give max_iters a number")
+        for name in ("vocab_size", "n_kv_head", "ffn_hidden", "max_seq_len", "lr_decay_iters", "max_iters"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be a positive integer (or None for the default)")
+                raise ValueError(f"{name}={value} must be a positive integer, or None")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")

@@ -105,8 +105,15 @@ def log0(d: Dist, *args) -> None:
 # ----------------------------------------------------------------------------- schedule
 
 
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup (non-zero at step 0), then cosine decay to min_lr at lr_decay_iters."""
+def get_lr(step: int, cfg: TrainConfig, budget_spent: Optional[float] = None) -> float:
+    """Linear warmup (non-zero at step 0), then cosine decay to min_lr at lr_decay_iters
+    (default max_iters). A time-budgeted run (max_time_min) decays over its budget instead:
+    budget_spent is the fraction of max_time_min used so far (1.0 on the last step), so the
+    run ends at min_lr whenever the clock says it ends; warmup still counts steps."""
+    if cfg.max_time_min is not None:
+        spent = min(1.0, max(0.0, budget_spent or 0.0))
+        decayed = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * spent)) * (cfg.learning_rate - cfg.min_lr)
+        return min(decayed, cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1))
     decay_end = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
@@ -486,6 +493,7 @@ class Progress:
     step: int = 0
     tokens_seen: int = 0
     best_val_loss: float = float("inf")
+    elapsed_s: float = 0.0  # wall time of the run so far, across resumes: a time budget's clock
 
 
 def write_metrics(run: Run, record: dict) -> None:
@@ -551,7 +559,7 @@ def checkpoint_state(run: Run, progress: Progress, scaler) -> dict:
     return {
         "format_version": CHECKPOINT_FORMAT, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "model_config": run.model_cfg.to_dict(), "train_config": config_to_dict(cfg),
-        "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss,
+        "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss, "elapsed_s": progress.elapsed_s,
         "tokenizer": run.meta["tokenizer"], "tokenizer_sha256": run.tokenizer_sha256,
         "data": {"data_dir": cfg.data_dir, "vocab_size": run.meta["vocab_size"], "eot_id": run.meta["eot_id"]},
         "rng": rngs, "sampler": {"seed": cfg.seed, "next_step": progress.step, "global_batch": run.global_batch},
@@ -678,7 +686,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     progress = Progress()
     if ckpt is not None:
         restore_training_state(ckpt, resume_path, raw_model, optimizer, scaler, d, device)
-        progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"])
+        progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0))
         log0(d, f"resumed from {resume_path} at step {progress.step}")
     del ckpt, init_state
 
@@ -702,14 +710,25 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     last_saved = progress.step if resume_path else None
 
     stop = StopFlag()
-    started = time.perf_counter()
+    # The clock of a time-budgeted run: wall seconds since the run began (a resumed run goes on
+    # from the checkpoint's count), as rank 0 measures it; every rank gets rank 0's value with
+    # the step's statistics, so all ranks use the same learning rate and stop at the same step.
+    started = time.perf_counter() - progress.elapsed_s
+    budget_s = cfg.max_time_min * 60 if cfg.max_time_min is not None else None
+    elapsed, step_s, after_eval, decay_s = progress.elapsed_s, None, True, budget_s
     nonfinite_run = 0
     model.train()
     t_log, tokens_at_log = time.perf_counter(), progress.tokens_seen
     batches = read_step(run, train_data, progress.step)
-    while progress.step < cfg.max_iters:
+    while cfg.max_iters is None or progress.step < cfg.max_iters:
         step = progress.step
-        lr = get_lr(step, cfg)
+        # The step that will cross the budget is the last. The decay aims to end three steps
+        # before the budget (never later than before), so that the last step runs at min_lr even
+        # when steps take longer than the estimate, as on a busy machine.
+        last_by_time = budget_s is not None and step_s is not None and elapsed + step_s >= budget_s
+        if budget_s is not None:
+            decay_s = min(decay_s, max(budget_s - 3 * (step_s or 0.0), budget_s / 2))
+        lr = get_lr(step, cfg, 1.0 if last_by_time else elapsed / decay_s if budget_s else None)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -726,19 +745,24 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                 # Divide so the accumulated gradient is the mean over the whole global batch.
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         # On a GPU the work above is only queued: read the next step's batches meanwhile.
-        batches = read_step(run, train_data, step + 1) if step + 1 < cfg.max_iters else []
+        batches = read_step(run, train_data, step + 1) if not last_by_time and step + 1 != cfg.max_iters else []
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        out_of_time = cfg.max_time_min is not None and time.perf_counter() - started > cfg.max_time_min * 60
         # Everything the host needs from this step in one small tensor, summed over ranks and
-        # read once: the loss, the grad norm (equal on every rank) and the stop votes. A
-        # non-finite loss on any rank makes the sum non-finite, so all ranks skip together.
-        stats = torch.stack([loss_sum, grad_norm.float(), torch.tensor(float(stop.requested or out_of_time), device=device)])
+        # read once: the loss, the grad norm (equal on every rank), the stop votes and rank 0's
+        # clock. A non-finite loss on any rank makes the sum non-finite: all ranks skip together.
+        host = torch.tensor([float(stop.requested), time.perf_counter() - started if d.is_main else 0.0], device=device)
+        stats = torch.cat([torch.stack([loss_sum, grad_norm.float()]), host])
         if d.enabled:
             dist.all_reduce(stats)
-        loss_total, grad_norm_total, stop_votes = stats.tolist()
+        loss_total, grad_norm_total, stop_votes, now_elapsed = stats.tolist()
+        if not after_eval:  # a step's duration, erring long, for spotting the last one
+            step_s = max(now_elapsed - elapsed, 0.8 * (step_s or 0.0))
+        elapsed, after_eval = now_elapsed, False
+        progress.elapsed_s = elapsed
+        out_of_time = budget_s is not None and (last_by_time or elapsed >= budget_s)
         loss_mean = loss_total / (cfg.gradient_accumulation_steps * d.world_size)
         grad_norm = grad_norm_total / d.world_size
         finite = math.isfinite(loss_total) and (scaler.is_enabled() or math.isfinite(grad_norm))
@@ -760,7 +784,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         progress.tokens_seen += tokens_per_step
         step = progress.step
 
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+        if step % cfg.log_interval == 0 or step == cfg.max_iters or out_of_time:
             now = time.perf_counter()
             tokens_per_s = (progress.tokens_seen - tokens_at_log) / (now - t_log) if progress.tokens_seen > tokens_at_log else 0.0
             t_log, tokens_at_log = now, progress.tokens_seen
@@ -770,23 +794,26 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             write_metrics(run, {
                 "step": step, "loss": loss_mean if finite else None, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": mem, "tokens_seen": progress.tokens_seen,
-                "elapsed_s": time.perf_counter() - started,
+                "elapsed_s": elapsed,
             })
             if d.is_main:
                 write_status(cfg.out_dir, "running", step=step)
         if stop_votes:
-            reason = "time budget spent" if out_of_time and not stop.requested else "stopped by signal"
-            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run)
+            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, "stopped by signal", nonfinite_run)
             if d.is_main:
-                write_status(cfg.out_dir, "stopped", "signal" if reason == "stopped by signal" else "time budget", step=step)
+                write_status(cfg.out_dir, "stopped", "signal", step=step)
             return
+        if out_of_time:  # the budget is the schedule's end: the run is complete
+            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, "time budget spent", nonfinite_run)
+            break
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
             if eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run):
                 last_saved = step
-    log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens")
+            after_eval = True
+    log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {progress.elapsed_s / 60:.1f} min, final lr {lr:.3e}")
     if d.is_main:
-        write_status(cfg.out_dir, "finished", "max_iters", step=progress.step)
+        write_status(cfg.out_dir, "finished", "time budget" if out_of_time else "max_iters", step=progress.step)
 
 
 def dry_run(cfg: TrainConfig) -> None:

@@ -387,7 +387,7 @@ def test_status_json_says_finished_stopped_or_crashed_and_why(dataset, tmp_path)
 
     run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'timed'}", "--max_iters=100000", "--eval_interval=100000", "--max_time_min=0.005"])
     s = status(tmp_path / "timed")
-    assert (s["state"], s["reason"]) == ("stopped", "time budget")
+    assert (s["state"], s["reason"]) == ("finished", "time budget")
     assert s["step"] == torch.load(tmp_path / "timed" / "ckpt.pt", weights_only=True)["step"]
 
 
@@ -459,3 +459,36 @@ def test_fsdp_ranks_hold_about_their_shard_at_start_not_the_whole_model(dataset,
     for rank, mb in enumerate(sharded):
         assert mb - baseline[rank] < 0.5 * model_mb + 0.15 * model_mb, (sharded, baseline, model_mb)
     assert 350 < model_mb < 450
+
+
+def test_a_time_budget_shapes_the_schedule_and_ends_at_min_lr(dataset, tmp_path):
+    # --max_iters=None: as many steps as 0.15 minutes allow, the cosine following the clock.
+    out = tmp_path / "timed"
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=None", "--max_time_min=0.15", "--eval_interval=100000", "--warmup_iters=2"]
+    start = time.perf_counter()
+    run_inprocess(args)
+    took = time.perf_counter() - start
+    records = [r for r in metrics(out) if "lr" in r]
+    assert len(records) >= 4 and took < 0.15 * 60 + 30  # the budget, plus start-up and the final eval and save
+    assert records[-1]["lr"] == pytest.approx(3e-4)  # min_lr on the last step
+    lrs = [r["lr"] for r in records[2:]]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decaying with the clock after warmup
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed[-1] <= 0.15 * 60 + 2 and records[len(records) // 2]["lr"] < 3e-3
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == records[-1]["step"] and ckpt["elapsed_s"] == pytest.approx(elapsed[-1])
+
+
+def test_a_time_budgeted_run_resumes_on_its_own_clock(dataset, tmp_path):
+    out = tmp_path / "timed"
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=None", "--max_time_min=0.2", "--eval_interval=5"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    saved = kill_after_first_checkpoint(proc, out)
+    saved_elapsed = torch.load(out / "ckpt.pt", weights_only=True)["elapsed_s"]
+    run_inprocess(args)
+    records = [r for r in metrics(out) if "lr" in r]
+    assert [r["step"] for r in records] == list(range(1, records[-1]["step"] + 1)) and records[-1]["step"] > saved
+    resumed = [r for r in records if r["step"] > saved]
+    assert resumed[0]["elapsed_s"] > saved_elapsed  # the clock went on from the checkpoint's count
+    assert records[-1]["lr"] == pytest.approx(3e-4) and records[-1]["elapsed_s"] <= 0.2 * 60 + 2
