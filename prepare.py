@@ -1,7 +1,7 @@
 """prepare.py: turn a text corpus into token shards that train.py reads with np.memmap.
 
     python prepare.py                                   # built-in demo: Python stdlib source -> data/demo
-    python prepare.py --input corpus.jsonl.gz           # -> data/corpus, SentencePiece BPE sp:32000
+    python prepare.py --input corpus.jsonl.xz           # -> data/corpus, SentencePiece BPE sp:32000
     python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
     python prepare.py --input web.jsonl --tokenizer cl100k_base
 
@@ -26,6 +26,7 @@ import glob
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shlex
 import shutil
@@ -60,8 +61,9 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
 DEFAULT_CHUNK_MB = 1.0
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
-TXT_SUFFIXES = (".txt", ".txt.gz")
+COMPRESSED = (".gz", ".xz")  # read through the standard library's gzip and lzma
+JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson") for c in ("", *COMPRESSED))
+TXT_SUFFIXES = tuple(".txt" + c for c in ("", *COMPRESSED))
 DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 MAX_REPORTED_SKIPS = 10
 
@@ -150,7 +152,7 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
         if os.path.isfile(arg):
             if _input_kind(arg, txt_mode) is None:
                 raise PrepareError(
-                    f"Unsupported input file {arg}: prepare.py reads .jsonl, .txt and their .gz "
+                    f"Unsupported input file {arg}: prepare.py reads .jsonl, .txt and their .gz/.xz "
                     "versions (convert other formats, e.g. parquet, to .jsonl first)."
                 )
             paths.append(arg)
@@ -167,7 +169,7 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
             for f in files:
                 (found if _input_kind(f, txt_mode) else ignored).append(f)
         if not found:
-            raise PrepareError(f"No .jsonl or .txt files (optionally .gz) found in {arg}; check the path.")
+            raise PrepareError(f"No .jsonl or .txt files (optionally .gz/.xz) found in {arg}; check the path.")
         if ignored:
             _log(f"note: ignoring {len(ignored)} file(s) with other extensions under {arg}, e.g. {ignored[0]}")
         paths.extend(found)
@@ -210,7 +212,8 @@ def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> 
     between blocks. A start offset (plain files only) skips ahead and drops the partial line there.
     """
     with open(path, "rb") as raw:
-        f: Any = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
+        ext = os.path.splitext(path.lower())[1]
+        f: Any = gzip.GzipFile(fileobj=raw) if ext == ".gz" else lzma.LZMAFile(raw) if ext == ".xz" else raw
         if kind == "file":  # the whole file is one document by definition
             yield 1, f.read(), raw.tell()
             return
@@ -382,7 +385,7 @@ def sample_documents(
 
     Each file contributes in proportion to its size. Within a large plain file we read from 8
     evenly spaced offsets rather than only the head, so a corpus sorted by topic or source is not
-    represented by its first few megabytes alone (gzip cannot seek cheaply, so .gz uses the head).
+    represented by its first few megabytes alone (compressed files cannot seek cheaply: head only).
     Validation documents are left out.
     """
     total = sum(f.size for f in files) or 1
@@ -392,7 +395,7 @@ def sample_documents(
             continue
         share = budget_bytes if total <= budget_bytes else int(budget_bytes * file.size / total)
         windows = 1
-        if max_docs is None and file.kind != "file" and not file.path.lower().endswith(".gz") and share < file.size:
+        if max_docs is None and file.kind != "file" and not file.path.lower().endswith(COMPRESSED) and share < file.size:
             windows = 8
         for w in range(windows):
             quota = share // windows
@@ -566,7 +569,7 @@ def default_out_dir(inputs: list[str]) -> str:
     if not inputs:
         return DEMO_OUT_DIR
     name = os.path.basename(os.path.normpath(inputs[0].split("*")[0])) or "dataset"
-    for suffix in (".gz", ".jsonl", ".ndjson", ".txt"):
+    for suffix in (*COMPRESSED, ".jsonl", ".ndjson", ".txt"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return os.path.join("data", name or "dataset")
@@ -852,11 +855,11 @@ def _run_pool(
 def parse_args(argv: list[str]) -> PrepareConfig:
     p = argparse.ArgumentParser(
         prog="prepare.py",
-        description="Tokenize a .jsonl/.txt(.gz) corpus into uint16/uint32 token shards for train.py. "
+        description="Tokenize a .jsonl/.txt(.gz/.xz) corpus into uint16/uint32 token shards for train.py. "
         "With no --input, builds the demo dataset from the Python standard library source.",
     )
     p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
-                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz")
+                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz or .xz")
     p.add_argument("--val_input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="separate validation corpus (then every --input document goes to train)")
     p.add_argument("--val_fraction", type=float, default=None,

@@ -3,6 +3,7 @@
 import base64
 import gzip
 import json
+import lzma
 import random
 import subprocess
 import sys
@@ -200,6 +201,19 @@ def test_separate_val_input(sp_dataset, tmp_path):
     assert read_split(out, "val") == val_docs
     meta = dataset.load_meta(str(out))
     assert meta["val_inputs"] == [str(va_gz)] and meta["val_fraction"] == 0.0
+
+
+def test_xz_inputs_and_their_default_out_dir(sp_dataset, tmp_path, monkeypatch):
+    docs, lines = make_docs(30, seed=4), [d.replace("\n", " ") for d in make_docs(10, seed=5)]
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    (src / "books.jsonl.xz").write_bytes(lzma.compress(jsonl.encode()))
+    (src / "lines.txt.xz").write_bytes(lzma.compress("\n".join(lines).encode()))
+    monkeypatch.chdir(tmp_path)
+    assert run("--input", src / "books.jsonl.xz", src / "lines.txt.xz", "--tokenizer", sp_dataset / "tokenizer.model",
+               "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(tmp_path / "data" / "books", "train") == docs + lines
 
 
 def test_tokenizer_sample_is_bounded_and_spread_over_the_file(tmp_path):
