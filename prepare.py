@@ -1,6 +1,7 @@
 """prepare.py: turn a text corpus into token shards that train.py reads with np.memmap.
 
-    python prepare.py                                   # built-in demo: Python stdlib source -> data/demo
+    python prepare.py                                   # built-in demo: 11 MB of Russian classics -> data/demo
+    python prepare.py --demo python                     # the other demo: Python stdlib source -> data/demo-python
     python prepare.py --input corpus.jsonl.xz           # -> data/corpus, SentencePiece BPE sp:32000
     python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
     python prepare.py --input web.jsonl --tokenizer cl100k_base
@@ -50,13 +51,7 @@ from tokenizer import (
 )
 
 DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
-# The demo model is tiny and trains on ~12 MB of Python, so a 4k vocabulary keeps the embedding
-# table small while still merging common identifiers and indentation runs into single tokens.
-DEFAULT_DEMO_TOKENIZER = "sp:4096"
-DEMO_OUT_DIR = "data/demo"
 DEFAULT_VAL_FRACTION = 0.005
-# The demo corpus has only ~730 documents; 2% gives ~15 files (~250 kB) so val loss is not noise.
-DEMO_VAL_FRACTION = 0.02
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
 DEFAULT_CHUNK_MB = 1.0
@@ -64,8 +59,29 @@ DEFAULT_CHUNK_MB = 1.0
 COMPRESSED = (".gz", ".xz")  # read through the standard library's gzip and lzma
 JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson") for c in ("", *COMPRESSED))
 TXT_SUFFIXES = tuple(".txt" + c for c in ("", *COMPRESSED))
-DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 MAX_REPORTED_SKIPS = 10
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A built-in corpus that `python prepare.py` tokenizes when no --input is given."""
+
+    out_dir: str
+    tokenizer: str
+    val_fraction: float
+
+
+DEMOS = {
+    # The default: 11 MB of Russian classics shipped in demo/ (demo/PROVENANCE.md lists the works).
+    # sp:8192 (6.2 bytes/token) beat sp:4096 (5.5) on the quick start's model, per step and per
+    # FLOP (docs/benchmarks.md). 5% of the ~1,050 documents (~0.4 MB) go to validation.
+    "ru": Demo("data/demo", "sp:8192", 0.05),
+    # The Python standard library's own source (~730 files, 12 MB, tests excluded); a 4k vocabulary
+    # still merges common identifiers and indentation runs, and 2% keeps ~15 files for validation.
+    "python": Demo("data/demo-python", "sp:4096", 0.02),
+}
+DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "ru_literature.jsonl.xz")
+PYTHON_DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
 class PrepareError(Exception):
@@ -190,19 +206,33 @@ def _walk_files(root: str) -> list[str]:
     return sorted(out)
 
 
-def demo_files() -> tuple[str, list[str]]:
-    """The demo corpus: the Python standard library's own .py files, minus tests, sorted."""
+def python_demo_files() -> tuple[str, list[str]]:
+    """The python demo corpus: the Python standard library's own .py files, minus tests, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         str(p)
         for p in root.rglob("*.py")
         if p.is_file()
         and p.stat().st_size > 0  # empty __init__.py files are not documents
-        and not DEMO_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+        and not PYTHON_DEMO_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
     if not files:
         raise PrepareError(f"No Python standard library sources found under {root}; pass --input with your own corpus.")
     return str(root), files
+
+
+def demo_inputs(name: str) -> tuple[list[InputFile], str]:
+    """The input files of built-in demo `name` and a line that describes them."""
+    if name == "ru":
+        if not os.path.isfile(DEMO_CORPUS):
+            raise PrepareError(f"The demo corpus {DEMO_CORPUS} is missing; restore it with `git checkout demo/` or pass --input.")
+        about = (f"the Russian literature shipped in {DEMO_CORPUS} (11 MB of text, 200 works by 11 authors, "
+                 "1820s-1920s; demo/PROVENANCE.md lists them)")
+        return [InputFile(DEMO_CORPUS, "jsonl", "auto", os.path.getsize(DEMO_CORPUS))], about
+    root, paths = python_demo_files()
+    files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
+    mb = sum(f.size for f in files) / 1e6
+    return files, f"the Python standard library source ({root}, {len(files)} .py files, {mb:.1f} MB, tests excluded)"
 
 
 def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
@@ -526,15 +556,16 @@ def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
 class PrepareConfig:
     """Everything prepare() needs; the command-line flags map one to one onto these fields."""
 
-    inputs: list[str] = field(default_factory=list)  # empty -> built-in demo corpus
+    inputs: list[str] = field(default_factory=list)  # empty -> a built-in demo corpus
+    demo: str | None = None  # a key of DEMOS; None -> "ru" when inputs is empty
     val_inputs: list[str] = field(default_factory=list)
-    val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (DEMO_VAL_FRACTION for the demo)
+    val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (the demo's own for a demo)
     text_key: str = "text"
     txt_mode: str = "line"  # "line" | "file"
-    tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (DEFAULT_DEMO_TOKENIZER for the demo)
+    tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (the demo's own for a demo)
     tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN
     sp_sample_mb: float = DEFAULT_SP_SAMPLE_MB
-    out_dir: str | None = None  # None -> data/<stem of first input> or data/demo
+    out_dir: str | None = None  # None -> data/<stem of first input>, or the demo's own
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     workers: int = 0  # 0 -> number of usable CPU cores
     chunk_mb: float = DEFAULT_CHUNK_MB
@@ -565,9 +596,9 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_out_dir(inputs: list[str]) -> str:
-    if not inputs:
-        return DEMO_OUT_DIR
+def default_out_dir(inputs: list[str], demo: str | None = None) -> str:
+    if demo:
+        return DEMOS[demo].out_dir
     name = os.path.basename(os.path.normpath(inputs[0].split("*")[0])) or "dataset"
     for suffix in (*COMPRESSED, ".jsonl", ".ndjson", ".txt"):
         if name.lower().endswith(suffix):
@@ -578,14 +609,16 @@ def default_out_dir(inputs: list[str]) -> str:
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline; returns the meta.json dict. Raises PrepareError/TokenizerError."""
     t_start = time.time()
-    demo = not cfg.inputs
+    demo = cfg.demo or (None if cfg.inputs else "ru")
+    if (demo and cfg.inputs) or demo not in (None, *DEMOS):
+        raise PrepareError(f"--demo takes one of {', '.join(DEMOS)} and no --input (it picks a built-in corpus).")
     if cfg.val_inputs and cfg.val_fraction is not None:
         raise PrepareError("Pass either --val_input or --val_fraction, not both.")
     if demo and cfg.val_inputs:
         raise PrepareError("--val_input needs --input as well (the demo corpus has its own split).")
     val_fraction = cfg.val_fraction
     if val_fraction is None:
-        val_fraction = DEMO_VAL_FRACTION if demo else DEFAULT_VAL_FRACTION
+        val_fraction = DEMOS[demo].val_fraction if demo else DEFAULT_VAL_FRACTION
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     if cfg.val_inputs:
@@ -597,33 +630,27 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.txt_mode not in ("line", "file"):
         raise PrepareError("--txt_mode must be 'line' or 'file'.")
     workers = cfg.workers or cpu_count()
-
-    if demo and not cfg.overwrite:
-        # Re-running the README's quick start must not fail on the dataset its first run made.
-        existing = os.path.join(os.path.abspath(cfg.out_dir or DEMO_OUT_DIR), "meta.json")
-        if os.path.isfile(existing):
-            with open(existing, encoding="utf-8") as f:
-                meta = json.load(f)
-            wanted = cfg.tokenizer or DEFAULT_DEMO_TOKENIZER
-            if meta.get("demo") and meta.get("max_docs") == cfg.max_docs and meta["tokenizer"]["spec"] == wanted:
-                _log(f"{os.path.dirname(existing)} already holds the demo dataset; using it (--overwrite rebuilds it).")
-                return meta
+    spec = cfg.tokenizer or (DEMOS[demo].tokenizer if demo else DEFAULT_TOKENIZER)
+    out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs, demo))
 
     # Inputs and the tokenizer are checked before anything is written or trained.
+    demo_record = None
     if demo:
-        root, paths = demo_files()
-        files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
-        _log(
-            f"No --input given: building the built-in demo dataset from the Python standard library "
-            f"source ({root}, {len(files)} .py files, {sum(f.size for f in files) / 1e6:.1f} MB, tests excluded)."
-        )
+        files, about = demo_inputs(demo)
+        # The digest of the corpus tells a changed demo (a new release of it) from the one on disk.
+        digest = hashlib.sha256(b"".join(hashlib.sha256(Path(f.path).read_bytes()).digest() for f in files))
+        demo_record = {"name": demo, "sha256": digest.hexdigest()}
+        if not cfg.overwrite:
+            wanted = {"demo": demo_record, "tokenizer": spec, "val_fraction": val_fraction, "max_docs": cfg.max_docs}
+            meta = existing_demo(out_dir, wanted)
+            if meta is not None:
+                return meta
+        _log(f"{'No --input given' if cfg.demo is None else f'--demo {demo}'}: building the demo dataset from {about}.")
     else:
         files = find_input_files(cfg.inputs, cfg.txt_mode, "train" if cfg.val_inputs else "auto")
     val_files = find_input_files(cfg.val_inputs, cfg.txt_mode, "val") if cfg.val_inputs else []
-    spec = cfg.tokenizer or (DEFAULT_DEMO_TOKENIZER if demo else DEFAULT_TOKENIZER)
     plan = resolve_tokenizer(spec, cfg.tiktoken_pattern)
 
-    out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs))
     _check_out_dir(out_dir, cfg.overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -634,7 +661,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     os.umask(umask)
     os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a dataset is not
     try:
-        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo, t_start)
+        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo_record, t_start)
         _commit(tmp_dir, out_dir)
     finally:
         if os.path.exists(tmp_dir):
@@ -645,11 +672,28 @@ def prepare(cfg: PrepareConfig) -> dict:
         f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs, {meta['dtype']}, "
         f"vocab {meta['vocab_size']}, {meta['timing_s']['total']:.1f} s"
     )
-    if demo and out_dir == os.path.abspath(DEMO_OUT_DIR):
+    data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs, demo))
+    if out_dir == os.path.abspath(DEMOS["ru"].out_dir):  # where the presets look by default
         _log("next: python train.py config/tiny_cpu.py")
     else:
-        data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs))
-        _log(f"next: python train.py config/<preset>.py --data_dir={data_dir}")
+        _log(f"next: python train.py config/{'tiny_cpu' if demo else '<preset>'}.py --data_dir={data_dir}")
+    return meta
+
+
+def existing_demo(out_dir: str, wanted: dict) -> dict | None:
+    """Re-running the quick start must not fail on the dataset its first run made: the meta of the
+    same demo dataset in out_dir, or None if there is none. Another dataset there is an error."""
+    try:
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        have = {k: meta.get(k) for k in wanted} | {"tokenizer": meta["tokenizer"]["spec"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # nothing there, or not ours: _check_out_dir says what to do
+    differ = [k if k != "demo" else "corpus" for k in wanted if have[k] != wanted[k]]
+    if differ:
+        raise PrepareError(f"{out_dir} already holds a dataset with another {', '.join(differ)}; "
+                           "pass --overwrite to rebuild it or choose another --out_dir.")
+    _log(f"{out_dir} already holds this demo dataset; using it (--overwrite rebuilds it).")
     return meta
 
 
@@ -682,7 +726,7 @@ def _commit(tmp_dir: str, out_dir: str) -> None:
 
 def _prepare_into(
     cfg: PrepareConfig, tmp_dir: str, files: list[InputFile], val_files: list[InputFile],
-    plan: TokenizerPlan, val_fraction: float, workers: int, demo: bool, t_start: float,
+    plan: TokenizerPlan, val_fraction: float, workers: int, demo: dict | None, t_start: float,
 ) -> dict:
     threshold = val_threshold(val_fraction)
     sample_budget = int(cfg.sp_sample_mb * 1e6)
@@ -783,7 +827,7 @@ def _prepare_into(
         "val_inputs": [f.path for f in val_files],
         "val_fraction": val_fraction,
         "text_key": cfg.text_key,
-        "txt_mode": "file" if demo else cfg.txt_mode,
+        "txt_mode": "file" if demo and demo["name"] == "python" else cfg.txt_mode,
         "shard_tokens": cfg.shard_tokens,
         "max_docs": cfg.max_docs,
         "command": cfg.command,
@@ -856,28 +900,32 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p = argparse.ArgumentParser(
         prog="prepare.py",
         description="Tokenize a .jsonl/.txt(.gz/.xz) corpus into uint16/uint32 token shards for train.py. "
-        "With no --input, builds the demo dataset from the Python standard library source.",
+        "With no --input, builds the demo dataset from the Russian literature shipped in demo/.",
     )
     p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz or .xz")
+    p.add_argument("--demo", choices=tuple(DEMOS), default=None,
+                   help="build a built-in demo instead of --input: ru (the default without --input; Russian "
+                   f"literature -> {DEMOS['ru'].out_dir}) or python (the Python standard library source -> "
+                   f"{DEMOS['python'].out_dir})")
     p.add_argument("--val_input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="separate validation corpus (then every --input document goes to train)")
     p.add_argument("--val_fraction", type=float, default=None,
                    help=f"fraction of documents picked for val by a hash of their text "
-                   f"(default {DEFAULT_VAL_FRACTION}, demo {DEMO_VAL_FRACTION})")
+                   f"(default {DEFAULT_VAL_FRACTION}, demos {DEMOS['ru'].val_fraction} / {DEMOS['python'].val_fraction})")
     p.add_argument("--text_key", default="text", help="JSON key holding the document text in .jsonl (default text)")
     p.add_argument("--txt_mode", choices=("line", "file"), default="line",
                    help=".txt: one document per line (default), or the whole file as one document")
     p.add_argument("--tokenizer", default=None,
                    help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, hf:DIR (a local HF model's tokenizer), or one of "
-                   f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demo {DEFAULT_DEMO_TOKENIZER})")
+                   f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demos {DEMOS['ru'].tokenizer} / {DEMOS['python'].tokenizer})")
     p.add_argument("--tiktoken_pattern", default=DEFAULT_TIKTOKEN_PATTERN,
                    help="pre-split regex for a bare .tiktoken file (default: the cl100k_base pattern)")
     p.add_argument("--sp_sample_mb", type=float, default=DEFAULT_SP_SAMPLE_MB,
                    help=f"MB of text sampled from the input to train sp:N "
                    f"(default {DEFAULT_SP_SAMPLE_MB:g}; RAM use is ~8x this)")
     p.add_argument("--out_dir", default=None,
-                   help=f"output directory (default data/<first input name>, demo {DEMO_OUT_DIR})")
+                   help=f"output directory (default data/<first input name>, demos {DEMOS['ru'].out_dir} / {DEMOS['python'].out_dir})")
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPU cores)")
@@ -892,7 +940,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     if a.workers < 0:
         p.error("--workers must be >= 0")
     return PrepareConfig(
-        inputs=a.input, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
+        inputs=a.input, demo=a.demo, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
         txt_mode=a.txt_mode, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,
         sp_sample_mb=a.sp_sample_mb, out_dir=a.out_dir, shard_tokens=a.shard_tokens, workers=a.workers,
         chunk_mb=a.chunk_mb, max_docs=a.max_docs, overwrite=a.overwrite, strict=a.strict,
