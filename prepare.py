@@ -61,6 +61,11 @@ JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson") for c in ("", *COMPR
 TXT_SUFFIXES = tuple(".txt" + c for c in ("", *COMPRESSED))
 MAX_REPORTED_SKIPS = 10
 
+# One evaluation with train.py's defaults reads eval_iters x batch_size windows of block_size + 1
+# tokens (20 x 8 x 1025; a test keeps this in step with TrainConfig). A validation split under a
+# quarter of that (a few documents) is read over and over, and its loss says little: we warn.
+ONE_EVAL_TOKENS = 20 * 8 * 1025
+
 
 @dataclass(frozen=True)
 class Demo:
@@ -803,6 +808,12 @@ def _prepare_into(
             f"No document was picked for validation out of {n_docs} (--val_fraction {val_fraction}); "
             "raise --val_fraction or pass --val_input."
         )
+    val_tokens = sum(x["tokens"] for x in shards["val"])
+    if 0 < val_tokens < ONE_EVAL_TOKENS / 4:
+        fix = "pass a larger --val_input" if val_files else f"raise --val_fraction (now {val_fraction:g}) or pass --val_input"
+        _log(f"warning: the validation split has only {val_tokens:,} tokens ({totals['val']['documents']:,} documents), under "
+             f"a quarter of the {ONE_EVAL_TOKENS:,} that one evaluation with train.py's defaults reads, so its loss "
+             f"will be noisy; {fix}.")
     if skipped:
         _log("skipped records: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     if invalid_utf8:

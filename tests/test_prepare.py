@@ -218,6 +218,25 @@ def test_xz_inputs_and_their_default_out_dir(sp_dataset, tmp_path, monkeypatch):
     assert read_split(tmp_path / "data" / "books", "train") == docs + lines
 
 
+def test_a_tiny_validation_split_gets_a_warning_that_names_the_fix(corpus, sp_dataset, tmp_path, capsys):
+    path, _ = corpus
+    tok = sp_dataset / "tokenizer.model"
+    assert run("--input", path, "--tokenizer", tok, "--out_dir", tmp_path / "a", "--workers", 1, "--val_fraction", 0.05) == 0
+    val_docs = dataset.load_meta(str(tmp_path / "a"))["splits"]["val"]["documents"]
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the validation split")]
+    assert len(warning) == 1 and f"({val_docs} documents)" in warning[0]
+    assert "raise --val_fraction (now 0.05) or pass --val_input" in warning[0]
+    val = write_jsonl(tmp_path / "va.jsonl", make_docs(3, seed=9))
+    assert run("--input", path, "--val_input", val, "--tokenizer", tok, "--out_dir", tmp_path / "b", "--workers", 1) == 0
+    err = capsys.readouterr().err
+    assert "(3 documents)" in err and "so its loss will be noisy; pass a larger --val_input." in err
+    # The size the warning compares against is one evaluation with train.py's defaults.
+    from configurator import TrainConfig
+
+    c = TrainConfig()
+    assert prepare.ONE_EVAL_TOKENS == c.eval_iters * c.batch_size * (c.block_size + 1)
+
+
 def test_tokenizer_sample_is_bounded_and_spread_over_the_file(tmp_path):
     docs = make_docs(2000, seed=4)
     path = write_jsonl(tmp_path / "big.jsonl", docs)
@@ -572,7 +591,8 @@ def test_prepare_without_arguments_tokenizes_the_shipped_russian_corpus_exactly(
     assert Counter(train) + Counter(val) == Counter(shipped)
     assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in shipped)
     assert 0.03 < len(val) / len(shipped) < 0.07
-    assert "next: python train.py config/tiny_cpu.py" in err
+    # The validation split is big enough for train.py's evaluations, so no warning about it.
+    assert "warning" not in err and "next: python train.py config/tiny_cpu.py" in err
 
 
 def test_rerunning_the_demo_reuses_it_and_refuses_a_different_one(quick_start, monkeypatch, capsys):
