@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from configurator import TrainConfig, parse_args
+from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
 from hardware import device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from model import Transformer, estimate_mfu, make_optimizer
@@ -156,27 +156,11 @@ def cpu_count() -> int:
 
 
 def read_documents(paths: list[str], text_key: str = "text") -> list[str]:
-    """Every document of .jsonl / .txt files (optionally .gz; directories are searched), in memory."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-        else:
-            files.append(path)
+    """Every document of the corpus files, in memory (corpus.py reads them as prepare.py does)."""
     docs = []
-    for path in files:
-        name = path.lower().removesuffix(".gz")
-        if not name.endswith((".jsonl", ".ndjson", ".txt")):
-            continue
-        with (gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")) as f:
-            for line in f:
-                if name.endswith(".txt"):
-                    if line.rstrip("\n"):
-                        docs.append(line.rstrip("\n"))
-                elif line.strip():
-                    text = json.loads(line).get(text_key)
-                    if isinstance(text, str) and text:
-                        docs.append(text)
+    for file in find_input_files(paths, "line", "train"):
+        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22):
+            docs.extend(parse_piece(file.kind, data, first_line, text_key).docs)
     return docs
 
 

@@ -1,7 +1,8 @@
 """prepare.py: turn a text corpus into token shards that train.py reads with np.memmap.
 
-    python prepare.py                                   # built-in demo: Python stdlib source -> data/demo
-    python prepare.py --input corpus.jsonl.gz           # -> data/corpus, SentencePiece BPE sp:32000
+    python prepare.py                                   # built-in demo: 11 MB of Russian classics -> data/demo
+    python prepare.py --demo python                     # the other demo: Python stdlib source -> data/demo-python
+    python prepare.py --input corpus.jsonl.xz           # -> data/corpus, SentencePiece BPE sp:32000
     python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
     python prepare.py --input web.jsonl --tokenizer cl100k_base
 
@@ -15,15 +16,14 @@ Output layout (dataset.py describes the format and reads it; _prepare_into lists
 meta.json field):
     <out_dir>/train_000000.bin ...  val_000000.bin ...  tokenizer.model|tokenizer.tiktoken  meta.json
 
-Tokenizers (loading, sp:N training, tiktoken files, hf: conversion) live in tokenizer.py;
-`python bench.py prepare` measures this script against the bare tokenizer.
+Reading and parsing the input files lives in corpus.py, tokenizers (loading, sp:N training,
+tiktoken files, hf: conversion) in tokenizer.py. `python bench.py prepare` measures this script
+against the bare tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import hashlib
 import json
 import os
@@ -35,7 +35,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +43,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from corpus import (
+    COMPRESSED, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, parse_piece, sample_documents,
+    utf8_document, val_threshold,
+)
 from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
 from tokenizer import (
     DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
@@ -51,21 +54,39 @@ from tokenizer import (
 )
 
 DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
-# The demo model is tiny and trains on ~12 MB of Python, so a 4k vocabulary keeps the embedding
-# table small while still merging common identifiers and indentation runs into single tokens.
-DEFAULT_DEMO_TOKENIZER = "sp:4096"
-DEMO_OUT_DIR = "data/demo"
 DEFAULT_VAL_FRACTION = 0.005
-# The demo corpus has only ~730 documents; 2% gives ~15 files (~250 kB) so val loss is not noise.
-DEMO_VAL_FRACTION = 0.02
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
 DEFAULT_CHUNK_MB = 1.0
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
-TXT_SUFFIXES = (".txt", ".txt.gz")
-DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 MAX_REPORTED_SKIPS = 10
+
+# One evaluation with train.py's defaults reads eval_iters x batch_size windows of block_size + 1
+# tokens (20 x 8 x 1025; a test keeps this in step with TrainConfig). A validation split under a
+# quarter of that (a few documents) is read over and over, and its loss says little: we warn.
+ONE_EVAL_TOKENS = 20 * 8 * 1025
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A built-in corpus that `python prepare.py` tokenizes when no --input is given."""
+
+    out_dir: str
+    tokenizer: str
+    val_fraction: float
+
+
+DEMOS = {
+    # The default: 11 MB of Russian classics shipped in demo/ (demo/PROVENANCE.md lists the works).
+    # sp:8192 (6.2 bytes/token) beat sp:4096 (5.5) on the quick start's model, per step and per
+    # FLOP (docs/benchmarks.md). 5% of the ~1,050 documents (~0.4 MB) go to validation.
+    "ru": Demo("data/demo", "sp:8192", 0.05),
+    # The Python standard library's own source (~730 files, 12 MB, tests excluded); a 4k vocabulary
+    # still merges common identifiers and indentation runs, and 2% keeps ~15 files for validation.
+    "python": Demo("data/demo-python", "sp:4096", 0.02),
+}
+DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "ru_literature.jsonl.xz")
+PYTHON_DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
 class PrepareError(Exception):
@@ -125,304 +146,36 @@ def materialize_tokenizer(
     return info, tok
 
 
-# ----------------------------------------------------------------------------- inputs
+# ----------------------------------------------------------------------------- demo corpora
 
 
-@dataclass
-class InputFile:
-    path: str
-    kind: str  # "jsonl" | "txt" (one document per line) | "file" (whole file is one document)
-    split: str  # "auto" (hash decides) | "train" | "val"
-    size: int  # bytes on disk, for progress and sampling
-
-
-def _input_kind(path: str, txt_mode: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(TXT_SUFFIXES):
-        return "file" if txt_mode == "file" else "txt"
-    return None
-
-
-def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFile]:
-    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list."""
-    paths: list[str] = []
-    for arg in args:
-        if os.path.isfile(arg):
-            if _input_kind(arg, txt_mode) is None:
-                raise PrepareError(
-                    f"Unsupported input file {arg}: prepare.py reads .jsonl, .txt and their .gz "
-                    "versions (convert other formats, e.g. parquet, to .jsonl first)."
-                )
-            paths.append(arg)
-            continue
-        if os.path.isdir(arg):
-            candidates = [arg]
-        else:
-            candidates = sorted(glob.glob(arg, recursive=True))
-            if not candidates:
-                raise PrepareError(f"Input path {arg} does not exist; check --input/--val_input.")
-        found, ignored = [], []
-        for c in candidates:
-            files = [c] if os.path.isfile(c) else _walk_files(c)
-            for f in files:
-                (found if _input_kind(f, txt_mode) else ignored).append(f)
-        if not found:
-            raise PrepareError(f"No .jsonl or .txt files (optionally .gz) found in {arg}; check the path.")
-        if ignored:
-            _log(f"note: ignoring {len(ignored)} file(s) with other extensions under {arg}, e.g. {ignored[0]}")
-        paths.extend(found)
-    seen, result = set(), []
-    for p in paths:
-        key = os.path.realpath(p)
-        if key not in seen:
-            seen.add(key)
-            result.append(InputFile(p, _input_kind(p, txt_mode) or "", split, os.path.getsize(p)))
-    return result
-
-
-def _walk_files(root: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
-    return sorted(out)
-
-
-def demo_files() -> tuple[str, list[str]]:
-    """The demo corpus: the Python standard library's own .py files, minus tests, sorted."""
+def python_demo_files() -> tuple[str, list[str]]:
+    """The python demo corpus: the Python standard library's own .py files, minus tests, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         str(p)
         for p in root.rglob("*.py")
         if p.is_file()
         and p.stat().st_size > 0  # empty __init__.py files are not documents
-        and not DEMO_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+        and not PYTHON_DEMO_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
     if not files:
         raise PrepareError(f"No Python standard library sources found under {root}; pass --input with your own corpus.")
     return str(root), files
 
 
-def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
-    """Yield (first line number, block of whole lines, bytes read from disk so far) for one file.
-
-    Each block is piece_bytes plus the rest of the line it stops in, so no record is ever split
-    between blocks. A start offset (plain files only) skips ahead and drops the partial line there.
-    """
-    with open(path, "rb") as raw:
-        f: Any = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
-        try:
-            if kind == "file":  # the whole file is one document by definition
-                yield 1, f.read(), raw.tell()
-                return
-            if start:
-                raw.seek(start)
-                raw.readline()
-            line = 1
-            while True:
-                block = f.read(piece_bytes)
-                if not block:
-                    return
-                if not block.endswith(b"\n"):
-                    block += f.readline()
-                yield line, block, raw.tell()
-                line += block.count(b"\n")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise PrepareError(f"{path} cannot be decompressed ({e}); the file is truncated or corrupt: download or compress it again.") from None
-
-
-def _cut_after_lines(data: bytes, n: int) -> bytes:
-    """The first n lines of data."""
-    pos = 0
-    for _ in range(n):
-        pos = data.find(b"\n", pos) + 1
-        if pos == 0:
-            return data
-    return data[:pos]
-
-
-def _count_records(data: bytes) -> int:
-    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-
-
-# One piece of work for a worker: (index into the file table, first line number, raw bytes).
-Piece = tuple[int, int, bytes]
-
-
-def iter_tasks(
-    files: list[InputFile], task_bytes: int, max_docs: int | None
-) -> Iterator[tuple[list[Piece], int]]:
-    """Group the input into tasks of about task_bytes each; yields (pieces, disk bytes consumed).
-
-    The grouping depends only on the input and task_bytes, never on the number of workers,
-    which is what makes the output independent of --workers.
-    """
-    remaining = max_docs if max_docs is not None else -1
-    task: list[Piece] = []
-    task_size, disk = 0, 0
-    for index, file in enumerate(files):
-        last_pos = 0
-        for first_line, data, pos in iter_file_pieces(file.path, file.kind, task_bytes):
-            if remaining == 0:
-                break
-            if file.kind == "file":
-                remaining -= 1
-            elif remaining > 0:
-                n = _count_records(data)
-                if n > remaining:
-                    data, n = _cut_after_lines(data, remaining), remaining
-                remaining -= n
-            task.append((index, first_line, data))
-            task_size += len(data)
-            disk += pos - last_pos
-            last_pos = pos
-            if task_size >= task_bytes:
-                yield task, disk
-                task, task_size, disk = [], 0, 0
-        if remaining == 0:
-            break
-    if task:
-        yield task, disk
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-@dataclass
-class Parsed:
-    docs: list[str] = field(default_factory=list)
-    skips: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail)
-    invalid_utf8: int = 0
-
-
-def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parsed:
-    """Turn one block of raw input into document strings plus skipped-record reports."""
-    out = Parsed()
-    if kind == "file":
-        text, bad = _decode(data)
-        out.invalid_utf8 += bad
-        if text:
-            out.docs.append(text)
-        else:
-            out.skips.append((first_line, "empty_text", "empty file"))
-        return out
-    try:  # fast path: the whole block is valid UTF-8
-        lines = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        lines = []
-        for raw_line in data.split(b"\n"):
-            text, bad = _decode(raw_line)
-            out.invalid_utf8 += bad
-            lines.append(text)
-    if data.endswith(b"\n"):
-        lines.pop()  # the empty string after the final newline is not a record
-    for offset, line in enumerate(lines):
-        line_no = first_line + offset
-        if kind == "txt":
-            if line.endswith("\r"):
-                line = line[:-1]  # CRLF files: the \r belongs to the line ending
-            if line:
-                out.docs.append(line)
-            else:
-                out.skips.append((line_no, "empty_text", "empty line"))
-            continue
-        if not line.strip():
-            out.skips.append((line_no, "blank_line", "blank line"))
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            out.skips.append((line_no, "bad_json", f"malformed JSON ({e.args[0] if e.args else e})"))
-            continue
-        except RecursionError:  # e.g. 100,000 nested [: not a document, and not worth a crash
-            out.skips.append((line_no, "bad_json", "malformed JSON (nested too deeply)"))
-            continue
-        if not isinstance(obj, dict):
-            out.skips.append((line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object"))
-        elif text_key not in obj:
-            out.skips.append((line_no, "missing_text_key", f"no {text_key!r} key"))
-        elif not isinstance(obj[text_key], str):
-            out.skips.append((line_no, "text_not_string", f"{text_key!r} is {type(obj[text_key]).__name__}"))
-        elif not obj[text_key]:
-            out.skips.append((line_no, "empty_text", f"empty {text_key!r}"))
-        else:
-            out.docs.append(obj[text_key])
-    return out
-
-
-def _decode(data: bytes) -> tuple[str, int]:
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace"), 1
-
-
-def _utf8(text: str) -> tuple[bytes, str, int]:
-    """UTF-8 bytes of a document; JSON escapes can smuggle in unpaired surrogates, which are
-    not encodable, so those become U+FFFD (and are counted like invalid UTF-8)."""
-    try:
-        return text.encode("utf-8"), text, 0
-    except UnicodeEncodeError:
-        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return fixed.encode("utf-8"), fixed, 1
-
-
-def is_val_document(text_bytes: bytes, threshold: int) -> bool:
-    """Deterministic split: a document is in val when a hash of its bytes falls below threshold.
-
-    blake2b, unlike hash(), is stable across runs and machines; identical documents always land
-    in the same split, so exact duplicates cannot leak from train into val.
-    """
-    digest = hashlib.blake2b(text_bytes, digest_size=8).digest()
-    return int.from_bytes(digest, "little") < threshold
-
-
-def val_threshold(fraction: float) -> int:
-    return int(fraction * 2**64)
-
-
-def sample_documents(
-    files: list[InputFile], budget_bytes: int, text_key: str, threshold: int, max_docs: int | None
-) -> Iterator[str]:
-    """A bounded, deterministic sample of training documents for tokenizer training.
-
-    Each file contributes in proportion to its size. Within a large plain file we read from 8
-    evenly spaced offsets rather than only the head, so a corpus sorted by topic or source is not
-    represented by its first few megabytes alone (gzip cannot seek cheaply, so .gz uses the head).
-    Validation documents are left out.
-    """
-    total = sum(f.size for f in files) or 1
-    remaining_docs = max_docs if max_docs is not None else -1
-    for file in files:
-        if file.split == "val":
-            continue
-        share = budget_bytes if total <= budget_bytes else int(budget_bytes * file.size / total)
-        windows = 1
-        if max_docs is None and file.kind != "file" and not file.path.lower().endswith(".gz") and share < file.size:
-            windows = 8
-        for w in range(windows):
-            quota = share // windows
-            start, end = file.size * w // windows, file.size * (w + 1) // windows
-            for first_line, data, pos in iter_file_pieces(file.path, file.kind, 1 << 20, start):
-                if remaining_docs == 0 or quota <= 0 or (windows > 1 and pos - len(data) >= end):
-                    break
-                if remaining_docs > 0 and file.kind != "file":
-                    data = _cut_after_lines(data, remaining_docs)
-                parsed = parse_piece(file.kind, data, first_line, text_key)
-                if remaining_docs > 0:
-                    remaining_docs -= len(parsed.docs) + len(parsed.skips)
-                for text in parsed.docs:
-                    b, text, _ = _utf8(text)
-                    if file.split == "auto" and is_val_document(b, threshold):
-                        continue
-                    if len(b) > quota:  # e.g. one huge whole-file document: take its start
-                        text = b[:quota].decode("utf-8", "ignore")
-                    quota -= len(b)
-                    yield text
-                    if quota <= 0:
-                        break
+def demo_inputs(name: str) -> tuple[list[InputFile], str]:
+    """The input files of built-in demo `name` and a line that describes them."""
+    if name == "ru":
+        if not os.path.isfile(DEMO_CORPUS):
+            raise PrepareError(f"The demo corpus {DEMO_CORPUS} is missing; restore it with `git checkout demo/` or pass --input.")
+        about = (f"the Russian literature shipped in {DEMO_CORPUS} (11 MB of text, 200 works by 11 authors, "
+                 "1820s-1920s; demo/PROVENANCE.md lists them)")
+        return [InputFile(DEMO_CORPUS, "jsonl", "auto", os.path.getsize(DEMO_CORPUS))], about
+    root, paths = python_demo_files()
+    files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
+    mb = sum(f.size for f in files) / 1e6
+    return files, f"the Python standard library source ({root}, {len(files)} .py files, {mb:.1f} MB, tests excluded)"
 
 
 # ----------------------------------------------------------------------------- workers
@@ -485,7 +238,7 @@ def process_task(pieces: list[Piece]) -> TaskResult:
             if len(result.examples) < MAX_REPORTED_SKIPS:
                 result.examples.append((file_index, line, reason, detail))
         for text in parsed.docs:
-            b, text, bad = _utf8(text)
+            b, text, bad = utf8_document(text)
             result.invalid_utf8 += bad
             to_val = file.split == "val" or (file.split == "auto" and is_val_document(b, setup.threshold))
             if to_val:
@@ -531,15 +284,16 @@ def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
 class PrepareConfig:
     """Everything prepare() needs; the command-line flags map one to one onto these fields."""
 
-    inputs: list[str] = field(default_factory=list)  # empty -> built-in demo corpus
+    inputs: list[str] = field(default_factory=list)  # empty -> a built-in demo corpus
+    demo: str | None = None  # a key of DEMOS; None -> "ru" when inputs is empty
     val_inputs: list[str] = field(default_factory=list)
-    val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (DEMO_VAL_FRACTION for the demo)
+    val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (the demo's own for a demo)
     text_key: str = "text"
     txt_mode: str = "line"  # "line" | "file"
-    tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (DEFAULT_DEMO_TOKENIZER for the demo)
+    tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (the demo's own for a demo)
     tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN
     sp_sample_mb: float = DEFAULT_SP_SAMPLE_MB
-    out_dir: str | None = None  # None -> data/<stem of first input> or data/demo
+    out_dir: str | None = None  # None -> data/<stem of first input>, or the demo's own
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     workers: int = 0  # 0 -> number of usable CPU cores
     chunk_mb: float = DEFAULT_CHUNK_MB
@@ -570,11 +324,11 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_out_dir(inputs: list[str]) -> str:
-    if not inputs:
-        return DEMO_OUT_DIR
+def default_out_dir(inputs: list[str], demo: str | None = None) -> str:
+    if demo:
+        return DEMOS[demo].out_dir
     name = os.path.basename(os.path.normpath(inputs[0].split("*")[0])) or "dataset"
-    for suffix in (".gz", ".jsonl", ".ndjson", ".txt"):
+    for suffix in (*COMPRESSED, ".jsonl", ".ndjson", ".txt"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return os.path.join("data", name or "dataset")
@@ -583,14 +337,16 @@ def default_out_dir(inputs: list[str]) -> str:
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline; returns the meta.json dict. Raises PrepareError/TokenizerError."""
     t_start = time.time()
-    demo = not cfg.inputs
+    demo = cfg.demo or (None if cfg.inputs else "ru")
+    if (demo and cfg.inputs) or demo not in (None, *DEMOS):
+        raise PrepareError(f"--demo takes one of {', '.join(DEMOS)} and no --input (it picks a built-in corpus).")
     if cfg.val_inputs and cfg.val_fraction is not None:
         raise PrepareError("Pass either --val_input or --val_fraction, not both.")
     if demo and cfg.val_inputs:
         raise PrepareError("--val_input needs --input as well (the demo corpus has its own split).")
     val_fraction = cfg.val_fraction
     if val_fraction is None:
-        val_fraction = DEMO_VAL_FRACTION if demo else DEFAULT_VAL_FRACTION
+        val_fraction = DEMOS[demo].val_fraction if demo else DEFAULT_VAL_FRACTION
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     if cfg.val_inputs:
@@ -602,35 +358,27 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.txt_mode not in ("line", "file"):
         raise PrepareError("--txt_mode must be 'line' or 'file'.")
     workers = cfg.workers or cpu_count()
-
-    if demo and not cfg.overwrite:
-        # Re-running the README's quick start must not fail on the dataset its first run made.
-        existing = os.path.join(os.path.abspath(cfg.out_dir or DEMO_OUT_DIR), "meta.json")
-        if os.path.isfile(existing):
-            try:
-                meta = load_meta(os.path.dirname(existing))
-            except DatasetError:
-                meta = {}  # unreadable: not reusable; _check_out_dir says what to do
-            wanted = cfg.tokenizer or DEFAULT_DEMO_TOKENIZER
-            if meta.get("demo") and meta.get("max_docs") == cfg.max_docs and meta["tokenizer"].get("spec") == wanted:
-                _log(f"{os.path.dirname(existing)} already holds the demo dataset; using it (--overwrite rebuilds it).")
-                return meta
+    spec = cfg.tokenizer or (DEMOS[demo].tokenizer if demo else DEFAULT_TOKENIZER)
+    out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs, demo))
 
     # Inputs and the tokenizer are checked before anything is written or trained.
+    demo_record = None
     if demo:
-        root, paths = demo_files()
-        files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
-        _log(
-            f"No --input given: building the built-in demo dataset from the Python standard library "
-            f"source ({root}, {len(files)} .py files, {sum(f.size for f in files) / 1e6:.1f} MB, tests excluded)."
-        )
+        files, about = demo_inputs(demo)
+        # The digest of the corpus tells a changed demo (a new release of it) from the one on disk.
+        digest = hashlib.sha256(b"".join(hashlib.sha256(Path(f.path).read_bytes()).digest() for f in files))
+        demo_record = {"name": demo, "sha256": digest.hexdigest()}
+        if not cfg.overwrite:
+            wanted = {"demo": demo_record, "tokenizer": spec, "val_fraction": val_fraction, "max_docs": cfg.max_docs}
+            meta = existing_demo(out_dir, wanted)
+            if meta is not None:
+                return meta
+        _log(f"{'No --input given' if cfg.demo is None else f'--demo {demo}'}: building the demo dataset from {about}.")
     else:
         files = find_input_files(cfg.inputs, cfg.txt_mode, "train" if cfg.val_inputs else "auto")
     val_files = find_input_files(cfg.val_inputs, cfg.txt_mode, "val") if cfg.val_inputs else []
-    spec = cfg.tokenizer or (DEFAULT_DEMO_TOKENIZER if demo else DEFAULT_TOKENIZER)
     plan = resolve_tokenizer(spec, cfg.tiktoken_pattern)
 
-    out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs))
     _check_out_dir(out_dir, cfg.overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -642,7 +390,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     os.umask(umask)
     os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a dataset is not
     try:
-        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo, t_start)
+        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo_record, t_start)
         _commit(tmp_dir, out_dir)
     finally:
         if os.path.exists(tmp_dir):
@@ -653,11 +401,28 @@ def prepare(cfg: PrepareConfig) -> dict:
         f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs, {meta['dtype']}, "
         f"vocab {meta['vocab_size']}, {meta['timing_s']['total']:.1f} s"
     )
-    if demo and out_dir == os.path.abspath(DEMO_OUT_DIR):
+    data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs, demo))
+    if out_dir == os.path.abspath(DEMOS["ru"].out_dir):  # where the presets look by default
         _log("next: python train.py config/tiny_cpu.py")
     else:
-        data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs))
-        _log(f"next: python train.py config/<preset>.py --data_dir={data_dir}")
+        _log(f"next: python train.py config/{'tiny_cpu' if demo else '<preset>'}.py --data_dir={data_dir}")
+    return meta
+
+
+def existing_demo(out_dir: str, wanted: dict) -> dict | None:
+    """Re-running the quick start must not fail on the dataset its first run made: the meta of the
+    same demo dataset in out_dir, or None if there is none. Another dataset there is an error."""
+    try:
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        have = {k: meta.get(k) for k in wanted} | {"tokenizer": meta["tokenizer"]["spec"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # nothing there, or not ours: _check_out_dir says what to do
+    differ = [k if k != "demo" else "corpus" for k in wanted if have[k] != wanted[k]]
+    if differ:
+        raise PrepareError(f"{out_dir} already holds a dataset with another {', '.join(differ)}; "
+                           "pass --overwrite to rebuild it or choose another --out_dir.")
+    _log(f"{out_dir} already holds this demo dataset; using it (--overwrite rebuilds it).")
     return meta
 
 
@@ -720,16 +485,16 @@ OWNER_FILE = ".owner"
 
 
 def _make_owned_dir(prefix: str, parent: str) -> str:
-    import socket
+    import platform
 
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
     with open(os.path.join(path, OWNER_FILE), "w", encoding="utf-8") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.write(f"{os.getpid()} {platform.node()}\n")
     return path
 
 
 def _remove_stale_work_dirs(out_dir: str) -> None:
-    import socket
+    import platform
 
     parent, name = os.path.split(out_dir)
     for entry in os.listdir(parent) if os.path.isdir(parent) else []:
@@ -740,7 +505,7 @@ def _remove_stale_work_dirs(out_dir: str) -> None:
                 pid, host = f.read().split()
         except (OSError, ValueError):
             continue  # not one of ours, or an older version's: leave it
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
+        if host == platform.node() and not _pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
             _log(f"removed {os.path.join(parent, entry)}, left behind by a prepare.py run that was killed")
 
@@ -757,7 +522,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _prepare_into(
     cfg: PrepareConfig, tmp_dir: str, files: list[InputFile], val_files: list[InputFile],
-    plan: TokenizerPlan, val_fraction: float, workers: int, demo: bool, t_start: float,
+    plan: TokenizerPlan, val_fraction: float, workers: int, demo: dict | None, t_start: float,
 ) -> dict:
     threshold = val_threshold(val_fraction)
     sample_budget = int(cfg.sp_sample_mb * 1e6)
@@ -834,6 +599,12 @@ def _prepare_into(
             f"No document was picked for validation out of {n_docs} (--val_fraction {val_fraction}); "
             "raise --val_fraction or pass --val_input."
         )
+    val_tokens = sum(x["tokens"] for x in shards["val"])
+    if 0 < val_tokens < ONE_EVAL_TOKENS / 4:
+        fix = "pass a larger --val_input" if val_files else f"raise --val_fraction (now {val_fraction:g}) or pass --val_input"
+        _log(f"warning: the validation split has only {val_tokens:,} tokens ({totals['val']['documents']:,} documents), under "
+             f"a quarter of the {ONE_EVAL_TOKENS:,} that one evaluation with train.py's defaults reads, so its loss "
+             f"will be noisy; {fix}.")
     if skipped:
         _log("skipped records: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     if invalid_utf8:
@@ -858,7 +629,7 @@ def _prepare_into(
         "val_inputs": [f.path for f in val_files],
         "val_fraction": val_fraction,
         "text_key": cfg.text_key,
-        "txt_mode": "file" if demo else cfg.txt_mode,
+        "txt_mode": "file" if demo and demo["name"] == "python" else cfg.txt_mode,
         "shard_tokens": cfg.shard_tokens,
         "max_docs": cfg.max_docs,
         "command": cfg.command,
@@ -951,29 +722,33 @@ def _run_pool(
 def parse_args(argv: list[str]) -> PrepareConfig:
     p = argparse.ArgumentParser(
         prog="prepare.py",
-        description="Tokenize a .jsonl/.txt(.gz) corpus into uint16/uint32 token shards for train.py. "
-        "With no --input, builds the demo dataset from the Python standard library source.",
+        description="Tokenize a .jsonl/.txt(.gz/.xz) corpus into uint16/uint32 token shards for train.py. "
+        "With no --input, builds the demo dataset from the Russian literature shipped in demo/.",
     )
     p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
-                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz")
+                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz or .xz")
+    p.add_argument("--demo", choices=tuple(DEMOS), default=None,
+                   help="build a built-in demo instead of --input: ru (the default without --input; Russian "
+                   f"literature -> {DEMOS['ru'].out_dir}) or python (the Python standard library source -> "
+                   f"{DEMOS['python'].out_dir})")
     p.add_argument("--val_input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="separate validation corpus (then every --input document goes to train)")
     p.add_argument("--val_fraction", type=float, default=None,
                    help=f"fraction of documents picked for val by a hash of their text "
-                   f"(default {DEFAULT_VAL_FRACTION}, demo {DEMO_VAL_FRACTION})")
+                   f"(default {DEFAULT_VAL_FRACTION}, demos {DEMOS['ru'].val_fraction} / {DEMOS['python'].val_fraction})")
     p.add_argument("--text_key", default="text", help="JSON key holding the document text in .jsonl (default text)")
     p.add_argument("--txt_mode", choices=("line", "file"), default="line",
                    help=".txt: one document per line (default), or the whole file as one document")
     p.add_argument("--tokenizer", default=None,
                    help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, hf:DIR (a local HF model's tokenizer), or one of "
-                   f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demo {DEFAULT_DEMO_TOKENIZER})")
+                   f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demos {DEMOS['ru'].tokenizer} / {DEMOS['python'].tokenizer})")
     p.add_argument("--tiktoken_pattern", default=DEFAULT_TIKTOKEN_PATTERN,
                    help="pre-split regex for a bare .tiktoken file (default: the cl100k_base pattern)")
     p.add_argument("--sp_sample_mb", type=float, default=DEFAULT_SP_SAMPLE_MB,
                    help=f"MB of text sampled from the input to train sp:N "
                    f"(default {DEFAULT_SP_SAMPLE_MB:g}; RAM use is ~8x this)")
     p.add_argument("--out_dir", default=None,
-                   help=f"output directory (default data/<first input name>, demo {DEMO_OUT_DIR})")
+                   help=f"output directory (default data/<first input name>, demos {DEMOS['ru'].out_dir} / {DEMOS['python'].out_dir})")
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPU cores)")
@@ -988,7 +763,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     if a.workers < 0:
         p.error("--workers must be >= 0")
     return PrepareConfig(
-        inputs=a.input, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
+        inputs=a.input, demo=a.demo, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
         txt_mode=a.txt_mode, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,
         sp_sample_mb=a.sp_sample_mb, out_dir=a.out_dir, shard_tokens=a.shard_tokens, workers=a.workers,
         chunk_mb=a.chunk_mb, max_docs=a.max_docs, overwrite=a.overwrite, strict=a.strict,
@@ -1006,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
         prepare(cfg)
-    except (PrepareError, TokenizerError) as e:
+    except (PrepareError, CorpusError, TokenizerError) as e:
         _log(f"prepare.py: error: {e}")
         return 1
     except OSError as e:  # disk full, permission denied, ...: the system's message says it all

@@ -716,6 +716,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     started = time.perf_counter() - progress.elapsed_s
     budget_s = cfg.max_time_min * 60 if cfg.max_time_min is not None else None
     elapsed, step_s, after_eval, decay_s = progress.elapsed_s, None, True, budget_s
+    lr, out_of_time = optimizer.param_groups[0]["lr"], False  # (for the final line when no step is left)
     nonfinite_run = 0
     model.train()
     t_log, tokens_at_log = time.perf_counter(), progress.tokens_seen

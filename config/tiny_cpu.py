@@ -1,5 +1,5 @@
 # Tiny model for a laptop CPU: the README quick start trains it on the built-in demo corpus
-# (the Python standard library, tokenized by `python prepare.py`) in about 5 minutes on 2 cores.
+# (Russian literature, tokenized by `python prepare.py` with sp:8192) in 5-8 minutes on 2 idle cores.
 # Parameters (python train.py config/tiny_cpu.py --dry_run --vocab_size=4096): 2,410,176 total, 1,623,744 non-embedding
 # Hardware: any CPU; fp32 (bf16 is several times slower on most CPUs).
 data_dir = "data/demo"

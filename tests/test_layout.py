@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = {"prepare", "train", "sample", "export_hf", "bench", "studio"}
-LIBRARIES = {"model", "configurator", "tokenizer", "dataset", "checkpoint", "hardware"}
+LIBRARIES = {"model", "configurator", "tokenizer", "dataset", "corpus", "checkpoint", "hardware"}
 MAX_LINES = 1000
 
 

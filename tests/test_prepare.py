@@ -3,10 +3,13 @@
 import base64
 import gzip
 import json
+import lzma
+import os
 import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +203,38 @@ def test_separate_val_input(sp_dataset, tmp_path):
     assert read_split(out, "val") == val_docs
     meta = dataset.load_meta(str(out))
     assert meta["val_inputs"] == [str(va_gz)] and meta["val_fraction"] == 0.0
+
+
+def test_xz_inputs_and_their_default_out_dir(sp_dataset, tmp_path, monkeypatch):
+    docs, lines = make_docs(30, seed=4), [d.replace("\n", " ") for d in make_docs(10, seed=5)]
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    (src / "books.jsonl.xz").write_bytes(lzma.compress(jsonl.encode()))
+    (src / "lines.txt.xz").write_bytes(lzma.compress("\n".join(lines).encode()))
+    monkeypatch.chdir(tmp_path)
+    assert run("--input", src / "books.jsonl.xz", src / "lines.txt.xz", "--tokenizer", sp_dataset / "tokenizer.model",
+               "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(tmp_path / "data" / "books", "train") == docs + lines
+
+
+def test_a_tiny_validation_split_gets_a_warning_that_names_the_fix(corpus, sp_dataset, tmp_path, capsys):
+    path, _ = corpus
+    tok = sp_dataset / "tokenizer.model"
+    assert run("--input", path, "--tokenizer", tok, "--out_dir", tmp_path / "a", "--workers", 1, "--val_fraction", 0.05) == 0
+    val_docs = dataset.load_meta(str(tmp_path / "a"))["splits"]["val"]["documents"]
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the validation split")]
+    assert len(warning) == 1 and f"({val_docs} documents)" in warning[0]
+    assert "raise --val_fraction (now 0.05) or pass --val_input" in warning[0]
+    val = write_jsonl(tmp_path / "va.jsonl", make_docs(3, seed=9))
+    assert run("--input", path, "--val_input", val, "--tokenizer", tok, "--out_dir", tmp_path / "b", "--workers", 1) == 0
+    err = capsys.readouterr().err
+    assert "(3 documents)" in err and "so its loss will be noisy; pass a larger --val_input." in err
+    # The size the warning compares against is one evaluation with train.py's defaults.
+    from configurator import TrainConfig
+
+    c = TrainConfig()
+    assert prepare.ONE_EVAL_TOKENS == c.eval_iters * c.batch_size * (c.block_size + 1)
 
 
 def test_tokenizer_sample_is_bounded_and_spread_over_the_file(tmp_path):
@@ -509,35 +544,116 @@ def test_failure_midway_leaves_no_dataset(corpus, sp_dataset, tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------- demo
 
+DEMO_CORPUS = REPO / "demo" / "ru_literature.jsonl.xz"
 
-def test_demo_default_builds_data_demo_from_the_stdlib(tmp_path, monkeypatch, capsys):
+# Runs `python prepare.py` with no arguments, as the quick start does, under an audit hook that
+# turns opening anything in ../shared or touching the network into a crash: "offline and without
+# ../shared" is checked, not assumed. Forked tokenizer workers inherit the hook.
+GUARDED_PREPARE = """
+import os, sys
+repo, shared = sys.argv[1], os.path.realpath(sys.argv[2])
+def guard(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        if os.path.realpath(os.fsdecode(args[0])).startswith(shared + os.sep):
+            raise RuntimeError(f"prepare.py opened {args[0]!r} in ../shared")
+    if event.startswith("socket."):
+        raise RuntimeError(f"prepare.py used the network ({event})")
+sys.addaudithook(guard)
+sys.path.insert(0, repo)
+sys.argv = ["prepare.py"]
+import prepare
+sys.exit(prepare.main())
+"""
+
+
+def shipped_demo() -> list[dict]:
+    with lzma.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def quick_start(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh directory after `python prepare.py`, and what it printed on stderr."""
+    cwd = tmp_path_factory.mktemp("quick_start")
+    env = {**os.environ, "HOMELLM_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", GUARDED_PREPARE, str(REPO), str(REPO.parent / "shared")],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, r.stderr
+
+
+def test_prepare_without_arguments_tokenizes_the_shipped_russian_corpus_exactly(quick_start):
+    cwd, err = quick_start
+    out = cwd / "data" / "demo"
+    meta = dataset.load_meta(str(out))
+    assert meta["demo"]["name"] == "ru" and meta["inputs"] == [prepare.DEMO_CORPUS]
+    assert meta["tokenizer"]["spec"] == prepare.DEMOS["ru"].tokenizer
+    shipped = [d["text"] for d in shipped_demo()]
+    train, val = read_split(out, "train"), read_split(out, "val")
+    # Every shipped document comes back byte for byte, each in exactly one split.
+    assert Counter(train) + Counter(val) == Counter(shipped)
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in shipped)
+    assert 0.03 < len(val) / len(shipped) < 0.07
+    # The validation split is big enough for train.py's evaluations, so no warning about it.
+    assert "warning" not in err and "next: python train.py config/tiny_cpu.py" in err
+
+
+def test_rerunning_the_demo_reuses_it_and_refuses_a_different_one(quick_start, monkeypatch, capsys):
+    cwd, _ = quick_start
+    monkeypatch.chdir(cwd)
+    meta = cwd / "data" / "demo" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    assert run() == 0
+    assert "already holds this demo dataset" in capsys.readouterr().err
+    assert meta.stat().st_mtime_ns == stamp
+    # Another split, or the python demo aimed at the same directory, is not answered with this one.
+    assert run("--val_fraction", 0.1) == 1
+    assert "another val_fraction; pass --overwrite" in capsys.readouterr().err
+    assert run("--demo", "python", "--out_dir", "data/demo") == 1
+    assert "another corpus, tokenizer, val_fraction; pass --overwrite" in capsys.readouterr().err
+    assert meta.stat().st_mtime_ns == stamp
+
+
+def test_demo_corpus_is_whole_works_listed_in_its_provenance():
+    docs = shipped_demo()
+    text_bytes = sum(len(d["text"].encode()) for d in docs)
+    assert 8e6 < text_bytes < 12e6 and DEMO_CORPUS.stat().st_size < 4e6  # the issue's size limits
+    provenance = (REPO / "demo" / "PROVENANCE.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in provenance.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[4].isdigit():  # author | lived | title | kind | documents | bytes | source
+            rows[cells[2], cells[6].split("/")[1]] = (int(cells[4]), int(cells[5].replace(",", "")))
+    works = {}
+    for d in docs:
+        n, size = works.get((d["title"], d["author"]), (0, 0))
+        works[d["title"], d["author"]] = (n + 1, size + len(d["text"].encode()))
+    assert works == rows  # every work, with its documents and bytes, and nothing else
+    assert "Gorky" not in {author for _, author in works}  # died 1936: not public domain everywhere
+
+
+def test_python_demo_builds_data_demo_python_from_the_stdlib(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # The real default path (no --input, default tokenizer, default out dir), limited in size.
-    assert run("--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
-    out = tmp_path / prepare.DEMO_OUT_DIR
+    assert run("--demo", "python", "--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
+    out = tmp_path / prepare.DEMOS["python"].out_dir
     meta = dataset.load_meta(str(out))
     assert "Python standard library" in capsys.readouterr().err
-    assert meta["demo"] is True and meta["tokenizer"]["spec"] == prepare.DEFAULT_DEMO_TOKENIZER
-    _, files = prepare.demo_files()
+    assert meta["demo"]["name"] == "python" and meta["tokenizer"]["spec"] == prepare.DEMOS["python"].tokenizer
+    _, files = prepare.python_demo_files()
     assert meta["inputs"] == files
     sources = [Path(f).read_text(encoding="utf-8") for f in files[:25]]
     train, val = read_split(out, "train"), read_split(out, "val")
     val_set = set(val)
     assert train == [s for s in sources if s not in val_set] and val
     assert sorted(train + val) == sorted(sources)  # exact, indentation and all
-
-    # Re-running the quick start reuses the demo dataset instead of failing on it...
-    stamp = (out / "meta.json").stat().st_mtime_ns
-    assert run("--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
-    assert "already holds the demo dataset" in capsys.readouterr().err
-    assert (out / "meta.json").stat().st_mtime_ns == stamp
-    # ...but a different demo request is not silently answered with the old one.
-    assert run("--max_docs", 30, "--workers", 1) == 1
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert run("--demo", "python", "--max_docs", 25, "--val_fraction", 0.2, "--workers", 1) == 0
+    assert "already holds this demo dataset" in capsys.readouterr().err
+    assert run("--demo", "python", "--input", "x.jsonl") == 1
+    assert "no --input" in capsys.readouterr().err
 
 
-def test_demo_corpus_is_stdlib_source_without_tests():
-    root, files = prepare.demo_files()
+def test_python_demo_corpus_is_stdlib_source_without_tests():
+    root, files = prepare.python_demo_files()
     assert files == sorted(files) and len(files) > 300
     for f in files:
         rel = Path(f).relative_to(root)
