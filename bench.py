@@ -81,7 +81,7 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     if use_compile:
         for block in model.layers:  # per block, as train.py's apply_compile does
             block.compile()
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    optimizers = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda", kind=cfg.optimizer)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=device)
     if device.type == "cuda":
@@ -94,8 +94,9 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
             loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     sync(device)
     elapsed = time.perf_counter() - start
     tokens_per_s = steps * cfg.batch_size * cfg.block_size / elapsed

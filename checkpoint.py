@@ -136,13 +136,16 @@ def pid_alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
-def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
+def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None) -> str:
     """The checkpoint to load: `ckpt` when given, else the newest in out_dir (see
-    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs."""
+    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs.
+    out_dir None: the run in the current directory that saved most recently (newest_run)."""
     if ckpt:
         if not os.path.isfile(ckpt) and not is_sharded(ckpt):
             raise CheckpointError(f"checkpoint {ckpt} does not exist")
         return ckpt
+    if out_dir is None:
+        out_dir = newest_run(".")
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no checkpoint: the directory {out_dir} does not exist; run train.py first or pass --ckpt PATH")
     candidates = checkpoint_candidates(out_dir)
@@ -150,6 +153,25 @@ def find_checkpoint(out_dir: str, ckpt: Optional[str] = None) -> str:
         raise CheckpointError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (nor a numbered or sharded ckpt_STEP one); "
                               "run train.py first (it writes them into --out_dir) or pass --ckpt PATH")
     return candidates[0]
+
+
+def newest_run(root: str) -> str:
+    """The directory under root (root itself, or one level down) whose checkpoint was written
+    last: after `python train.py config/X.py` that is X's out_dir, whatever the preset named it."""
+    runs = [root] + [os.path.join(root, name) for name in sorted(os.listdir(root)) if not name.startswith(".")]
+    newest, when = None, -1.0
+    for run in runs:
+        if not os.path.isdir(run):
+            continue
+        for name in os.listdir(run):
+            if name == "ckpt.pt" or NUMBERED.fullmatch(name) or SHARDED.fullmatch(name):
+                mtime = os.path.getmtime(os.path.join(run, name))
+                if mtime > when:
+                    newest, when = run, mtime
+    if newest is None:
+        raise CheckpointError(f"no checkpoint in {os.path.abspath(root)} or the directories in it; run train.py first, "
+                              "or pass --out_dir DIR (where train.py wrote its checkpoints) or --ckpt PATH")
+    return os.path.normpath(newest)
 
 
 def checkpoint_candidates(out_dir: str) -> list[str]:

@@ -229,7 +229,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export a HomeLLM checkpoint to a Hugging Face model directory, or import one (--import_from).")
     parser.add_argument("--to", required=True, help="what to write: a HF model directory (export), the out_dir for ckpt.pt "
                         "(import), or a FILE.pt: the checkpoint consolidated into one HomeLLM file (weights, no optimizer)")
-    parser.add_argument("--out_dir", default="out", help="export the newest checkpoint in out_dir (ckpt.pt or an FSDP run's ckpt_STEP/)")
+    parser.add_argument("--out_dir", default=None, help="export the newest checkpoint in out_dir (ckpt.pt or an FSDP run's ckpt_STEP/); "
+                        "default: the run in the current directory that saved last")
     parser.add_argument("--ckpt", default=None, help="export this checkpoint (a .pt file or a sharded ckpt_STEP/ directory) instead")
     parser.add_argument("--import_from", default=None, metavar="HF_DIR", help="import this local HF Llama/Qwen2 directory instead of exporting")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights (default: as stored)")

@@ -501,16 +501,31 @@ def estimate_mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_flops
 
 def make_optimizer(
     model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = False,
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embedding) only: decaying norm
-    gains and biases toward zero only hurts. Works on a plain or an FSDP-sharded model.
-    fused: one kernel for all parameters (CUDA, parameters on the GPU)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    kind: str = "adamw",
+) -> list[torch.optim.Optimizer]:
+    """The optimizers of a training run, as a list (callers step each).
+
+    adamw: AdamW for everything, with weight decay on matrices (linear weights, embedding) only:
+    decaying norm gains and biases toward zero only hurts. fused: one kernel for all parameters
+    (CUDA, parameters on the GPU).
+    muon: Muon for the matrices inside the blocks (q/k/v/o and the SwiGLU projections): it
+    orthogonalizes each update (Newton-Schulz), which lets small models learn more per step;
+    its per-matrix scale matches AdamW's update size, so both share learning_rate. The embedding,
+    a separate lm_head, norms and biases stay with AdamW, as in modded-nanogpt.
+    Works on a plain or (AdamW only) an FSDP-sharded model."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if kind == "muon" and p.dim() == 2 and name.startswith("layers.")]
+    taken = {id(p) for p in hidden}
+    rest = [(name, p) for name, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+    optimizers: list[torch.optim.Optimizer] = []
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+    optimizers.append(torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None))
+    return optimizers
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -134,6 +134,14 @@ def fit_context(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[i
     return ids[-keep:]
 
 
+def context_rule(max_seq_len: int, max_new_tokens: int) -> str:
+    """Why fit_context kept as many tokens as it did, in words whose arithmetic is true."""
+    keep = max(max_seq_len - max_new_tokens, max_seq_len // 2, 1)
+    if keep == max_seq_len - max_new_tokens:
+        return f"max_seq_len={max_seq_len} minus max_new_tokens={max_new_tokens}"
+    return f"half of max_seq_len={max_seq_len}, since max_new_tokens={max_new_tokens} would leave less"
+
+
 def stream_sample(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -184,16 +192,18 @@ def stream_sample(
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.")
-    p.add_argument("--out_dir", default="out", help="where train.py wrote ckpt.pt (default: out)")
+    p = argparse.ArgumentParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out_dir", default=None, help="where train.py wrote its checkpoints; None: the run here that saved last")
     p.add_argument("--ckpt", default=None, help="an explicit checkpoint file (overrides --out_dir)")
     p.add_argument("--start", default="", help='prompt text, or FILE:path to read it from a file; empty starts a fresh document')
     p.add_argument("--num_samples", type=int, default=1, help="independent samples, one after another")
-    p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample / per turn")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="tokens to generate per sample / per turn; None: 256, or half the model's context window if that is less")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: no limit)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the smallest set reaching probability p")
-    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: different every run)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible; None: different every run")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a CUDA GPU that supports it, else float32")
@@ -207,7 +217,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise UsageError(f"--num_samples={args.num_samples} must be at least 1")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={args.max_new_tokens} must be at least 1")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UsageError(f"--temperature={args.temperature} must be a number >= 0 (0 is greedy)")
@@ -266,8 +276,8 @@ def run_interactive(model: Transformer, tokenizer: Tokenizer, start_text: str, s
         ids = prompt_ids(tokenizer, text)
         context = fit_context(ids, max_seq_len, max_new_tokens)
         if len(context) < len(ids) and not cropped_before:
-            note(f"(the text is now longer than {len(context)} tokens, max_seq_len={max_seq_len} minus "
-                 f"max_new_tokens={max_new_tokens}; from here on the model sees only the most recent ones)")
+            note(f"(the text is now longer than the {len(context)} tokens the model is shown, {context_rule(max_seq_len, max_new_tokens)}; "
+                 "from here on it sees only the most recent ones)")
             cropped_before = True
         _, new_text, reason = stream_sample(model, tokenizer, context, write, **settings)
         write("\n")
@@ -282,8 +292,7 @@ def run_samples(model: Transformer, tokenizer: Tokenizer, prompt_text: str, num_
     ids = prompt_ids(tokenizer, prompt_text)
     context = fit_context(ids, max_seq_len, max_new_tokens)
     if len(context) < len(ids):
-        note(f"(the prompt has {len(ids)} tokens; the model sees the last {len(context)} of them, "
-             f"leaving room for max_new_tokens={max_new_tokens} within max_seq_len={max_seq_len})")
+        note(f"(the prompt has {len(ids)} tokens; the model sees the last {len(context)} of them, {context_rule(max_seq_len, max_new_tokens)})")
     # The prompt as the model sees it, so prompt + continuation read as one text.
     shown_prompt = tokenizer.decode(ids) if prompt_text else ""
     for i in range(num_samples):
@@ -342,9 +351,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             generator.manual_seed(args.seed)
         else:
             generator.seed()
-        settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+        max_new_tokens = args.max_new_tokens or min(256, model.config.max_seq_len // 2)  # always room for a prompt
+        settings = dict(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator, cache_len=cache_len)
-        note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
+        found = " (the run here that saved last; --out_dir picks another)" if args.out_dir is None and args.ckpt is None else ""
+        note(f"{path}{found}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):

@@ -182,6 +182,10 @@ def build_model(cfg: TrainConfig, meta: dict) -> tuple[Transformer, ModelConfig,
     init_state = None
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
+        if cfg.vocab_size and cfg.vocab_size != meta["vocab_size"] and not int(os.environ.get("RANK", 0)):
+            print(f"note: the config sets vocab_size={cfg.vocab_size} (a preset for another tokenizer, e.g. Qwen's), but the "
+                  f"tokenizer of {cfg.data_dir} has {meta['vocab_size']} tokens: rows past it are never trained; "
+                  "--vocab_size=None sizes the model to the data", flush=True)
     elif cfg.init_from.startswith("hf:"):
         model_cfg, init_state = load_hf_model(cfg.init_from[3:])
     else:
@@ -252,7 +256,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizer, scaler, d: Dist, device: torch.device) -> None:
+def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizers: list, scaler, d: Dist, device: torch.device) -> None:
     """Optimizer, loss scaler and RNG from a checkpoint (a sharded one: the weights too). A
     sharded checkpoint loads into any number of ranks; a .pt one's optimizer state is full, and
     each rank keeps its part of it. Each rank takes back its own RNG state; ranks the writer
@@ -260,14 +264,14 @@ def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizer,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
 
     if ckpt.get("sharded"):
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizers)
         shards = {"model": model_state, "optimizer": optim_state}
         load_sharded(path, shards)
-        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizers[-1].load_state_dict(ckpt["optimizer"])
     else:  # keyed by parameter name: each rank of a sharded model keeps its part
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if d.rank < len(ckpt["rng"]):
@@ -567,7 +571,7 @@ def checkpoint_state(run: Run, progress: Progress, scaler) -> dict:
     }
 
 
-def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizer, scaler,
+def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizers: list, scaler,
                   val_data: TokenShards, progress: Progress, reason: str, nonfinite_run: int) -> bool:
     """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part.
     During a streak of non-finite steps nothing is saved: the weights may already be wrecked,
@@ -584,12 +588,12 @@ def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizer,
 
     state = checkpoint_state(run, progress, scaler)
     if run.fsdp:  # every rank writes its own shards; nothing is gathered
-        model_state, optim_state = get_state_dict(raw_model, optimizer)
+        model_state, optim_state = get_state_dict(raw_model, optimizers)
         path = save_sharded({"model": model_state, "optimizer": optim_state}, state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
     else:
         if run.d.is_main:
             # The optimizer state keyed by parameter name, so that any layout can load it.
-            model_state, optim_state = get_state_dict(raw_model, optimizer)
+            model_state, optim_state = get_state_dict(raw_model, optimizers)
             state.update(model=model_state, optimizer=optim_state)
             path = save_checkpoint(state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
         if run.d.enabled:
@@ -646,6 +650,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = d.enabled and cfg.parallel == "fsdp"
+    if fsdp and cfg.optimizer == "muon":
+        raise TrainError("optimizer=muon needs whole matrices and FSDP shards them; use --parallel=ddp (or one process), or --optimizer=adamw")
     if fsdp and dtype == torch.float16:
         raise TrainError("FSDP here supports float32 and bfloat16; use --dtype=bfloat16 (fp16 would need a sharded loss scaler)")
     if dtype == torch.bfloat16 and device.type == "cpu":
@@ -671,8 +677,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     materialize(raw_model, device, init_state, cfg.seed)
     if d.enabled and not fsdp:
         model = apply_ddp(raw_model, device)
-    optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                               fused=device.type == "cuda" and not cfg.fsdp_cpu_offload)
+    optimizers = make_optimizer(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                fused=device.type == "cuda" and not cfg.fsdp_cpu_offload, kind=cfg.optimizer)
     # FSDP runs its own mixed precision; otherwise autocast does, with a loss scaler for fp16.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -685,7 +691,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     progress = Progress()
     if ckpt is not None:
-        restore_training_state(ckpt, resume_path, raw_model, optimizer, scaler, d, device)
+        restore_training_state(ckpt, resume_path, raw_model, optimizers, scaler, d, device)
         progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0))
         log0(d, f"resumed from {resume_path} at step {progress.step}")
     del ckpt, init_state
@@ -716,7 +722,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     started = time.perf_counter() - progress.elapsed_s
     budget_s = cfg.max_time_min * 60 if cfg.max_time_min is not None else None
     elapsed, step_s, after_eval, decay_s = progress.elapsed_s, None, True, budget_s
-    lr, out_of_time = optimizer.param_groups[0]["lr"], False  # (for the final line when no step is left)
+    lr, out_of_time = optimizers[0].param_groups[0]["lr"], False  # (for the final line when no step is left)
     nonfinite_run = 0
     model.train()
     t_log, tokens_at_log = time.perf_counter(), progress.tokens_seen
@@ -730,7 +736,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         if budget_s is not None:
             decay_s = min(decay_s, max(budget_s - 3 * (step_s or 0.0), budget_s / 2))
         lr = get_lr(step, cfg, 1.0 if last_by_time else elapsed / decay_s if budget_s else None)
-        for group in optimizer.param_groups:
+        for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro, (x, y) in enumerate(batches):
@@ -747,7 +753,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         # On a GPU the work above is only queued: read the next step's batches meanwhile.
         batches = read_step(run, train_data, step + 1) if not last_by_time and step + 1 != cfg.max_iters else []
-        scaler.unscale_(optimizer)
+        for opt in optimizers:
+            scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -769,7 +776,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         finite = math.isfinite(loss_total) and (scaler.is_enabled() or math.isfinite(grad_norm))
         if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
             nonfinite_run = 0
-            scaler.step(optimizer)
+            for opt in optimizers:
+                scaler.step(opt)
         else:
             nonfinite_run += 1
             log0(d, f"step {step}: non-finite loss {loss_mean} / grad norm {grad_norm}; update skipped ({nonfinite_run}/{cfg.nonfinite_patience})")
@@ -780,7 +788,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                     "lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
                 )
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         step = progress.step
@@ -800,16 +809,16 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             if d.is_main:
                 write_status(cfg.out_dir, "running", step=step)
         if stop_votes:
-            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, "stopped by signal", nonfinite_run)
+            eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, "stopped by signal", nonfinite_run)
             if d.is_main:
                 write_status(cfg.out_dir, "stopped", "signal", step=step)
             return
         if out_of_time:  # the budget is the schedule's end: the run is complete
-            eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, "time budget spent", nonfinite_run)
+            eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, "time budget spent", nonfinite_run)
             break
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
-            if eval_and_save(run, model, raw_model, optimizer, scaler, val_data, progress, reason, nonfinite_run):
+            if eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, reason, nonfinite_run):
                 last_saved = step
             after_eval = True
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {progress.elapsed_s / 60:.1f} min, final lr {lr:.3e}")

@@ -26,7 +26,7 @@ norm_eps = 1e-6
 max_seq_len = 32768  # the model's context window; training windows are block_size
 block_size = 4096
 
-data_dir = "data/fineweb2_ru"
+data_dir = "data/demo"  # what `python prepare.py` writes; for your corpus, e.g. --data_dir=data/fineweb2_ru
 out_dir = "out-qwen-2-5b"
 parallel = "fsdp"
 grad_checkpoint = False  # fits 80 GB cards under FSDP; --grad_checkpoint=True for 40-48 GB

@@ -110,7 +110,7 @@ def test_weight_decay_only_on_matrices():
     from model import ModelConfig, Transformer, make_optimizer
 
     m = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, qkv_bias=True))
-    opt = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))
+    [opt] = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -492,3 +492,27 @@ def test_a_time_budgeted_run_resumes_on_its_own_clock(dataset, tmp_path):
     resumed = [r for r in records if r["step"] > saved]
     assert resumed[0]["elapsed_s"] > saved_elapsed  # the clock went on from the checkpoint's count
     assert records[-1]["lr"] == pytest.approx(3e-4) and records[-1]["elapsed_s"] <= 0.2 * 60 + 2
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(dataset, tmp_path):
+    from model import ModelConfig, Transformer, make_optimizer
+
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, qkv_bias=True, tie_embeddings=False))
+    muon, adamw = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), kind="muon")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in m.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert {names[id(p)] for g in adamw.param_groups for p in g["params"]} == set(names.values()) - in_muon
+    # A run with it learns, saves both optimizers' state and resumes exactly.
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    args = [*TINY, f"--data_dir={dataset}", "--optimizer=muon", "--eval_interval=5"]
+    args += ["--max_iters=30", "--block_size=64", "--batch_size=8"]
+    run_inprocess([*args, f"--out_dir={ref}"])
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={cut}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert kill_after_first_checkpoint(proc, cut) < 30
+    run_inprocess([*args, f"--out_dir={cut}"])
+    assert comparable(metrics(cut)) == comparable(metrics(ref))
+    losses = train_losses(ref)
+    assert losses[10] < losses[1] - 0.5
