@@ -495,11 +495,12 @@ def test_a_time_budgeted_run_resumes_on_its_own_clock(dataset, tmp_path):
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(dataset, tmp_path):
+    import model as model_lib
     from model import ModelConfig, Transformer, make_optimizer
 
     m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, qkv_bias=True, tie_embeddings=False))
     muon, adamw = make_optimizer(m, 1e-3, 0.1, (0.9, 0.95), kind="muon")
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, model_lib.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in m.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert in_muon == {n for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2}
@@ -516,3 +517,12 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(dataset, tmp_path):
     assert comparable(metrics(cut)) == comparable(metrics(ref))
     losses = train_losses(ref)
     assert losses[10] < losses[1] - 0.5
+
+
+def test_orthogonalize_flattens_the_singular_values():
+    import model as model_lib
+
+    g = torch.randn(64, 192) * torch.logspace(-3, 1, 64)[:, None]  # singular values over 4 decades
+    for matrix in (g, g.t()):
+        s = torch.linalg.svdvals(model_lib.orthogonalize(matrix))
+        assert 0.5 < s.min() and s.max() < 1.3
