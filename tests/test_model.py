@@ -411,3 +411,22 @@ def test_a_fixed_cache_len_gives_the_same_tokens_and_static_shapes():
     stream.close()
     with pytest.raises(ValueError, match="cache_len=8 is smaller"):
         m.generate(prompt, 12, cache_len=8)
+
+
+@pytest.mark.parametrize("n_kv_head, qkv_bias", [(4, True), (2, False), (1, False)])
+def test_cached_prefill_in_chunks_equals_one_full_forward(n_kv_head, qkv_bias):
+    """The three cached-attention cases: a prefill from position 0 (causal kernel), a chunk
+    after cached tokens (explicit mask over the filled slots) and one-token decode steps."""
+    m = build(n_kv_head=n_kv_head, qkv_bias=qkv_bias)
+    if qkv_bias:
+        for block in m.layers:
+            torch.nn.init.normal_(block.attn.k_proj.bias)
+    idx = torch.randint(0, 97, (2, 14))
+    full = m(idx)
+    m.setup_cache(2, 32)  # more slots than used: empty slots must never be attended to
+    with torch.no_grad():
+        assert torch.allclose(m.forward_cached(idx[:, :6], 0), full[:, 5], atol=1e-5)
+        assert torch.allclose(m.forward_cached(idx[:, 6:11], 6), full[:, 10], atol=1e-5)
+        for t in range(11, 14):
+            assert torch.allclose(m.forward_cached(idx[:, t : t + 1], t), full[:, t], atol=1e-5)
+    m.clear_cache()
