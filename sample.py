@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -221,7 +222,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="auto: bfloat16 on a CUDA GPU that supports it, else float32")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past the end-of-text token instead of stopping there")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (CUDA, not --interactive): pays off for many or long samples")
+                   help="torch.compile the decode step (CUDA, or CPU with a C++ compiler): pays off for many or long samples")
     p.add_argument("--interactive", action="store_true", help="a REPL: each line you type extends the text; Ctrl-C stops a generation, Ctrl-D exits")
     return p.parse_args(argv)
 
@@ -346,26 +347,22 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         step = ckpt.get("step", "?")
         del ckpt  # the weights now live in the model
-        cache_len = None  # default: prompt + max_new_tokens, the least memory
         if args.compile:
-            if device.type != "cuda":
-                note("--compile is only used on CUDA; running without it")
-            elif args.interactive:
-                # The KV cache is sized prompt + max_new_tokens, so every turn would recompile.
-                note("--compile would recompile on every turn of --interactive; running without it")
+            if device.type == "mps":
+                note("--compile is used on CUDA and CPU, not MPS; running without it")
+            elif device.type == "cpu" and not shutil.which(os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")):
+                note("--compile on CPU needs a C++ compiler (g++, or $CXX) to build its kernels; running without it")
             else:
-                # Decode steps dominate sampling and all go through forward_cached. A cache of
-                # max_seq_len slots gives every decode step the same shapes, so one compiled
-                # graph serves all samples; only the prompt's prefill has a shape of its own.
-                model.forward_cached = torch.compile(model.forward_cached)
-                cache_len = model.config.max_seq_len
+                # Decode steps dominate sampling. One compiled graph per KV-cache size bucket
+                # serves every step, sample and interactive turn (see Transformer.compile_decode).
+                model.compile_decode()
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)
         else:
             generator.seed()
         settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator, cache_len=cache_len)
+                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
         note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)

@@ -430,3 +430,32 @@ def test_cached_prefill_in_chunks_equals_one_full_forward(n_kv_head, qkv_bias):
         for t in range(11, 14):
             assert torch.allclose(m.forward_cached(idx[:, t : t + 1], t), full[:, t], atol=1e-5)
     m.clear_cache()
+
+
+def test_cache_length_is_what_the_run_needs_or_a_bucket_when_compiled():
+    m = build(max_seq_len=64)
+    assert m.cache_length(17) == 17  # eager: exactly prompt + new tokens
+    assert m.cache_length(17, cache_len=40) == 40
+    m.compiled_decode = object()  # what compile_decode sets; only its presence matters here
+    assert m.cache_length(17) == 64  # power-of-two buckets of at least 256, capped by max_seq_len
+    big = build(max_seq_len=4096)
+    big.compiled_decode = object()
+    assert [big.cache_length(n) for n in (17, 256, 257, 1000, 4096)] == [256, 256, 512, 1024, 4096]
+
+
+@pytest.mark.compile
+def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_prompt():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    m = build(n_kv_head=2, max_seq_len=64)
+    prompts = [torch.randint(0, 97, (1, n)) for n in (5, 9)]
+    expected = [m.generate(p, 12, temperature=0) for p in prompts]
+    m.compile_decode()
+    counters.clear()
+    assert torch.equal(m.generate(prompts[0], 12, temperature=0), expected[0])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the decode step really went through torch.compile
+    assert torch.equal(m.generate(prompts[1], 12, temperature=0), expected[1])
+    assert counters["stats"]["unique_graphs"] == graphs  # another prompt length, same cache bucket: no new graph
+    torch._dynamo.reset()

@@ -290,6 +290,28 @@ def test_temperature_zero_is_greedy_whatever_the_seed(tmp_path, capsys):
     assert first == tok.decode(greedy) + "\n"
 
 
+@pytest.mark.compile
+def test_compile_on_cpu_gives_the_greedy_text_of_eager_decoding(tmp_path, capsys):
+    out_dir, _ = make_run(tmp_path, "tiktoken", rigged=False)
+    args = ["--out_dir", out_dir, "--start", "Привет", "--max_new_tokens", 16, "--temperature", 0, "--no_stop_at_eot",
+            "--device", "cpu", "--dtype", "float32"]
+    eager = run_main(capsys, *args)
+    sample.main([str(a) for a in args] + ["--compile"])
+    compiled = capsys.readouterr()
+    assert compiled.out == eager and "Привет" in eager
+
+
+def test_compile_without_a_cpu_compiler_says_so_and_runs_eagerly(tmp_path, capsys, monkeypatch):
+    out_dir, _ = make_run(tmp_path, "tiktoken", rigged=False)
+    args = ["--out_dir", out_dir, "--start", "Привет", "--max_new_tokens", 5, "--temperature", 0, "--device", "cpu"]
+    eager = run_main(capsys, *args)
+    monkeypatch.setattr(sample.shutil, "which", lambda name: None)
+    sample.main([str(a) for a in args] + ["--compile"])
+    out = capsys.readouterr()
+    assert out.out == eager
+    assert "--compile on CPU needs a C++ compiler" in out.err
+
+
 def test_start_from_file_and_num_samples(tmp_path, capsys):
     out_dir, tok = make_run(tmp_path / "out", "tiktoken")
     prompt_file = tmp_path / "prompt.txt"
