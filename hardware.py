@@ -8,6 +8,8 @@ training falls back to it on GPUs without bf16), that is the explicit `training`
 
 from __future__ import annotations
 
+import functools
+import os
 import resource
 import time
 from typing import Optional
@@ -51,21 +53,84 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
-def resolve_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
-    """--dtype auto: bf16 on CUDA GPUs that support it; otherwise fp16 for training (with a loss
-    scaler) but fp32 for inference; fp32 elsewhere (bf16 matmuls are many times slower than fp32
-    on AVX2-only CPUs). fp16 training needs CUDA's loss scaler."""
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """--dtype as a torch dtype; see choose_dtype for what auto means."""
+    return choose_dtype(name, device, training)[0]
+
+
+def choose_dtype(name: str, device: torch.device, training: bool = False) -> tuple[torch.dtype, str]:
+    """(dtype, why) for --dtype. auto: bf16 on CUDA GPUs that support it, otherwise fp16 for
+    training (with a loss scaler) but fp32 for inference. On CPU, inference uses bf16 weights
+    only where a start-up probe finds bf16 matmuls clearly faster than fp32 (AMX or AVX512-BF16;
+    on AVX2-only CPUs they are many times slower), training stays fp32. fp16 training needs
+    CUDA's loss scaler."""
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return torch.float16 if training else torch.float32
-        return torch.float32
+                return torch.bfloat16, "auto: this GPU supports bf16"
+            if training:
+                return torch.float16, "auto: this GPU lacks bf16; fp16 with a loss scaler"
+            return torch.float32, "auto: this GPU lacks bf16"
+        if device.type == "cpu" and not training:
+            bf16, why = cpu_prefers_bf16()
+            return (torch.bfloat16 if bf16 else torch.float32), f"auto: {why}"
+        return torch.float32, f"auto: float32 on {device.type}"
     if name not in DTYPES:
         raise DeviceError(f"--dtype {name} is not one of auto, {', '.join(DTYPES)}")
     if training and name == "float16" and device.type != "cuda":
         raise DeviceError("--dtype=float16 needs CUDA (loss scaling); use float32 on this device")
-    return DTYPES[name]
+    return DTYPES[name], f"--dtype {name}"
+
+
+# ----------------------------------------------------------------------------- CPU bf16 probe
+
+BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this much: a near tie is not worth bf16's rounding
+CPU_BF16_ENV = "HOMELLM_CPU_BF16"  # 1 / 0: skip the probe and use (or not) bf16 on this CPU
+
+
+def cpu_bf16_matmul_speedup(rounds: int = 5, m: int = 32, k: int = 512, n: int = 512) -> float:
+    """How many times faster a (m x k) @ (k x n) matmul runs in bf16 than in fp32 on one core
+    of this CPU (the ratio per core is what carries over to any thread count, and one thread
+    is not stalled by a second one waiting for a busy core). Best-of-rounds for each, timed
+    alternately so that a busy moment hits both; the first round is a warm-up (library
+    start-up, oneDNN's kernel generation). About 0.01 s where bf16 is native, ~0.07 s where it
+    is emulated (AVX2: ~50x slower), because then the probe stops after the first timed round:
+    no later round could change the answer. Inputs come from torch.ones, not randn: the
+    global RNG must not move (resumed training replays it exactly)."""
+    a32, b32 = torch.ones(m, k), torch.ones(k, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(rounds + 1):
+            for a, b in ((a32, b32), (a16, b16)):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                if round_:
+                    best[a.dtype] = min(best[a.dtype], time.perf_counter() - start)
+            if round_ and best[torch.bfloat16] > 3 * best[torch.float32]:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_prefers_bf16() -> tuple[bool, str]:
+    """(use bf16 on this CPU?, the reason, for the start-up log). Probed once per process;
+    the HOMELLM_CPU_BF16 environment variable (1 or 0) decides instead when it is set."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"{'bfloat16' if forced == '1' else 'float32'} because {CPU_BF16_ENV}={forced}"
+    if forced:
+        raise DeviceError(f"{CPU_BF16_ENV}={forced!r} must be 1 (use bf16 on this CPU) or 0 (use fp32); or unset it to probe")
+    speedup = cpu_bf16_matmul_speedup()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return True, f"bfloat16: its matmuls ran {speedup:.2g}x as fast as fp32 on this CPU ({capability})"
+    return False, (f"float32: bf16 matmuls ran at {speedup:.2g}x the fp32 speed on this CPU ({capability}), "
+                   f"not the {BF16_MIN_SPEEDUP}x that would pay; {CPU_BF16_ENV}=1 or --dtype bfloat16 forces bf16")
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
-from hardware import DeviceError, resolve_device, resolve_dtype
+from hardware import DeviceError, choose_dtype, resolve_device
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -219,7 +219,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: different every run)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on a CUDA GPU that supports it, else float32")
+                   help="auto: bfloat16 on a CUDA GPU that supports it or a CPU where a quick probe finds it fast, else float32")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past the end-of-text token instead of stopping there")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA, or CPU with a C++ compiler): pays off for many or long samples")
@@ -335,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_args(args)
         prompt_text = read_prompt(args.start)  # before loading anything: a typo fails fast
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device, training=False)
+        dtype, dtype_why = choose_dtype(args.dtype, device, training=False)
         path = find_checkpoint(args.out_dir, args.ckpt)
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, device, dtype, name=path)
@@ -363,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             generator.seed()
         settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
-        note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
+        note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')} "
+             f"({dtype_why})")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):

@@ -299,6 +299,7 @@ def test_compile_on_cpu_gives_the_greedy_text_of_eager_decoding(tmp_path, capsys
     sample.main([str(a) for a in args] + ["--compile"])
     compiled = capsys.readouterr()
     assert compiled.out == eager and "Привет" in eager
+    assert "cpu float32 (--dtype float32)" in compiled.err  # the start-up note says why
 
 
 def test_compile_without_a_cpu_compiler_says_so_and_runs_eagerly(tmp_path, capsys, monkeypatch):
