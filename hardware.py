@@ -133,6 +133,46 @@ def cpu_prefers_bf16() -> tuple[bool, str]:
                    f"not the {BF16_MIN_SPEEDUP}x that would pay; {CPU_BF16_ENV}=1 or --dtype bfloat16 forces bf16")
 
 
+# ----------------------------------------------------------------------------- CPU threads
+
+THREADS_ENV = "HOMELLM_THREADS"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset and container limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def configure_cpu_threads(default: Optional[int] = None) -> str:
+    """Set torch's intra-op threads for CPU work; returns a line for the start-up log.
+
+    HOMELLM_THREADS=N decides when set, then OMP_NUM_THREADS (torch has applied it already).
+    Otherwise `default`, or half the usable CPUs (at least 1). Why not all of them: PyTorch's
+    OpenMP threads meet at a barrier after every parallel op, and GNU OpenMP spins while it
+    waits. When another process holds one of the cores, every op waits for the descheduled
+    thread while its partner burns CPU spinning: on a shared 2-core machine one-token decoding
+    with 2 threads ran 3-5x slower than with 1, using 4x the CPU time (docs/benchmarks.md).
+    Decoding is memory-bound, so the threads left out cost little when the machine is idle."""
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise DeviceError(f"{THREADS_ENV}={forced!r} must be a positive number of threads; or unset it")
+        torch.set_num_threads(int(forced))
+        why = f"{THREADS_ENV}={forced}"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        why = "OMP_NUM_THREADS"  # torch applied it at start-up
+    elif default is not None:
+        torch.set_num_threads(default)
+        why = "the default"
+    else:
+        torch.set_num_threads(max(1, usable_cpus() // 2))
+        why = f"half of {usable_cpus()} CPUs; {THREADS_ENV}=N to change"
+    threads = torch.get_num_threads()
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
 # ----------------------------------------------------------------------------- peak FLOP/s
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer
-from hardware import DeviceError, choose_dtype, resolve_device
+from hardware import DeviceError, choose_dtype, configure_cpu_threads, resolve_device
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -336,6 +336,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         prompt_text = read_prompt(args.start)  # before loading anything: a typo fails fast
         device = resolve_device(args.device)
         dtype, dtype_why = choose_dtype(args.dtype, device, training=False)
+        threads = configure_cpu_threads() if device.type == "cpu" else ""
         path = find_checkpoint(args.out_dir, args.ckpt)
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, device, dtype, name=path)
@@ -364,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
         note(f"{path}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')} "
-             f"({dtype_why})")
+             f"({dtype_why}){', ' + threads if threads else ''}")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):

@@ -1,4 +1,4 @@
-"""hardware.py: the CPU bf16 probe behind --dtype auto and its overrides."""
+"""hardware.py: the CPU bf16 probe behind --dtype auto, its overrides, and the CPU thread default."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hardware
-from hardware import DeviceError, choose_dtype, cpu_bf16_matmul_speedup, cpu_prefers_bf16
+from hardware import DeviceError, choose_dtype, configure_cpu_threads, cpu_bf16_matmul_speedup, cpu_prefers_bf16
 
 CPU = torch.device("cpu")
 
@@ -16,6 +16,8 @@ def fresh_probe(monkeypatch):
     """Every test sees an unprobed process, no override in the environment, and gets torch's
     thread count back afterwards."""
     monkeypatch.delenv(hardware.CPU_BF16_ENV, raising=False)
+    monkeypatch.delenv(hardware.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
     cpu_prefers_bf16.cache_clear()
     yield
@@ -59,3 +61,23 @@ def test_the_probe_decision_can_be_overridden(monkeypatch):
     monkeypatch.setenv(hardware.CPU_BF16_ENV, "yes")
     with pytest.raises(DeviceError, match=f"{hardware.CPU_BF16_ENV}='yes' must be 1"):
         choose_dtype("auto", CPU)
+
+
+def test_thread_default_and_its_overrides(monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 8)
+    assert configure_cpu_threads() == "4 CPU threads (half of 8 CPUs; HOMELLM_THREADS=N to change)"
+    assert torch.get_num_threads() == 4
+    assert configure_cpu_threads(default=3).startswith("3 CPU threads") and torch.get_num_threads() == 3
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 1)
+    assert configure_cpu_threads().startswith("1 CPU thread (") and torch.get_num_threads() == 1
+    monkeypatch.setenv(hardware.THREADS_ENV, "2")
+    assert configure_cpu_threads(default=1) == f"2 CPU threads ({hardware.THREADS_ENV}=2)"
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv(hardware.THREADS_ENV, "0")
+    with pytest.raises(DeviceError, match="must be a positive number of threads"):
+        configure_cpu_threads()
+    monkeypatch.delenv(hardware.THREADS_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torch applied it at start-up; that count is kept
+    torch.set_num_threads(3)
+    assert configure_cpu_threads(default=1) == "3 CPU threads (OMP_NUM_THREADS)"
+    assert torch.get_num_threads() == 3

@@ -11,6 +11,7 @@ import base64
 import io
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -141,6 +142,15 @@ def save_checkpoint(path, model: Transformer, info: dict, data_dir: str = "/none
         "optimizer": {"state": {}, "param_groups": []}, "rng": [{"torch": torch.get_rng_state()}],
     }, path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """sample.main() sets torch's CPU threads for the process (hardware.configure_cpu_threads);
+    give the other tests in this process their count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["sentencepiece", "tiktoken"])
@@ -299,7 +309,7 @@ def test_compile_on_cpu_gives_the_greedy_text_of_eager_decoding(tmp_path, capsys
     sample.main([str(a) for a in args] + ["--compile"])
     compiled = capsys.readouterr()
     assert compiled.out == eager and "Привет" in eager
-    assert "cpu float32 (--dtype float32)" in compiled.err  # the start-up note says why
+    assert re.search(r"cpu float32 \(--dtype float32\), \d+ CPU threads? \(", compiled.err)  # the start-up note
 
 
 def test_compile_without_a_cpu_compiler_says_so_and_runs_eagerly(tmp_path, capsys, monkeypatch):
