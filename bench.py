@@ -1,8 +1,9 @@
-"""Measure HomeLLM on this machine: training throughput and MFU, generation speed with and
-without the KV cache, and prepare.py throughput against the raw tokenizer.
+"""Measure HomeLLM on this machine: training throughput and MFU, generation speed (KV cache
+eager and compiled, no cache, and Hugging Face transformers on the same weights), and
+prepare.py throughput against the raw tokenizer.
 
     python bench.py train --config config/home_25m.py            # tokens/s, MFU, peak memory
-    python bench.py generate --config config/home_25m.py         # tokens/s, cached vs uncached
+    python bench.py generate --config config/home_25m.py         # tokens/s, ours vs transformers
     python bench.py prepare --input ../shared/data/ru_literature.jsonl --tokenizer sp:32000
     python bench.py all --append docs/benchmarks.md              # everything, appended as markdown
 
@@ -20,6 +21,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,10 +31,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from checkpoint import hf_names
 from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
-from hardware import device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
+from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from model import Transformer, estimate_mfu, make_optimizer
 from tokenizer import load_tokenizer
 
@@ -110,17 +113,74 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     }
 
 
+def transformers_twin(model: Transformer, dtype: torch.dtype):
+    """The same network as a Hugging Face LlamaForCausalLM (Qwen2ForCausalLM with q/k/v
+    biases), built in this process with our weights under checkpoint.hf_names' names; None
+    when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()  # no generation-config chatter in the table
+    cfg = model.config
+    shape = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    if cfg.qkv_bias:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(attention_bias=False, **shape))
+    names = hf_names(cfg)
+    if cfg.tie_embeddings:
+        del names["lm_head.weight"]  # tied: HF shares embed_tokens' tensor
+    state = model.state_dict()
+    result = hf.load_state_dict({theirs: state[ours] for ours, theirs in names.items()}, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise RuntimeError(f"transformers' model does not match ours: {result}")
+    hf.generation_config.eos_token_id = None  # run all new_tokens, as ours does
+    return hf.to(device=state["embed.weight"].device, dtype=dtype).eval()
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """'same', or where two (1, n) rows of tokens first part: 'differ from token 37 of 272'."""
+    if a.shape == b.shape and torch.equal(a, b):
+        return "same"
+    n = min(a.shape[1], b.shape[1])
+    differ = (a[0, :n] != b[0, :n]).nonzero()
+    return f"differ from token {int(differ[0]) if len(differ) else n} of {max(a.shape[1], b.shape[1])}"
+
+
 @torch.no_grad()
-def bench_generate(config: str, device: torch.device, prompt_len: int, new_tokens: int, vocab_size: int) -> list[dict]:
-    """Greedy decoding of one sequence: the static KV cache vs re-running the whole prefix."""
+def bench_generate(config: str, device: torch.device, prompt_len: int, new_tokens: int, vocab_size: int,
+                   dtype_name: str = "float32", compile_: bool = False, repeats: int = 5, transformers_: bool = True,
+                   uncached_: bool = True) -> list[dict]:
+    """Greedy decoding of one sequence, batch 1: our static KV cache (eager, and with the
+    decode step compiled when compile_), Hugging Face transformers' generate() on the same
+    weights in the same dtype and threads (when installed), and re-running the whole prefix
+    without a cache (uncached_; slow, every step costs the whole prefix). The timed modes run
+    alternately, `repeats` rounds, so that a busy moment of a shared machine hits all of them:
+    tokens_per_s is the median, vs_transformers the median of the per-round ratios.
+    first_run_s is the warm-up run, which for the compiled mode includes compiling.
+    same_tokens compares each mode's tokens with ours (eager)."""
     model_cfg = preset(config).model_config(vocab_size)
+    dtype = resolve_dtype(dtype_name, device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(model_cfg).eval()
+        model = Transformer(model_cfg).to(dtype).eval()
     prompt = torch.randint(0, model_cfg.vocab_size, (1, prompt_len), device=device)
+    compiled = None
+    if compile_:
+        model.compile_decode()
+        compiled, model.compiled_decode = model.compiled_decode, None
 
-    def cached():
-        return model.generate(prompt, new_tokens, temperature=0)
+    def ours(compiled_decode):
+        def run():
+            model.compiled_decode = compiled_decode
+            return model.generate(prompt, new_tokens, temperature=0)
+        return run
 
     def uncached():
         idx = prompt
@@ -128,18 +188,43 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
             idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return idx
 
-    rows = []
-    for name, fn in (("KV cache", cached), ("no cache", uncached)):
-        fn()  # warm-up
-        sync(device)
+    modes = {"KV cache": ours(None)}
+    first_s = {}
+    if compiled is not None:
+        modes["KV cache, compiled decode"] = ours(compiled)
+    hf = transformers_twin(model, dtype) if transformers_ else None
+    if hf is not None:
+        ones = torch.ones_like(prompt)
+        modes["transformers generate"] = lambda: hf.generate(prompt, attention_mask=ones, max_new_tokens=new_tokens, do_sample=False)
+    tokens, speed = {}, {name: [] for name in modes}
+    for name, fn in modes.items():  # warm-up; for the compiled mode this compiles
         start = time.perf_counter()
-        out = fn()
+        tokens[name] = fn()
+        first_s[name] = time.perf_counter() - start
+    for _ in range(repeats):
+        for name, fn in modes.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            speed[name].append(new_tokens / (time.perf_counter() - start))
+    model.compiled_decode = None
+    if uncached_:
+        start = time.perf_counter()  # one run: it is many times slower, and the gap is the point
+        tokens["no cache"] = uncached()
         sync(device)
-        elapsed = time.perf_counter() - start
-        rows.append({"bench": "generate", "config": config, "device": str(device), "mode": name,
-                     "prompt": prompt_len, "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / elapsed, 1)})
-        rows[-1]["_tokens"] = out
-    assert torch.equal(rows[0].pop("_tokens"), rows[1].pop("_tokens")), "cached and uncached greedy tokens differ"
+        speed["no cache"] = [new_tokens / (time.perf_counter() - start)]
+
+    base = {"bench": "generate", "config": config, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "prompt": prompt_len, "new_tokens": new_tokens}
+    rows = []
+    for name, runs in speed.items():
+        vs = ""
+        if hf is not None and name != "transformers generate" and len(runs) == repeats:
+            vs = round(statistics.median(a / b for a, b in zip(runs, speed["transformers generate"])), 2)
+        rows.append({**base, "mode": name, "tokens_per_s": round(statistics.median(runs), 1), "runs": len(runs),
+                     "vs_transformers": vs, "first_run_s": round(first_s[name], 1) if name in first_s else "",
+                     "same_tokens": first_difference(tokens[name], tokens["KV cache"])})
     return rows
 
 
@@ -390,6 +475,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=32000, help="for presets that take it from the tokenizer")
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="generate: alternating timed rounds per mode (median reported)")
+    parser.add_argument("--uncached", default=True, type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="generate: also time decoding without a KV cache (true/false; default true)")
     parser.add_argument("--input", nargs="+", default=None, help="prepare: corpus files")
     parser.add_argument("--tokenizer", default="sp:32000", help="prepare: tokenizer spec as for prepare.py")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -403,7 +491,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                           args.block_size, args.steps, args.warmup, args.grad_checkpoint, args.vocab_size)
         sections.append(("Training throughput", [row]))
     if args.what in ("generate", "all"):
-        sections.append(("Generation", bench_generate(args.config or "config/home_25m.py", device, args.prompt_len, args.new_tokens, args.vocab_size)))
+        compile_gen = args.compile if args.compile is not None else device.type == "cuda"
+        if device.type == "cpu":
+            print(f"generate: {configure_cpu_threads()}, as sample.py uses", file=sys.stderr)
+        sections.append(("Generation", bench_generate(args.config or "config/home_25m.py", device, args.prompt_len, args.new_tokens,
+                                                      args.vocab_size, args.dtype, compile_gen, args.repeats,
+                                                      uncached_=args.uncached)))
     if args.what in ("prepare", "all") and args.input:
         sections.append(("prepare.py throughput", benchmark_prepare(args.input, args.tokenizer, args.workers)))
     elif args.what == "prepare":

@@ -8,6 +8,8 @@ training falls back to it on GPUs without bf16), that is the explicit `training`
 
 from __future__ import annotations
 
+import functools
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -55,21 +57,125 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
-def resolve_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
-    """--dtype auto: bf16 on CUDA GPUs that support it; otherwise fp16 for training (with a loss
-    scaler) but fp32 for inference; fp32 elsewhere (bf16 matmuls are many times slower than fp32
-    on AVX2-only CPUs). fp16 training needs CUDA's loss scaler."""
+def resolve_dtype(name: str, device: torch.device, training: bool = False) -> torch.dtype:
+    """--dtype as a torch dtype; see choose_dtype for what auto means."""
+    return choose_dtype(name, device, training)[0]
+
+
+def choose_dtype(name: str, device: torch.device, training: bool = False) -> tuple[torch.dtype, str]:
+    """(dtype, why) for --dtype. auto: bf16 on CUDA GPUs that support it, otherwise fp16 for
+    training (with a loss scaler) but fp32 for inference. On CPU, inference uses bf16 weights
+    only where a start-up probe finds bf16 matmuls clearly faster than fp32 (AMX or AVX512-BF16;
+    on AVX2-only CPUs they are many times slower), training stays fp32. fp16 training needs
+    CUDA's loss scaler."""
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return torch.float16 if training else torch.float32
-        return torch.float32
+                return torch.bfloat16, "auto: this GPU supports bf16"
+            if training:
+                return torch.float16, "auto: this GPU lacks bf16; fp16 with a loss scaler"
+            return torch.float32, "auto: this GPU lacks bf16"
+        if device.type == "cpu" and not training:
+            bf16, why = cpu_prefers_bf16()
+            return (torch.bfloat16 if bf16 else torch.float32), f"auto: {why}"
+        return torch.float32, f"auto: float32 on {device.type}"
     if name not in DTYPES:
         raise DeviceError(f"--dtype {name} is not one of auto, {', '.join(DTYPES)}")
     if training and name == "float16" and device.type != "cuda":
         raise DeviceError("--dtype=float16 needs CUDA (loss scaling); use float32 on this device")
-    return DTYPES[name]
+    return DTYPES[name], f"--dtype {name}"
+
+
+# ----------------------------------------------------------------------------- CPU bf16 probe
+
+BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this much: a near tie is not worth bf16's rounding
+CPU_BF16_ENV = "HOMELLM_CPU_BF16"  # 1 / 0: skip the probe and use (or not) bf16 on this CPU
+
+
+def cpu_bf16_matmul_speedup(rounds: int = 5, m: int = 64, k: int = 512, n: int = 512) -> float:
+    """How many times faster a linear layer, (m x k) inputs times a (n x k) weight as
+    nn.Linear stores it, runs in bf16 than in fp32 on one core of this CPU (the ratio per
+    core carries over to any thread count, and one thread cannot be stalled by a busy second
+    core). The layout matters: with a (k x n) weight, bf16 on an AVX2 CPU is another 8x
+    slower. Best of alternating rounds, so that a busy moment hits both; the first round is
+    a warm-up (library start-up, oneDNN's kernel generation). Takes ~5 ms where bf16 is
+    native, ~20 ms where it is emulated (AVX2: ~8x slower), because then the probe stops
+    after the first timed round: no later round could change the answer. Inputs come from
+    torch.ones, not randn: the global RNG must not move (resumed training replays it)."""
+    x32, w32 = torch.ones(m, k), torch.ones(n, k)
+    x16, w16 = x32.bfloat16(), w32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(rounds + 1):
+            for x, w in ((x32, w32), (x16, w16)):
+                start = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                if round_:
+                    best[x.dtype] = min(best[x.dtype], time.perf_counter() - start)
+            if round_ and best[torch.bfloat16] > 3 * best[torch.float32]:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_prefers_bf16() -> tuple[bool, str]:
+    """(use bf16 on this CPU?, the reason, for the start-up log). Probed once per process;
+    the HOMELLM_CPU_BF16 environment variable (1 or 0) decides instead when it is set."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"{'bfloat16' if forced == '1' else 'float32'} because {CPU_BF16_ENV}={forced}"
+    if forced:
+        raise DeviceError(f"{CPU_BF16_ENV}={forced!r} must be 1 (use bf16 on this CPU) or 0 (use fp32); or unset it to probe")
+    speedup = cpu_bf16_matmul_speedup()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if speedup >= BF16_MIN_SPEEDUP:
+        return True, f"bfloat16: its matmuls ran {speedup:.2g}x as fast as fp32 on this CPU ({capability})"
+    return False, (f"float32: bf16 matmuls ran at {speedup:.2g}x the fp32 speed on this CPU ({capability}), "
+                   f"not the {BF16_MIN_SPEEDUP}x that would pay; {CPU_BF16_ENV}=1 or --dtype bfloat16 forces bf16")
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+THREADS_ENV = "HOMELLM_THREADS"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset and container limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def configure_cpu_threads(default: Optional[int] = None) -> str:
+    """Set torch's intra-op threads for CPU work; returns a line for the start-up log.
+
+    HOMELLM_THREADS=N decides when set, then OMP_NUM_THREADS (torch has applied it already).
+    Otherwise `default`, or half the usable CPUs (at least 1). Why not all of them: PyTorch's
+    OpenMP threads meet at a barrier after every parallel op, and GNU OpenMP spins while it
+    waits. When another process holds one of the cores, every op waits for the descheduled
+    thread while its partner burns CPU spinning: on a shared 2-core machine one-token decoding
+    with 2 threads ran 3-5x slower than with 1, using 4x the CPU time (docs/benchmarks.md).
+    Decoding is memory-bound, so the threads left out cost little when the machine is idle."""
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise DeviceError(f"{THREADS_ENV}={forced!r} must be a positive number of threads; or unset it")
+        torch.set_num_threads(int(forced))
+        why = f"{THREADS_ENV}={forced}"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        why = "OMP_NUM_THREADS"  # torch applied it at start-up
+    elif default is not None:
+        torch.set_num_threads(default)
+        why = "the default"
+    else:
+        torch.set_num_threads(max(1, usable_cpus() // 2))
+        why = f"half of {usable_cpus()} CPUs; {THREADS_ENV}=N to change"
+    threads = torch.get_num_threads()
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s

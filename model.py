@@ -11,7 +11,7 @@ RoPE uses the same "rotate half" convention, so export_hf.py maps weights one to
 without permuting q/k.
 
 Generation uses a static KV cache: buffers of the final size are allocated once per
-generate() call and written in place, so decode steps run on fixed shapes (no torch.cat).
+generate() call and written in place (no torch.cat); attention reads only the filled slots.
 
 `python train.py config/home_25m.py --dry_run` prints a preset's parameter count, FLOPs and memory.
 """
@@ -134,7 +134,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache(nn.Module):
     """Pre-allocated keys/values for one layer: (batch, n_kv_head, length, head_dim).
-    Written in place at the given positions, so decoding never reallocates."""
+    Written in place, so decoding never reallocates; reads return only the filled prefix."""
 
     def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int, dtype, device):
         super().__init__()
@@ -142,10 +142,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, positions, k.to(self.k.dtype))
-        self.v.index_copy_(2, positions, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, n_kv_head, T, head_dim) at slots start..start+T-1; return slots 0..start+T-1."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -159,24 +161,39 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, positions=None, mask=None):
+    def forward(self, x, cos, sin, start: Optional[int] = None):
+        """start: the position of x's first token when generating with the KV cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            # Attend over the whole static cache; `mask` hides the slots not written yet.
-            k, v = self.cache.update(positions, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
-        else:
+        gqa = self.n_kv_head != self.n_head
+        if self.cache is None:
             # SDPA picks the flash / memory-efficient kernel on CUDA; GQA is handled inside
             # the kernel, so K/V are never materialized n_head/n_kv_head times.
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
             )
+        else:
+            y = self._cached_attention(q, k, v, start)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _cached_attention(self, q, k, v, start: int):
+        """Attention over the filled part of the KV cache only, never over empty slots. No
+        boolean mask in the two cases generation uses, so SDPA may take its flash kernel (on
+        CUDA, with GQA inside it; the CPU's flash kernel too): a decode step (one query, which
+        sees every filled slot) and a prefill from position 0 (plain causal attention)."""
+        T = q.shape[2]
+        k, v = self.cache.update(start, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if T == 1 or start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        # A chunk after cached tokens: query i (at start + i) sees slots 0..start + i. The
+        # mask rules out the kernels that take GQA, so K/V are repeated for this rare case.
+        visible = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        rep = self.n_head // self.n_kv_head
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=visible)
 
 
 class SwiGLU(nn.Module):
@@ -199,8 +216,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, positions=None, mask=None):
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, positions, mask))
+    def forward(self, x, cos, sin, start: Optional[int] = None):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, start))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -284,6 +301,7 @@ class Transformer(nn.Module):
         # Recompute each block's activations in backward instead of storing them (switchable
         # at run time; train.py sets it from --grad_checkpoint).
         self.grad_checkpoint = False
+        self.compiled_decode = None  # set by compile_decode()
         self.reset_parameters()
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -343,23 +361,56 @@ class Transformer(nn.Module):
         p = self.embed.weight
         for block in self.layers:
             block.attn.cache = KVCache(batch, self.config.n_kv_head, length, self.config.head_dim, p.dtype, p.device)
-        self.register_buffer(
-            "cache_mask", torch.tril(torch.ones(length, length, dtype=torch.bool, device=p.device)), persistent=False
-        )
 
     def clear_cache(self) -> None:
         for block in self.layers:
             block.attn.cache = None
-        self.cache_mask = None
 
-    def forward_cached(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run tokens idx (B, T) that sit at `positions` (T,) through the model, reading and
-        writing the KV cache. Returns logits of the last position only: (B, vocab)."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        mask = self.cache_mask[positions]  # (T, cache_len): row i sees slots <= positions[i]
+    def compile_decode(self, **options) -> None:
+        """torch.compile the one-token decode step: the part of generation that runs once per
+        new token (the prefill runs once per prompt and stays eager).
+
+        The whole step is one graph: the position is dynamic, so one graph serves every step.
+        The KV cache length is not (torch specializes on a module's buffer shapes), so
+        generate() then sizes the cache in power-of-two buckets: a new graph only when a run
+        crosses into a bigger bucket. On CPU the graph's wrapper is C++ (Inductor's
+        cpp_wrapper): its Python wrapper cost ~1.5 ms per token on home_25m, a tenth of the
+        step. Compiling each Block instead (one graph shared by all layers) compiles faster,
+        but calling a compiled function costs ~0.1 ms of guards and Python, paid n_layer
+        times per token: on CPU that ate most of the gain. options: more Inductor options."""
+        if self.embed.weight.device.type == "cpu":
+            options = {"cpp_wrapper": True, **options}
+        self.compiled_decode = torch.compile(self.run_cached, dynamic=True, options=options or None)
+
+    def cache_length(self, needed: int, cache_len: Optional[int] = None) -> int:
+        """KV cache slots for a run that needs `needed`: cache_len when given, `needed` itself
+        (the least memory), or with a compiled decode step the power-of-two bucket (at least
+        256) that holds it, so that runs of similar length share one compiled graph. Never
+        more than max_seq_len."""
+        if cache_len:
+            length = cache_len
+        elif self.compiled_decode is not None:
+            length = max(256, 1 << (needed - 1).bit_length())
+        else:
+            length = needed
+        return min(length, self.config.max_seq_len)
+
+    def forward_cached(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+        """Run tokens idx (B, T) that sit at positions start..start+T-1 through the model,
+        reading and writing the KV cache. Returns logits of the last position only: (B, vocab).
+        start is a Python int: the generation loop knows it without asking the device.
+        One-token steps take the compiled graph when compile_decode() made one."""
+        if idx.shape[1] == 1 and self.compiled_decode is not None:
+            return self.compiled_decode(idx, start)
+        return self.run_cached(idx, start)
+
+    def run_cached(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+        """forward_cached's computation (what compile_decode compiles)."""
+        T = idx.shape[1]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)
         for block in self.layers:
-            x = block(x, cos, sin, positions, mask)
+            x = block(x, cos, sin, start)
         return self.lm_head(self.norm(x[:, -1]))
 
     @torch.no_grad()
@@ -383,24 +434,24 @@ class Transformer(nn.Module):
         (StopIteration.value) says which: "max_new_tokens", "eos" or "max_seq_len".
         vocab_limit: only ids below it are sampled (a model's vocab padded past its
         tokenizer's, like Qwen2.5's 151936 rows for 151665 tokens, has rows with no text).
-        cache_len: KV cache slots (default prompt + max_new_tokens). A fixed value, e.g.
-        max_seq_len, gives every decode step of every call the same shapes, which is what
-        lets a torch.compile'd forward_cached be reused across prompts.
+        cache_len: KV cache slots (default: see cache_length). Attention reads only the filled
+        slots whatever the size; a fixed value gives every call the same cache shapes, so a
+        compiled decode step (compile_decode) never recompiles.
         """
         B, T = idx.shape
         if T == 0:
             raise ValueError("generate needs a prompt of at least one token")
         if T >= self.config.max_seq_len:
             raise ValueError(f"the prompt has {T} tokens but max_seq_len={self.config.max_seq_len}; shorten it")
-        length = min(cache_len or T + max_new_tokens, self.config.max_seq_len)
-        if length < min(T + max_new_tokens, self.config.max_seq_len):
+        needed = min(T + max_new_tokens, self.config.max_seq_len)
+        length = self.cache_length(needed, cache_len)
+        if length < needed:
             raise ValueError(f"cache_len={cache_len} is smaller than the prompt ({T}) plus max_new_tokens ({max_new_tokens})")
         was_training = self.training
         self.eval()
         self.setup_cache(B, length)
         try:
-            positions = torch.arange(T, device=idx.device)
-            logits = self.forward_cached(idx, positions)
+            logits = self.forward_cached(idx, 0)
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 if vocab_limit is not None and vocab_limit < logits.size(-1):
@@ -416,7 +467,7 @@ class Transformer(nn.Module):
                     break
                 if T + step + 1 >= self.config.max_seq_len:
                     return "max_seq_len"  # prompt + new tokens fill the context window
-                logits = self.forward_cached(token[:, None], positions.new_tensor([T + step]))
+                logits = self.forward_cached(token[:, None], T + step)
             return "max_new_tokens"
         finally:
             self.clear_cache()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
-from hardware import DeviceError, resolve_device, resolve_dtype
+from hardware import DeviceError, choose_dtype, configure_cpu_threads, resolve_device
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -206,10 +207,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible; None: different every run")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on a CUDA GPU that supports it, else float32")
+                   help="auto: bfloat16 on a CUDA GPU that supports it or a CPU where a quick probe finds it fast, else float32")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past the end-of-text token instead of stopping there")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (CUDA, not --interactive): pays off for many or long samples")
+                   help="torch.compile the decode step (CUDA, or CPU with a C++ compiler): pays off for many or long samples")
     p.add_argument("--interactive", action="store_true", help="a REPL: each line you type extends the text; Ctrl-C stops a generation, Ctrl-D exits")
     return p.parse_args(argv)
 
@@ -321,7 +322,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_args(args)
         prompt_text = read_prompt(args.start)  # before loading anything: a typo fails fast
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device, training=False)
+        dtype, dtype_why = choose_dtype(args.dtype, device, training=False)
+        threads = configure_cpu_threads() if device.type == "cpu" else ""
         path = find_checkpoint(args.out_dir, args.ckpt)
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, device, dtype, name=path)
@@ -333,19 +335,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         step = ckpt.get("step", "?")
         del ckpt  # the weights now live in the model
-        cache_len = None  # default: prompt + max_new_tokens, the least memory
         if args.compile:
-            if device.type != "cuda":
-                note("--compile is only used on CUDA; running without it")
-            elif args.interactive:
-                # The KV cache is sized prompt + max_new_tokens, so every turn would recompile.
-                note("--compile would recompile on every turn of --interactive; running without it")
+            if device.type == "mps":
+                note("--compile is used on CUDA and CPU, not MPS; running without it")
+            elif device.type == "cpu" and not shutil.which(os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")):
+                note("--compile on CPU needs a C++ compiler (g++, or $CXX) to build its kernels; running without it")
             else:
-                # Decode steps dominate sampling and all go through forward_cached. A cache of
-                # max_seq_len slots gives every decode step the same shapes, so one compiled
-                # graph serves all samples; only the prompt's prefill has a shape of its own.
-                model.forward_cached = torch.compile(model.forward_cached)
-                cache_len = model.config.max_seq_len
+                # Decode steps dominate sampling. One compiled graph per KV-cache size bucket
+                # serves every step, sample and interactive turn (see Transformer.compile_decode).
+                model.compile_decode()
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)
@@ -353,9 +351,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             generator.seed()
         max_new_tokens = args.max_new_tokens or min(256, model.config.max_seq_len // 2)  # always room for a prompt
         settings = dict(max_new_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator, cache_len=cache_len)
+                        top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot, generator=generator)
         found = " (the run here that saved last; --out_dir picks another)" if args.out_dir is None and args.ckpt is None else ""
-        note(f"{path}{found}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')}")
+        note(f"{path}{found}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')} "
+             f"({dtype_why}){', ' + threads if threads else ''}")
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):

@@ -1,7 +1,10 @@
 """bench.py on tiny inputs: the tables it prints have real, consistent numbers."""
 
+import importlib.util
 import json
 import random
+
+import torch
 
 import bench
 
@@ -20,12 +23,24 @@ def test_train_bench_reports_throughput_and_mfu(tmp_path, capsys):
     assert "torch" in text and "CPU:" in text  # machine details go with the numbers
 
 
-def test_generate_bench_compares_cached_and_uncached(tmp_path):
+def test_generate_bench_compares_cached_uncached_and_transformers(tmp_path):
     cfg = tmp_path / "small.py"
-    cfg.write_text("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 64\n")
-    rows = bench.bench_generate(str(cfg), bench.pick_device("cpu"), prompt_len=4, new_tokens=8, vocab_size=100)
-    assert [r["mode"] for r in rows] == ["KV cache", "no cache"]
-    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 8 for r in rows)
+    cfg.write_text("n_layer = 2\nn_head = 4\nn_kv_head = 2\nn_embd = 32\nblock_size = 64\n")
+    rows = bench.bench_generate(str(cfg), bench.pick_device("cpu"), prompt_len=4, new_tokens=8, vocab_size=100, repeats=2)
+    with_hf = importlib.util.find_spec("transformers") is not None  # a dev extra: CI has it
+    assert [r["mode"] for r in rows] == ["KV cache"] + ["transformers generate"] * with_hf + ["no cache"]
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 8 and r["dtype"] == "float32" for r in rows)
+    # transformers' LlamaForCausalLM built from our weights picks the very same greedy tokens
+    assert all(r["same_tokens"] == "same" for r in rows)
+    assert [r["runs"] for r in rows] == [2] * (1 + with_hf) + [1]
+    assert (rows[0]["vs_transformers"] > 0) if with_hf else rows[0]["vs_transformers"] == ""
+
+
+def test_first_difference_names_the_first_differing_token():
+    a = torch.tensor([[1, 2, 3, 4]])
+    assert bench.first_difference(a, a.clone()) == "same"
+    assert bench.first_difference(a, torch.tensor([[1, 2, 9, 4]])) == "differ from token 2 of 4"
+    assert bench.first_difference(a, torch.tensor([[1, 2]])) == "differ from token 2 of 4"
 
 
 def test_prepare_bench_rows_on_a_tiny_corpus(tmp_path):

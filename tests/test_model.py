@@ -432,3 +432,68 @@ def test_a_fixed_cache_len_gives_the_same_tokens_and_static_shapes():
     stream.close()
     with pytest.raises(ValueError, match="cache_len=8 is smaller"):
         m.generate(prompt, 12, cache_len=8)
+
+
+@pytest.mark.parametrize("n_kv_head, qkv_bias", [(4, True), (2, False), (1, False)])
+def test_cached_prefill_in_chunks_equals_one_full_forward(n_kv_head, qkv_bias):
+    """The three cached-attention cases: a prefill from position 0 (causal kernel), a chunk
+    after cached tokens (explicit mask over the filled slots) and one-token decode steps."""
+    m = build(n_kv_head=n_kv_head, qkv_bias=qkv_bias)
+    if qkv_bias:
+        for block in m.layers:
+            torch.nn.init.normal_(block.attn.k_proj.bias)
+    idx = torch.randint(0, 97, (2, 14))
+    full = m(idx)
+    m.setup_cache(2, 32)  # more slots than used: empty slots must never be attended to
+    with torch.no_grad():
+        assert torch.allclose(m.forward_cached(idx[:, :6], 0), full[:, 5], atol=1e-5)
+        assert torch.allclose(m.forward_cached(idx[:, 6:11], 6), full[:, 10], atol=1e-5)
+        for t in range(11, 14):
+            assert torch.allclose(m.forward_cached(idx[:, t : t + 1], t), full[:, t], atol=1e-5)
+    m.clear_cache()
+
+
+def test_bfloat16_generation_equals_float32_greedy_tokens():
+    """bf16 weights round every product to 8 significant bits, so logits move by about 0.3% of
+    their scale (measured here: ~0.003 for logits of std ~0.12). Greedy tokens can only differ
+    where fp32's two best logits are closer than that; on this model the closest pair along
+    the generated text is ~20x further apart, so the tokens must be identical."""
+    m32 = build(seed=3)
+    m16 = build(seed=3).to(torch.bfloat16)
+    prompt = torch.randint(0, 97, (2, 5))
+    tokens = m32.generate(prompt, 30, temperature=0)
+    with torch.no_grad():
+        logits32, logits16 = m32(tokens[:, :-1]), m16(tokens[:, :-1]).float()
+    error = (logits32 - logits16).abs().max().item()
+    best_two = logits32[:, 4:].topk(2, dim=-1).values
+    assert error < 0.01 < (best_two[..., 0] - best_two[..., 1]).min().item()
+    assert torch.equal(m16.generate(prompt, 30, temperature=0), tokens)
+
+
+def test_cache_length_is_what_the_run_needs_or_a_bucket_when_compiled():
+    m = build(max_seq_len=64)
+    assert m.cache_length(17) == 17  # eager: exactly prompt + new tokens
+    assert m.cache_length(17, cache_len=40) == 40
+    m.compiled_decode = object()  # what compile_decode sets; only its presence matters here
+    assert m.cache_length(17) == 64  # power-of-two buckets of at least 256, capped by max_seq_len
+    big = build(max_seq_len=4096)
+    big.compiled_decode = object()
+    assert [big.cache_length(n) for n in (17, 256, 257, 1000, 4096)] == [256, 256, 512, 1024, 4096]
+
+
+@pytest.mark.compile
+def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_prompt():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    m = build(n_kv_head=2, max_seq_len=64)
+    prompts = [torch.randint(0, 97, (1, n)) for n in (5, 9)]
+    expected = [m.generate(p, 12, temperature=0) for p in prompts]
+    m.compile_decode()
+    counters.clear()
+    assert torch.equal(m.generate(prompts[0], 12, temperature=0), expected[0])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the decode step really went through torch.compile
+    assert torch.equal(m.generate(prompts[1], 12, temperature=0), expected[1])
+    assert counters["stats"]["unique_graphs"] == graphs  # another prompt length, same cache bucket: no new graph
+    torch._dynamo.reset()

@@ -11,6 +11,7 @@ import base64
 import io
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -141,6 +142,15 @@ def save_checkpoint(path, model: Transformer, info: dict, data_dir: str = "/none
         "optimizer": {"state": {}, "param_groups": []}, "rng": [{"torch": torch.get_rng_state()}],
     }, path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """sample.main() sets torch's CPU threads for the process (hardware.configure_cpu_threads);
+    give the other tests in this process their count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["sentencepiece", "tiktoken"])
@@ -288,6 +298,29 @@ def test_temperature_zero_is_greedy_whatever_the_seed(tmp_path, capsys):
     prompt = torch.tensor([tok.encode("Привет")])
     greedy = model.generate(prompt, 20, temperature=0)[0].tolist()
     assert first == tok.decode(greedy) + "\n"
+
+
+@pytest.mark.compile
+def test_compile_on_cpu_gives_the_greedy_text_of_eager_decoding(tmp_path, capsys):
+    out_dir, _ = make_run(tmp_path, "tiktoken", rigged=False)
+    args = ["--out_dir", out_dir, "--start", "Привет", "--max_new_tokens", 16, "--temperature", 0, "--no_stop_at_eot",
+            "--device", "cpu", "--dtype", "float32"]
+    eager = run_main(capsys, *args)
+    sample.main([str(a) for a in args] + ["--compile"])
+    compiled = capsys.readouterr()
+    assert compiled.out == eager and "Привет" in eager
+    assert re.search(r"cpu float32 \(--dtype float32\), \d+ CPU threads? \(", compiled.err)  # the start-up note
+
+
+def test_compile_without_a_cpu_compiler_says_so_and_runs_eagerly(tmp_path, capsys, monkeypatch):
+    out_dir, _ = make_run(tmp_path, "tiktoken", rigged=False)
+    args = ["--out_dir", out_dir, "--start", "Привет", "--max_new_tokens", 5, "--temperature", 0, "--device", "cpu"]
+    eager = run_main(capsys, *args)
+    monkeypatch.setattr(sample.shutil, "which", lambda name: None)
+    sample.main([str(a) for a in args] + ["--compile"])
+    out = capsys.readouterr()
+    assert out.out == eager
+    assert "--compile on CPU needs a C++ compiler" in out.err
 
 
 def test_start_from_file_and_num_samples(tmp_path, capsys):
