@@ -36,7 +36,7 @@ from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
 from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
-from model import Transformer, estimate_mfu, make_optimizer
+from model import Transformer, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import load_tokenizer
 
 
@@ -103,7 +103,8 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     sync(device)
     elapsed = time.perf_counter() - start
     tokens_per_s = steps * cfg.batch_size * cfg.block_size / elapsed
-    peak, peak_source = device_peak_flops(device)
+    peak, peak_source = device_peak_flops(device, dtype=dtype)
+    peak = max(peak, flops_per_token(model_cfg, cfg.block_size) * tokens_per_s)  # a busy moment can make the measured peak low
     return {
         "bench": "train", "config": config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": use_compile, "grad_checkpoint": grad_checkpoint, "batch": f"{cfg.batch_size}x{cfg.block_size}",

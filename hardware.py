@@ -64,10 +64,10 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
 
 def choose_dtype(name: str, device: torch.device, training: bool = False) -> tuple[torch.dtype, str]:
     """(dtype, why) for --dtype. auto: bf16 on CUDA GPUs that support it, otherwise fp16 for
-    training (with a loss scaler) but fp32 for inference. On CPU, inference uses bf16 weights
-    only where a start-up probe finds bf16 matmuls clearly faster than fp32 (AMX or AVX512-BF16;
-    on AVX2-only CPUs they are many times slower), training stays fp32. fp16 training needs
-    CUDA's loss scaler."""
+    training (with a loss scaler) but fp32 for inference. On CPU, bf16 (autocast for training,
+    weights for inference) only where a start-up probe finds bf16 matmuls clearly faster than
+    fp32 (AMX or AVX512-BF16; on AVX2-only CPUs they are many times slower), fp32 otherwise.
+    fp16 training needs CUDA's loss scaler."""
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
@@ -75,7 +75,7 @@ def choose_dtype(name: str, device: torch.device, training: bool = False) -> tup
             if training:
                 return torch.float16, "auto: this GPU lacks bf16; fp16 with a loss scaler"
             return torch.float32, "auto: this GPU lacks bf16"
-        if device.type == "cpu" and not training:
+        if device.type == "cpu":
             bf16, why = cpu_prefers_bf16()
             return (torch.bfloat16 if bf16 else torch.float32), f"auto: {why}"
         return torch.float32, f"auto: float32 on {device.type}"
@@ -181,22 +181,29 @@ def configure_cpu_threads(default: Optional[int] = None) -> str:
 # ----------------------------------------------------------------------------- peak FLOP/s
 
 
-def measure_cpu_peak_flops(seconds: float = 0.5) -> float:
-    """fp32 matmul FLOP/s of this CPU with the threads torch uses: MFU's reference on CPU.
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, trials: int = 5, seconds: float = 0.1) -> float:
+    """Matmul FLOP/s of this CPU in `dtype` with the threads torch uses: MFU's reference on CPU.
+    The best of several short trials, not one long one: another process taking a core for a
+    moment slows some trials, and the fastest one is the closest to what the CPU can do.
     Its own generator: drawing from the global one would shift every later random number (dropout
     masks), and a resumed run must draw exactly what the uninterrupted one drew."""
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
-    a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - start)
+    a = torch.randn(1024, 1024, generator=gen).to(dtype)
+    b = torch.randn(1024, 1024, generator=gen).to(dtype)
+    a @ b  # warm-up: thread pool, oneDNN kernel generation
+    best = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        best = max(best, 2 * 1024**3 * n / (time.perf_counter() - start))
+    return best
 
 
-def device_peak_flops(device: torch.device, override: Optional[float] = None) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from): --peak_flops, the GPU table, or a CPU measurement."""
+def device_peak_flops(device: torch.device, override: Optional[float] = None, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from): --peak_flops, the GPU table (bf16 dense), or
+    a measurement of this CPU's matmuls in the dtype the run computes in."""
     if override:
         return override, "--peak_flops"
     if device.type == "cuda":
@@ -206,7 +213,8 @@ def device_peak_flops(device: torch.device, override: Optional[float] = None) ->
                 return flops, f"{name} bf16 datasheet"
         return float("nan"), f"{name} is not in the peak table; pass --peak_flops for MFU"
     if device.type == "cpu":
-        return measure_cpu_peak_flops(), "measured fp32 matmul"
+        name = str(dtype).removeprefix("torch.")
+        return measure_cpu_peak_flops(dtype), f"measured {name} matmul, best of 5"
     return float("nan"), "unknown device; pass --peak_flops for MFU"
 
 

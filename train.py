@@ -42,8 +42,8 @@ from checkpoint import (
 from configurator import ConfigError, TrainConfig, config_to_dict, format_config, parse_args, parse_args_or_exit
 from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
 from hardware import (
-    DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, device_peak_flops, memory_table, peak_memory_mb, plan_run_memory,
-    resolve_device, resolve_dtype,
+    DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, choose_dtype, configure_cpu_threads, cpu_prefers_bf16,
+    device_peak_flops, memory_table, peak_memory_mb, plan_run_memory, resolve_device, usable_cpus,
 )
 from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import TokenizerError
@@ -647,15 +647,19 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     if train_data.num_windows == 0:
         raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
     warn_about_val_split(cfg, d, meta, val_data)
-    dtype = resolve_dtype(cfg.dtype, device, training=True)
+    dtype, dtype_why = choose_dtype(cfg.dtype, device, training=True)
+    # Training is compute-bound: all the CPUs, split among the ranks on this host (torchrun
+    # already sets OMP_NUM_THREADS=1 per rank, which configure_cpu_threads respects).
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = configure_cpu_threads(max(1, usable_cpus() // local_ranks)) if device.type == "cpu" else ""
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = d.enabled and cfg.parallel == "fsdp"
     if fsdp and cfg.optimizer == "muon":
         raise TrainError("optimizer=muon needs whole matrices and FSDP shards them; use --parallel=ddp (or one process), or --optimizer=adamw")
     if fsdp and dtype == torch.float16:
         raise TrainError("FSDP here supports float32 and bfloat16; use --dtype=bfloat16 (fp16 would need a sharded loss scaler)")
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        log0(d, "note: bfloat16 on CPU is usually several times slower than float32")
+    if dtype == torch.bfloat16 and device.type == "cpu" and cfg.dtype != "auto" and not cpu_prefers_bf16()[0]:
+        log0(d, f"note: --dtype bfloat16 on a CPU where --dtype auto would choose {cpu_prefers_bf16()[1]}")
 
     raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
     check_memory_fits(cfg, model_cfg, d, device, dtype)
@@ -700,10 +704,11 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
     tokens_per_step = global_batch * cfg.block_size
     run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256, sinks)
     counts = count_params(model_cfg)
-    peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops)
+    peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops, dtype)
     log0(d, format_config(cfg))
     log0(d, f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {model_cfg.vocab_size}")
     log0(d, f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accum x {d.world_size} ranks = {global_batch} sequences = {tokens_per_step:,} tokens per step")
+    log0(d, f"dtype: {str(dtype).removeprefix('torch.')} ({dtype_why}){' | ' + threads if threads else ''}")
     log0(d, f"device: {device} {dtype} | parallel: {'fsdp' if fsdp else 'ddp' if d.enabled else 'none'} | compile: {use_compile} | grad checkpoint: {cfg.grad_checkpoint} | peak {peak_flops:.3g} FLOP/s ({peak_source})")
     if d.is_main:
         with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -799,6 +804,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             tokens_per_s = (progress.tokens_seen - tokens_at_log) / (now - t_log) if progress.tokens_seen > tokens_at_log else 0.0
             t_log, tokens_at_log = now, progress.tokens_seen
             mfu = estimate_mfu(model_cfg, cfg.block_size, tokens_per_s / d.world_size, peak_flops)
+            if mfu > 1:  # the peak was measured (or given) too low, e.g. on a busy CPU: the rate seen is the better bound
+                slow_peak, peak_flops = peak_flops, peak_flops * mfu
+                log0(d, f"note: step {step} computed faster than the peak of {slow_peak:.3g} FLOP/s; MFU is now relative to {peak_flops:.3g}")
+                mfu = 1.0
             mem = peak_memory_mb(device)
             log0(d, f"step {step}: loss {loss_mean:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu * 100:.1f}% | peak mem {mem:,.0f} MB")
             write_metrics(run, {
@@ -838,7 +847,8 @@ def dry_run(cfg: TrainConfig) -> None:
     model_cfg = cfg.model_config(vocab_size)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device_type = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda"
-    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if device_type == "cuda" else torch.float32)
+    auto_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_prefers_bf16()[0])
+    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if auto_bf16 else torch.float32)
     print(f"vocab_size: {model_cfg.vocab_size} ({'set in the config' if cfg.vocab_size else source})")
     print(describe(model_cfg, cfg.block_size))
     print(plan_run_memory(cfg, model_cfg, world_size, device_type, dtype).format())

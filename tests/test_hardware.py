@@ -39,13 +39,23 @@ def test_the_probe_leaves_the_global_rng_and_the_threads_as_they_were():
 
 
 @pytest.mark.parametrize("speedup, dtype", [(4.0, torch.bfloat16), (1.2, torch.float32), (0.01, torch.float32)])
-def test_auto_on_cpu_follows_the_probe_for_inference_only(monkeypatch, speedup, dtype):
+def test_auto_on_cpu_follows_the_probe_for_training_and_inference(monkeypatch, speedup, dtype):
     calls = []
     monkeypatch.setattr(hardware, "cpu_bf16_matmul_speedup", lambda: calls.append(1) or speedup)
     chosen, why = choose_dtype("auto", CPU)
     assert chosen == dtype and f"{speedup:.2g}x" in why
     assert choose_dtype("auto", CPU) == (chosen, why) and len(calls) == 1  # probed once per process
-    assert choose_dtype("auto", CPU, training=True)[0] == torch.float32  # training stays fp32 (for now)
+    assert choose_dtype("auto", CPU, training=True) == (chosen, why)  # bf16 autocast where it pays
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_peak_is_measured_in_the_dtype_used_and_leaves_the_rng_alone(dtype):
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    peak, source = hardware.device_peak_flops(CPU, dtype=dtype)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert 1e8 < peak < 1e14 and source == f"measured {str(dtype).removeprefix('torch.')} matmul, best of 5"
+    assert hardware.device_peak_flops(CPU, override=5e12) == (5e12, "--peak_flops")
 
 
 def test_the_probe_decision_can_be_overridden(monkeypatch):

@@ -526,3 +526,37 @@ def test_orthogonalize_flattens_the_singular_values():
     for matrix in (g, g.t()):
         s = torch.linalg.svdvals(model_lib.orthogonalize(matrix))
         assert 0.5 < s.min() and s.max() < 1.3
+
+
+# ----------------------------------------------------------------------------- CPU dtype, MFU
+
+
+@pytest.mark.parametrize("forced, dtype", [("1", "bfloat16"), ("0", "float32")])
+def test_cpu_dtype_auto_is_logged_overridable_and_bf16_training_learns(dataset, tmp_path, capsys, monkeypatch, forced, dtype):
+    # HOMELLM_CPU_BF16 stands in for the probe's answer (AMX machine or not); the log says which
+    # dtype and why, and bf16 autocast on CPU trains as fp32 does.
+    import hardware
+
+    hardware.cpu_prefers_bf16.cache_clear()
+    monkeypatch.setenv(hardware.CPU_BF16_ENV, forced)
+    out = tmp_path / "run"
+    try:
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=30"])
+    finally:
+        hardware.cpu_prefers_bf16.cache_clear()
+    log = capsys.readouterr().out
+    assert f"dtype: {dtype} (auto: {dtype} because {hardware.CPU_BF16_ENV}={forced})" in log
+    assert f"measured {dtype} matmul" in log
+    losses = train_losses(out)
+    assert losses[30] < losses[1] - 1.0
+
+
+def test_mfu_never_reads_above_100_percent(dataset, tmp_path, capsys):
+    # A peak far below what the CPU does (as a start-up measurement on a busy machine can be):
+    # the first log raises it to the rate seen and says so; no record exceeds 1.
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=6", "--log_interval=2", "--peak_flops=1000"])
+    log = capsys.readouterr().out
+    assert "computed faster than the peak of 1e+03 FLOP/s; MFU is now relative to" in log
+    mfus = [r["mfu"] for r in metrics(out) if "mfu" in r]
+    assert len(mfus) == 3 and all(0 < m <= 1.0 for m in mfus) and mfus[0] == 1.0
