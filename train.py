@@ -716,7 +716,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         if tok_file:  # sample.py and export_hf.py then need only out_dir
             shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
-        write_status(cfg.out_dir, "running", step=progress.step, max_iters=cfg.max_iters, world_size=d.world_size,
+        write_status(cfg.out_dir, "running", step=progress.step, max_iters=cfg.max_iters, max_time_min=cfg.max_time_min,
+                     elapsed_s=progress.elapsed_s, world_size=d.world_size,
                      started=time.time(), cwd=os.getcwd(), command=sys.argv)
     last_saved = progress.step if resume_path else None
 
@@ -816,7 +817,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
                 "elapsed_s": elapsed,
             })
             if d.is_main:
-                write_status(cfg.out_dir, "running", step=step)
+                write_status(cfg.out_dir, "running", step=step, elapsed_s=elapsed)
         if stop_votes:
             eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, "stopped by signal", nonfinite_run)
             if d.is_main:

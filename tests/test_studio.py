@@ -141,7 +141,12 @@ def test_states_of_dead_foreign_and_old_runs(server, runs_dir):
     assert server.run("dead")["state"] == "crashed" and "ended without" in server.run("dead")["reason"]
     assert server.run("elsewhere")["state"] == "unknown" and "another-machine" in server.run("elsewhere")["reason"]
     assert (server.run("old")["state"], server.run("old")["step"], server.run("old")["loss"]) == ("finished", 10, 3.5)
-    for name in ("dead", "elsewhere", "old"):
+    (runs_dir / "clock").mkdir()  # a time-budgeted run: the page shows its clock, not steps
+    (runs_dir / "clock" / "status.json").write_text(json.dumps(
+        {"state": "finished", "reason": "time budget", "step": 40, "max_iters": None, "max_time_min": 12, "elapsed_s": 725.0}))
+    clock = server.run("clock")
+    assert (clock["state"], clock["max_iters"], clock["max_time_min"], clock["elapsed_s"]) == ("finished", None, 12, 725.0)
+    for name in ("dead", "elsewhere", "old", "clock"):
         shutil.rmtree(runs_dir / name)
 
 
