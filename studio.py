@@ -387,8 +387,8 @@ class Studio:
             started = (run_dir / "config.json").stat().st_mtime
         return {
             "name": run_name(self.root, run_dir), "state": state, "reason": reason,
-            "step": step, "max_iters": max_iters, "loss": s.loss,
-            "max_time_min": (status or {}).get("max_time_min", train_cfg.get("max_time_min")), "elapsed_s": (status or {}).get("elapsed_s"), "best_val_loss": s.best_val_loss,
+            "step": step, "max_iters": max_iters, "max_time_min": (status or {}).get("max_time_min", train_cfg.get("max_time_min")),
+            "elapsed_s": (status or {}).get("elapsed_s"), "loss": s.loss, "best_val_loss": s.best_val_loss,
             "val_bpb": s.val_bpb, "tokens_per_s": s.tokens_per_s, "mfu": s.mfu, "params": params,
             "preset": (job.preset if job else None) or preset_of((status or {}).get("command")),
             "data_dir": train_cfg.get("data_dir"), "started": started, "updated": (status or {}).get("updated"),

@@ -658,8 +658,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
         raise TrainError("optimizer=muon needs whole matrices and FSDP shards them; use --parallel=ddp (or one process), or --optimizer=adamw")
     if fsdp and dtype == torch.float16:
         raise TrainError("FSDP here supports float32 and bfloat16; use --dtype=bfloat16 (fp16 would need a sharded loss scaler)")
-    if dtype == torch.bfloat16 and device.type == "cpu" and cfg.dtype != "auto" and not cpu_prefers_bf16()[0]:
-        log0(d, f"note: --dtype bfloat16 on a CPU where --dtype auto would choose {cpu_prefers_bf16()[1]}")
+    if dtype == torch.bfloat16 and device.type == "cpu" and cfg.dtype != "auto":
+        prefers_bf16, probe_says = cpu_prefers_bf16()
+        if not prefers_bf16:
+            log0(d, f"note: --dtype bfloat16 on a CPU where --dtype auto would choose {probe_says}")
 
     raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
     check_memory_fits(cfg, model_cfg, d, device, dtype)
