@@ -377,9 +377,18 @@ class Transformer(nn.Module):
         cpp_wrapper): its Python wrapper cost ~1.5 ms per token on home_25m, a tenth of the
         step. Compiling each Block instead (one graph shared by all layers) compiles faster,
         but calling a compiled function costs ~0.1 ms of guards and Python, paid n_layer
-        times per token: on CPU that ate most of the gain. options: more Inductor options."""
+        times per token: on CPU that ate most of the gain.
+
+        Also on CPU: each one-row matmul (every projection of a decode step) becomes an
+        Inductor-generated multiply-and-sum loop instead of a call to the BLAS gemv
+        (Inductor's "decompose_mm_pass"; it takes matrices up to 2048 on a side, so a vocab
+        bigger than that keeps its lm_head on BLAS). Decoding one token streams every weight
+        once, and that loop streams them faster: on a 2-core AVX2 EPYC, home_25m's decode
+        step went from 13.1 to 9.2 ms on one thread, 6.6 ms on two (the BLAS gemv does not
+        use the second core), with the same greedy tokens (docs/benchmarks.md).
+        options: more Inductor options."""
         if self.embed.weight.device.type == "cpu":
-            options = {"cpp_wrapper": True, **options}
+            options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, **options}
         self.compiled_decode = torch.compile(self.run_cached, dynamic=True, options=options or None)
 
     def cache_length(self, needed: int, cache_len: Optional[int] = None) -> int:
