@@ -4,6 +4,7 @@ directories (read).
     save_checkpoint(state, out_dir, step, keep)  # atomic ckpt.pt plus numbered copies
     path = find_checkpoint(out_dir)               # ckpt.pt, or the newest numbered copy
     ckpt = load_checkpoint(path)                  # weights_only: a stranger's .pt cannot run code
+    ShardedSaver(background=True).save(shards, state, out_dir, step, keep)  # FSDP: DCP, each rank its part
     tok = load_checkpoint_tokenizer(ckpt, path)   # the tokenizer it was trained with
     cfg, state = load_hf_model("~/models/Qwen2.5-0.5B")
 
@@ -19,6 +20,7 @@ model.py does not implement.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import pickle
 import re
 import shutil
 import struct
+import threading
 import warnings
 import zipfile
 from typing import NoReturn, Optional
@@ -312,42 +315,123 @@ def sharded_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_sharded(shards: dict, state: dict, out_dir: str, step: int, keep: int) -> str:
-    """Write `shards` (DTensor state dicts: {"model": ..., "optimizer": ...}) with DCP, each rank
-    its own part, plus `state` (plain data, rank 0) as ckpt_STEP/. Atomic like save_checkpoint:
-    everything goes into .ckpt_STEP.tmp/ and is renamed at the end, so a kill at any moment
-    leaves the earlier checkpoints as they were. Keeps the newest max(1, keep) such directories.
-    A collective: every rank calls it."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+class ShardedSaver:
+    """Writes ckpt_STEP/ directories with DCP, each rank its own part, plus `state` (plain
+    data, rank 0). Atomic like save_checkpoint: everything goes into .ckpt_STEP.tmp/ and is
+    renamed at the end, so a kill at any moment leaves the earlier checkpoints as they were.
+    Keeps the newest max(1, keep) such directories.
 
-    rank = dist.get_rank()
-    final = os.path.join(out_dir, f"ckpt_{step:06d}")
-    tmp, old = os.path.join(out_dir, f".ckpt_{step:06d}.tmp"), os.path.join(out_dir, f".ckpt_{step:06d}.old")
+    background=True writes with DCP's async_save: each rank's shards are first copied to CPU
+    memory (the only pause training sees), then a thread writes them while training goes on,
+    talking to the other ranks over a gloo group of its own so as not to cross training's
+    collectives. When the writes are complete, rank 0 renames the directory into place from
+    that thread. Costs a CPU copy of the rank's shards while they are written."""
+
+    def __init__(self, background: bool = False, timeout_min: float = 30.0):
+        self.background = background
+        self.timeout_min = timeout_min
+        self._group = None  # the writing threads' gloo group, made on the first background save
+        self._pending: Optional[tuple] = None  # (published Event, problems list, out_dir, final path)
+
+    def save(self, shards: dict, state: dict, out_dir: str, step: int, keep: int, wait: bool = True) -> str:
+        """Write ckpt_STEP/, after finishing the save in flight if there is one. A collective:
+        every rank calls it. With background=True and wait=False it returns once the shards
+        are copied; the path returned is where the checkpoint will be."""
+        import datetime
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        rank = dist.get_rank()
+        final = os.path.join(out_dir, f"ckpt_{step:06d}")
+        tmp, old = os.path.join(out_dir, f".ckpt_{step:06d}.tmp"), os.path.join(out_dir, f".ckpt_{step:06d}.old")
+        with _sharded_save_advice(out_dir):
+            if rank == 0:
+                for path in (tmp, old):
+                    shutil.rmtree(path, ignore_errors=True)
+                os.makedirs(tmp)
+            dist.barrier()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DCP's notes about overwriting, planners and experimental features
+                if self.background:
+                    if self._group is None:
+                        self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=self.timeout_min))
+                    future = dcp.async_save(shards, checkpoint_id=tmp, process_group=self._group)
+                else:
+                    dcp.save(shards, checkpoint_id=tmp)
+                    future = None
+        published, problems = threading.Event(), []
+
+        def publish(written=None) -> None:
+            try:
+                if written is not None:
+                    written.result()  # raises what the write raised; DCP writes .metadata after every rank's shards
+                if rank == 0:
+                    _publish_sharded(tmp, final, old, out_dir, keep, state)
+            except BaseException as err:
+                problems.append(err)
+            finally:
+                published.set()
+
+        self._pending = (published, problems, out_dir, final)
+        if future is None:
+            publish()
+        else:
+            future.add_done_callback(publish)
+        if wait:
+            self.wait()
+            dist.barrier()  # every rank returns with the checkpoint in place
+        return final
+
+    def wait(self) -> Optional[str]:
+        """Block until the save in flight (if any) is written and in place; returns its path.
+        Raises CheckpointError if writing it failed (the earlier checkpoints are intact)."""
+        if self._pending is None:
+            return None
+        published, problems, out_dir, final = self._pending
+        self._pending = None
+        published.wait()
+        if problems:
+            with _sharded_save_advice(out_dir):
+                raise problems[0]
+        return final
+
+    def close(self) -> None:
+        """When the run ends by an error: give a background write in flight up to timeout_min
+        to complete, so that the checkpoint it holds is not lost, then let it go. Never raises:
+        the error that ended the run matters more."""
+        if self._pending is not None:
+            self._pending[0].wait(self.timeout_min * 60)
+            self._pending = None
+
+
+def _publish_sharded(tmp: str, final: str, old: str, out_dir: str, keep: int, state: dict) -> None:
+    """Rank 0, once every shard is written: add train_state.pt, rename tmp into place (an older
+    save of the same step is swapped aside, never deleted first), drop the oldest beyond keep."""
+    atomic_save(state, os.path.join(tmp, TRAIN_STATE))
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    for _, stale in sharded_checkpoints(out_dir)[: -max(1, keep)]:
+        shutil.rmtree(stale)
+
+
+@contextlib.contextmanager
+def _sharded_save_advice(out_dir: str):
+    """A failed sharded write (DCP gathers every rank's error into a CheckpointException) as
+    one line that says the earlier checkpoints are intact and what to do."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        if rank == 0:
-            for path in (tmp, old):
-                shutil.rmtree(path, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DCP's notes about overwriting and planners
-            dcp.save(shards, checkpoint_id=tmp)
-        if rank == 0:
-            atomic_save(state, os.path.join(tmp, TRAIN_STATE))
-            if os.path.exists(final):  # the same step saved again: swap, never delete first
-                os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            for _, stale in sharded_checkpoints(out_dir)[: -max(1, keep)]:
-                shutil.rmtree(stale)
-        dist.barrier()
-    except OSError as err:
+        yield
+    except (OSError, CheckpointException) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0][:200]
         raise CheckpointError(
-            f"could not write a sharded checkpoint into {out_dir} ({err.strerror or err}); the checkpoints already "
+            f"could not write a sharded checkpoint into {out_dir} ({why}); the checkpoints already "
             "there are intact: free disk space or fix permissions, then run again to resume"
         ) from None
-    return final
 
 
 def load_sharded(path: str, shards: dict) -> None:

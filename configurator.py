@@ -293,6 +293,7 @@ class TrainConfig:
     parallel: str = _key("ddp", "ddp | fsdp (multi-process only)", choices=("ddp", "fsdp"))
     fsdp_reshard_after_forward: bool = _key(True, "True: ZeRO-3-like; False: keep gathered params until backward (ZeRO-2-like)")
     fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory")
+    async_checkpoint: bool = _key(False, "FSDP runs: write the periodic sharded checkpoints in a background thread while training goes on (DCP async_save; costs a CPU copy of the rank's shards)")
     dist_timeout_min: float = _key(10.0, "a collective waiting longer than this ends the job")
     seed: int = _key(1337, "seeds the initial weights and which windows each step trains on")
     dry_run: bool = _key(False, "print the model's size and memory estimate, then exit without training")

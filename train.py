@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from checkpoint import (
     CHECKPOINT_FORMAT, NUMBERED, SHARDED, CheckpointError, checkpoint_candidates, is_sharded, load_checkpoint, load_hf_model,
-    load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint, save_sharded,
+    ShardedSaver, load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint,
 )
 from configurator import ConfigError, TrainConfig, config_to_dict, format_config, parse_args, parse_args_or_exit
 from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
@@ -488,6 +488,7 @@ class Run:
     metrics_path: str
     tokenizer_sha256: str
     sinks: Optional["MetricSinks"] = None  # --wandb_project / --tensorboard_dir
+    saver: Optional[ShardedSaver] = None  # writes an FSDP run's sharded checkpoints
 
 
 @dataclass
@@ -572,10 +573,12 @@ def checkpoint_state(run: Run, progress: Progress, scaler) -> dict:
 
 
 def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizers: list, scaler,
-                  val_data: TokenShards, progress: Progress, reason: str, nonfinite_run: int) -> bool:
+                  val_data: TokenShards, progress: Progress, reason: str, nonfinite_run: int, background: bool = False) -> bool:
     """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part.
     During a streak of non-finite steps nothing is saved: the weights may already be wrecked,
-    and the last checkpoint must stay one from before. Returns whether it saved."""
+    and the last checkpoint must stay one from before. Returns whether it saved.
+    background: a sharded checkpoint may be written while training goes on (--async_checkpoint);
+    the last save of a run is always waited for."""
     result = evaluate(run, model, val_data)
     if result is not None:
         progress.best_val_loss = min(progress.best_val_loss, result["val_loss"])
@@ -589,7 +592,16 @@ def eval_and_save(run: Run, model: nn.Module, raw_model: Transformer, optimizers
     state = checkpoint_state(run, progress, scaler)
     if run.fsdp:  # every rank writes its own shards; nothing is gathered
         model_state, optim_state = get_state_dict(raw_model, optimizers)
-        path = save_sharded({"model": model_state, "optimizer": optim_state}, state, run.cfg.out_dir, progress.step, run.cfg.keep_checkpoints)
+        previous = run.saver.wait()  # a background save still in flight finishes first
+        if previous:
+            log0(run.d, f"saved {previous} (written in the background)")
+        wait = not (background and run.saver.background)
+        t0 = time.perf_counter()
+        path = run.saver.save({"model": model_state, "optimizer": optim_state}, state, run.cfg.out_dir, progress.step,
+                              run.cfg.keep_checkpoints, wait=wait)
+        if not wait:
+            log0(run.d, f"saving {path} in the background ({reason}; training paused {time.perf_counter() - t0:.2f} s to copy the shards)")
+            return True
     else:
         if run.d.is_main:
             # The optimizer state keyed by parameter name, so that any layout can load it.
@@ -637,7 +649,7 @@ def warn_about_val_split(cfg: TrainConfig, d: Dist, meta: dict, val_data: TokenS
                 f"(eval_iters x batch_size windows), so its windows overlap and val loss is noisy; {fix}, or lower --eval_iters")
 
 
-def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
+def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[ShardedSaver] = None) -> None:
     sinks = MetricSinks(cfg, d.is_main)  # first: a missing wandb/tensorboard fails before any work
     meta = load_meta(cfg.data_dir)
     verify_shards(cfg.data_dir, meta)
@@ -704,7 +716,10 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
 
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
     tokens_per_step = global_batch * cfg.block_size
-    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256, sinks)
+    run = Run(cfg, d, device, meta, model_cfg, fsdp, autocast, global_batch, os.path.join(cfg.out_dir, "metrics.jsonl"), tokenizer_sha256, sinks,
+              saver=(saver or ShardedSaver(timeout_min=cfg.dist_timeout_min)) if fsdp else None)
+    if cfg.async_checkpoint and not fsdp:
+        log0(d, "note: --async_checkpoint applies to FSDP's sharded checkpoints; this run writes .pt checkpoints, synchronously")
     counts = count_params(model_cfg)
     peak_flops, peak_source = device_peak_flops(device, cfg.peak_flops, dtype)
     log0(d, format_config(cfg))
@@ -830,7 +845,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device) -> None:
             break
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
-            if eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, reason, nonfinite_run):
+            if eval_and_save(run, model, raw_model, optimizers, scaler, val_data, progress, reason, nonfinite_run,
+                             background=step != cfg.max_iters):
                 last_saved = step
             after_eval = True
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {progress.elapsed_s / 60:.1f} min, final lr {lr:.3e}")
@@ -900,9 +916,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         dry_run(cfg)
         return
     d = Dist()
+    # Made here, so that the finally below can let a background checkpoint write complete
+    # before the process group it talks over is destroyed.
+    saver = ShardedSaver(background=cfg.async_checkpoint, timeout_min=cfg.dist_timeout_min)
     try:
         d, device = setup_distributed(cfg)
-        train(cfg, d, device)
+        train(cfg, d, device, saver)
     except USER_ERRORS as err:
         if d.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -919,6 +938,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
         raise
     finally:
+        saver.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

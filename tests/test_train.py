@@ -349,6 +349,76 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     assert all(torch.equal(full["model"][k], v) for k, v in sharded["model"].items())
 
 
+def test_async_checkpoint_writes_in_the_background_the_same_checkpoints(dataset, tmp_path):
+    # Saves at steps 2, 4 and 6 are written while training goes on, step 8's is waited for.
+    # Each must hold the state of its own step, not of a later one: the same bytes as a run
+    # that saves synchronously.
+    common = [*TINY, f"--data_dir={dataset}", "--eval_interval=2", "--eval_iters=2", "--max_iters=8", "--parallel=fsdp",
+              "--keep_checkpoints=3"]
+    background, waited = tmp_path / "background", tmp_path / "waited"
+    log = finish(torchrun([*common, f"--out_dir={background}", "--async_checkpoint=True"]))
+    finish(torchrun([*common, f"--out_dir={waited}"]))
+    assert re.findall(r"saving \S+(ckpt_\d+) in the background \(eval_interval=2; training paused [\d.]+ s to copy the shards\)", log) == ["ckpt_000002", "ckpt_000004", "ckpt_000006"]
+    assert re.findall(r"saved \S+(ckpt_\d+) \(written in the background\)", log) == ["ckpt_000002", "ckpt_000004", "ckpt_000006"]
+    assert re.search(r"saved \S+ckpt_000008 \(end of training\)", log)
+    names = sorted(p.name for p in background.iterdir() if "ckpt" in p.name)
+    assert names == ["ckpt_000004", "ckpt_000006", "ckpt_000008"]  # keep=3, nothing half-written left
+    assert train_losses(background) == train_losses(waited)
+    for step in (4, 6, 8):
+        a = checkpoint.load_checkpoint(str(background / f"ckpt_{step:06d}"))
+        b = checkpoint.load_checkpoint(str(waited / f"ckpt_{step:06d}"))
+        assert a["step"] == b["step"] == step
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    # and the run resumes from a background-written checkpoint
+    finish(torchrun([*common, f"--out_dir={background}", "--async_checkpoint=True", "--max_iters=10"]))
+    assert sorted(train_losses(background)) == list(range(1, 11))
+
+
+def test_sharded_saver_in_the_background_keeps_the_state_of_its_step(tmp_path):
+    # One process with a process group of one: the copy is taken when save() returns, so
+    # changing the weights afterwards (the next training step) does not reach the file.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        saver = checkpoint.ShardedSaver(background=True)
+        weights = {"w": torch.arange(6.0)}
+        path = saver.save({"model": weights}, {"step": 3}, str(tmp_path), 3, keep=1, wait=False)
+        weights["w"].add_(100.0)  # in place, as an optimizer step would
+        assert saver.wait() == path == str(tmp_path / "ckpt_000003")
+
+        def saved_w(step):
+            loaded = {"model": {"w": torch.empty(6)}}
+            checkpoint.load_sharded(str(tmp_path / f"ckpt_{step:06d}"), loaded)
+            return loaded["model"]["w"]
+
+        assert torch.equal(saved_w(3), torch.arange(6.0))
+        saver.save({"model": weights}, {"step": 5}, str(tmp_path), 5, keep=1, wait=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000005"]  # keep=1; no .tmp left
+        assert torch.equal(saved_w(5), torch.arange(6.0) + 100.0)
+        saver.save({"model": {"w": torch.zeros(6)}}, {"step": 7}, str(tmp_path), 7, keep=2, wait=False)
+        saver.close()  # what train.py's exit does with a write in flight: let it land
+        assert checkpoint.load_train_state(str(tmp_path / "ckpt_000007"))["step"] == 7
+        assert torch.equal(saved_w(7), torch.zeros(6))
+
+        # A background write that fails (a full disk) is reported by the next wait, with what to do.
+        import concurrent.futures
+        import torch.distributed.checkpoint as dcp
+
+        failed = concurrent.futures.Future()
+        failed.set_exception(OSError(28, "No space left on device"))
+        real_async_save, dcp.async_save = dcp.async_save, lambda *args, **kwargs: failed
+        try:
+            saver.save({"model": weights}, {"step": 9}, str(tmp_path), 9, keep=2, wait=False)
+        finally:
+            dcp.async_save = real_async_save
+        with pytest.raises(checkpoint.CheckpointError, match=r"\(No space left on device\); the checkpoints already there are intact"):
+            saver.wait()
+        assert checkpoint.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000007")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
