@@ -157,7 +157,7 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 @torch.no_grad()
 def bench_generate(config: str, device: torch.device, prompt_len: int, new_tokens: int, vocab_size: int,
                    dtype_name: str = "float32", compile_: bool = False, repeats: int = 5, transformers_: bool = True,
-                   uncached_: bool = True) -> list[dict]:
+                   uncached_: bool = True, mm_loops: Optional[bool] = None) -> list[dict]:
     """Greedy decoding of one sequence, batch 1: our static KV cache (eager, and with the
     decode step compiled when compile_), Hugging Face transformers' generate() on the same
     weights in the same dtype and threads (when installed), and re-running the whole prefix
@@ -165,7 +165,8 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
     alternately, `repeats` rounds, so that a busy moment of a shared machine hits all of them:
     tokens_per_s is the median, vs_transformers the median of the per-round ratios.
     first_run_s is the warm-up run, which for the compiled mode includes compiling.
-    same_tokens compares each mode's tokens with ours (eager)."""
+    same_tokens compares each mode's tokens with ours (eager), same_as_transformers with
+    transformers'. mm_loops: as Transformer.compile_decode (None: measured)."""
     model_cfg = preset(config).model_config(vocab_size)
     dtype = resolve_dtype(dtype_name, device)
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
     prompt = torch.randint(0, model_cfg.vocab_size, (1, prompt_len), device=device)
     compiled = None
     if compile_:
-        model.compile_decode()
+        print(f"generate: {model.compile_decode(mm_loops)}", file=sys.stderr)
         compiled, model.compiled_decode = model.compiled_decode, None
 
     def ours(compiled_decode):
@@ -226,6 +227,8 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
         rows.append({**base, "mode": name, "tokens_per_s": round(statistics.median(runs), 1), "runs": len(runs),
                      "vs_transformers": vs, "first_run_s": round(first_s[name], 1) if name in first_s else "",
                      "same_tokens": first_difference(tokens[name], tokens["KV cache"])})
+        if hf is not None:  # the issue's comparison: the tokens transformers picks on the same weights
+            rows[-1]["same_as_transformers"] = first_difference(tokens[name], tokens["transformers generate"])
     return rows
 
 
@@ -479,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="generate: alternating timed rounds per mode (median reported)")
     parser.add_argument("--uncached", default=True, type=lambda s: s.lower() in ("1", "true", "yes"),
                         help="generate: also time decoding without a KV cache (true/false; default true)")
+    parser.add_argument("--mm_loops", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="generate --compile on CPU: one-row matmuls as Inductor loops (true) or BLAS (false); default: measured")
     parser.add_argument("--input", nargs="+", default=None, help="prepare: corpus files")
     parser.add_argument("--tokenizer", default="sp:32000", help="prepare: tokenizer spec as for prepare.py")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -497,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"generate: {configure_cpu_threads()}, as sample.py uses", file=sys.stderr)
         sections.append(("Generation", bench_generate(args.config or "config/home_25m.py", device, args.prompt_len, args.new_tokens,
                                                       args.vocab_size, args.dtype, compile_gen, args.repeats,
-                                                      uncached_=args.uncached)))
+                                                      uncached_=args.uncached, mm_loops=args.mm_loops)))
     if args.what in ("prepare", "all") and args.input:
         sections.append(("prepare.py throughput", benchmark_prepare(args.input, args.tokenizer, args.workers)))
     elif args.what == "prepare":

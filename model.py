@@ -19,6 +19,7 @@ generate() call and written in place (no torch.cat); attention reads only the fi
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Optional
@@ -366,9 +367,10 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.cache = None
 
-    def compile_decode(self, **options) -> None:
+    def compile_decode(self, mm_loops: Optional[bool] = None, **options) -> str:
         """torch.compile the one-token decode step: the part of generation that runs once per
-        new token (the prefill runs once per prompt and stays eager).
+        new token (the prefill runs once per prompt and stays eager). Returns a line for the
+        log that says how the step was compiled.
 
         The whole step is one graph: the position is dynamic, so one graph serves every step.
         The KV cache length is not (torch specializes on a module's buffer shapes), so
@@ -379,17 +381,27 @@ class Transformer(nn.Module):
         but calling a compiled function costs ~0.1 ms of guards and Python, paid n_layer
         times per token: on CPU that ate most of the gain.
 
-        Also on CPU: each one-row matmul (every projection of a decode step) becomes an
-        Inductor-generated multiply-and-sum loop instead of a call to the BLAS gemv
-        (Inductor's "decompose_mm_pass"; it takes matrices up to 2048 on a side, so a vocab
-        bigger than that keeps its lm_head on BLAS). Decoding one token streams every weight
-        once, and that loop streams them faster: on a 2-core AVX2 EPYC, home_25m's decode
-        step went from 13.1 to 9.2 ms on one thread, 6.6 ms on two (the BLAS gemv does not
-        use the second core), with the same greedy tokens (docs/benchmarks.md).
+        Also on CPU: a decode step multiplies one row by every weight, so it is bound by how
+        fast the weights stream from memory. Inductor can do each one-row matmul as a
+        multiply-and-sum loop of its own ("decompose_mm_pass", for matrices up to 2048 on a
+        side) instead of a BLAS gemv call, and which of the two streams faster depends on the
+        CPU and the BLAS: on a 2-core AVX2 EPYC the loops took home_25m's step from 13.1 to
+        9.2 ms (MKL's gemv is slow there); on a 2-core AVX-512 Xeon they made the fp32 step
+        slower (12.5 -> 14.7 ms) but the bf16 one faster (15.2 -> 9.0 ms: MKL's bf16 gemv is
+        slow without bf16 instructions). mm_loops=None measures it on this model's weights
+        (decode_matmul_choice, ~0.1 s); True or False decides outright.
         options: more Inductor options."""
+        note = "decode step compiled"
         if self.embed.weight.device.type == "cpu":
-            options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, **options}
+            if mm_loops is None:
+                mm_loops, why = decode_matmul_choice(self)
+            else:
+                why = f"mm_loops={mm_loops}"
+            loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if mm_loops else {}
+            options = {"cpp_wrapper": True, **loops, **options}
+            note += f", one-row matmuls {'as Inductor loops' if mm_loops else 'through BLAS'} ({why})"
         self.compiled_decode = torch.compile(self.run_cached, dynamic=True, options=options or None)
+        return note
 
     def cache_length(self, needed: int, cache_len: Optional[int] = None) -> int:
         """KV cache slots for a run that needs `needed`: cache_len when given, `needed` itself
@@ -517,6 +529,45 @@ class Transformer(nn.Module):
         token embedding table, which is a lookup, not compute; an untied lm_head stays in."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+# Inductor's decompose_mm_pass rewrites a one-row matmul on CPU only when the weight's sides
+# are both at most this (torch._inductor.fx_passes.decompose_mem_bound_mm).
+LOOP_MATMUL_MAX_SIDE = 2048
+
+
+def decode_matmul_choice(model: nn.Module, rounds: int = 3, max_mb: float = 128) -> tuple[bool, str]:
+    """(one-row matmuls as Inductor loops?, why) for a compiled CPU decode step; see
+    Transformer.compile_decode. Reads the model's own weights (those the loops would take, up
+    to max_mb) two ways, with the threads torch uses: F.linear of one row, which is the BLAS
+    gemv the step calls otherwise, and a row sum, which streams each weight the way the
+    loop does, minus the multiply. Loops when the sum is at least as fast. Best of `rounds`
+    alternating rounds after a warm-up, so a busy moment hits both; ~0.1 s for home_25m.
+    On a 2-core AVX-512 Xeon (MKL) the sum read fp32 weights at 0.8-0.9x the gemv's rate and
+    bf16 ones at 1.15-1.2x; the loops lost in fp32 and won in bf16 there."""
+    weights, seen, total = [], set(), 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and id(w) not in seen and max(w.shape) <= LOOP_MATMUL_MAX_SIDE:
+            seen.add(id(w))
+            weights.append(w.detach())
+            total += w.numel() * w.element_size()
+            if total >= max_mb * 2**20:
+                break
+    if not weights:
+        return False, f"no weight has both sides within {LOOP_MATMUL_MAX_SIDE}, the most Inductor's loops take"
+    rows = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    best = {"gemv": float("inf"), "sum": float("inf")}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for name in best:
+                start = time.perf_counter()
+                for w in weights:
+                    F.linear(rows[w.shape[1]], w) if name == "gemv" else w.sum(1)
+                if round_:  # round 0 warms up
+                    best[name] = min(best[name], time.perf_counter() - start)
+    gemv, loop = total / best["gemv"] / 1e9, total / best["sum"] / 1e9
+    return loop >= gemv, f"{str(weights[0].dtype).removeprefix('torch.')} weights streamed at {loop:.1f} GB/s in a row sum, {gemv:.1f} GB/s through BLAS gemv"
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -343,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             else:
                 # Decode steps dominate sampling. One compiled graph per KV-cache size bucket
                 # serves every step, sample and interactive turn (see Transformer.compile_decode).
-                model.compile_decode()
+                note(model.compile_decode())
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)

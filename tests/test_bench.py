@@ -32,6 +32,7 @@ def test_generate_bench_compares_cached_uncached_and_transformers(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 8 and r["dtype"] == "float32" for r in rows)
     # transformers' LlamaForCausalLM built from our weights picks the very same greedy tokens
     assert all(r["same_tokens"] == "same" for r in rows)
+    assert all(r["same_as_transformers"] == "same" for r in rows) if with_hf else all("same_as_transformers" not in r for r in rows)
     assert [r["runs"] for r in rows] == [2] * (1 + with_hf) + [1]
     assert (rows[0]["vs_transformers"] > 0) if with_hf else rows[0]["vs_transformers"] == ""
 

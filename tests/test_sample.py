@@ -310,6 +310,9 @@ def test_compile_on_cpu_gives_the_greedy_text_of_eager_decoding(tmp_path, capsys
     compiled = capsys.readouterr()
     assert compiled.out == eager and "Привет" in eager
     assert re.search(r"cpu float32 \(--dtype float32\), \d+ CPU threads? \(", compiled.err)  # the start-up note
+    # how the step was compiled, measured on this model: loops or BLAS, and the two rates behind it
+    assert re.search(r"decode step compiled, one-row matmuls (as Inductor loops|through BLAS) \(float32 weights "
+                     r"streamed at [\d.]+ GB/s in a row sum, [\d.]+ GB/s through BLAS gemv\)", compiled.err)
 
 
 def test_compile_without_a_cpu_compiler_says_so_and_runs_eagerly(tmp_path, capsys, monkeypatch):
