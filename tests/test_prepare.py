@@ -662,17 +662,18 @@ def test_python_demo_corpus_is_stdlib_source_without_tests():
 
 
 def test_split_heldout_moves_whole_works(tmp_path):
-    # tools/split_heldout.py makes the quality benchmark's held-out set (docs/benchmarks.md).
+    # tools/split_heldout.py makes the quality benchmark's held-out set (docs/benchmarks.md),
+    # creating the output folder as the documented command needs on a fresh machine.
     corpus, manifest = tmp_path / "c.jsonl", tmp_path / "m.tsv"
     works = [("A", "One"), ("B", "Two"), ("A", "One"), ("C", "Три")]
     corpus.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(1, 5)), encoding="utf-8")
     manifest.write_text("line\tauthor\ttitle\n" + "".join(f"{i}\t{a}\t{t}\n" for i, (a, t) in enumerate(works, 1)), encoding="utf-8")
     script = [sys.executable, str(REPO / "tools" / "split_heldout.py"), str(corpus), "--manifest", str(manifest),
-              "--train", str(tmp_path / "train.jsonl"), "--heldout", str(tmp_path / "held.jsonl")]
+              "--train", str(tmp_path / "new" / "train.jsonl"), "--heldout", str(tmp_path / "new" / "held.jsonl")]
     done = subprocess.run([*script, "--work", "A/One", "--work", "C/Три"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    held = [json.loads(x)["text"] for x in (tmp_path / "held.jsonl").read_text(encoding="utf-8").splitlines()]
-    train = [json.loads(x)["text"] for x in (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    held = [json.loads(x)["text"] for x in (tmp_path / "new" / "held.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = [json.loads(x)["text"] for x in (tmp_path / "new" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert held == ["line 1", "line 3", "line 4"] and train == ["line 2"]
     missing = subprocess.run([*script, "--work", "D/None"], capture_output=True, text=True)
     assert missing.returncode == 1 and "not in the manifest: D/None" in missing.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     found = {(r["author"], r["title"]) for r in rows} & wanted
     if found != wanted:
         sys.exit(f"error: not in the manifest: {', '.join('/'.join(w) for w in sorted(wanted - found))}")
+    for path in (args.train, args.heldout):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # e.g. a fresh /tmp/bench/
     counts = [0, 0]
     with open(args.corpus, encoding="utf-8") as src, open(args.train, "w", encoding="utf-8") as train, \
             open(args.heldout, "w", encoding="utf-8") as heldout:
