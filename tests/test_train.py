@@ -638,3 +638,37 @@ def test_mfu_never_reads_above_100_percent(dataset, tmp_path, capsys):
     assert "computed faster than the peak of 1e+03 FLOP/s; MFU is now relative to" in log
     mfus = [r["mfu"] for r in metrics(out) if "mfu" in r]
     assert len(mfus) == 3 and all(0 < m <= 1.0 for m in mfus) and mfus[0] == 1.0
+
+
+def test_eval_split_scores_every_window_of_the_split_once(dataset, tmp_path):
+    """tools/eval_split.py (the quality benchmark's whole-held-out number): consecutive windows
+    over every val shard, the loss a plain cross-entropy over the model's logits gives, the
+    same for any batch size, and bits per byte from meta.json's bytes per token."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import eval_split
+    import torch.nn.functional as F
+    from dataset import load_meta
+
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=100000"])
+    result = eval_split.evaluate_split(str(out / "ckpt.pt"), dataset, batch_size=5)
+    meta = load_meta(dataset)
+    shard_tokens = [s["tokens"] for s in meta["splits"]["val"]["shards"]]
+    assert result["windows"] == sum((n - 1) // 32 for n in shard_tokens) and result["tokens"] == 32 * result["windows"]
+    model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(str(out / "ckpt.pt")), "cpu", torch.float32)
+    windows = torch.from_numpy(eval_split.split_windows(dataset, meta, "val", 32))
+    assert torch.equal(windows[1, 0], windows[0, -1])  # each window starts where the last one's targets end
+    with torch.no_grad():
+        expected = F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].reshape(-1)).item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert eval_split.evaluate_split(str(out / "ckpt.pt"), dataset, batch_size=64)["loss"] == pytest.approx(expected, rel=1e-5)
+    val = meta["splits"]["val"]
+    assert result["bpb"] == pytest.approx(expected / math.log(2) * val["tokens"] / val["bytes"], rel=1e-5)
+
+    cli = [sys.executable, str(REPO / "tools" / "eval_split.py"), "--ckpt", str(out / "ckpt.pt"), "--data_dir", dataset]
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(rf".* on the val split of .*: {result['windows']} windows of 32, [\d,]+ tokens: loss {result['loss']:.4f}, "
+                        rf"ppl [\d.]+, {result['bpb']:.4f} bits per byte\n", done.stdout)
+    too_long = subprocess.run([*cli, "--block_size", str(max(shard_tokens) + 1)], capture_output=True, text=True, cwd=tmp_path)
+    assert too_long.returncode == 1 and too_long.stderr.startswith("error: the val split of ") and "holds no window" in too_long.stderr
