@@ -670,5 +670,7 @@ def test_eval_split_scores_every_window_of_the_split_once(dataset, tmp_path):
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(rf".* on the val split of .*: {result['windows']} windows of 32, [\d,]+ tokens: loss {result['loss']:.4f}, "
                         rf"ppl [\d.]+, {result['bpb']:.4f} bits per byte\n", done.stdout)
-    too_long = subprocess.run([*cli, "--block_size", str(max(shard_tokens) + 1)], capture_output=True, text=True, cwd=tmp_path)
-    assert too_long.returncode == 1 and too_long.stderr.startswith("error: the val split of ") and "holds no window" in too_long.stderr
+    too_long = subprocess.run([*cli, "--block_size", "33"], capture_output=True, text=True, cwd=tmp_path)
+    assert too_long.returncode == 1 and too_long.stderr == "error: --block_size 33 is longer than the model's context (max_seq_len=32)\n"
+    with pytest.raises(eval_split.DatasetError, match="the val split of .* holds no window of"):
+        eval_split.split_windows(dataset, meta, "val", max(shard_tokens))
