@@ -35,7 +35,7 @@ from checkpoint import hf_names
 from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
-from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
+from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype, usable_cpus
 from model import Transformer, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import load_tokenizer
 
@@ -108,7 +108,7 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     return {
         "bench": "train", "config": config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": use_compile, "grad_checkpoint": grad_checkpoint, "batch": f"{cfg.batch_size}x{cfg.block_size}",
-        "params_M": round(model.num_params() / 1e6, 2), "tokens_per_s": round(tokens_per_s),
+        "threads": torch.get_num_threads() if device.type == "cpu" else "", "params_M": round(model.num_params() / 1e6, 2), "tokens_per_s": round(tokens_per_s),
         "mfu_pct": round(100 * estimate_mfu(model_cfg, cfg.block_size, tokens_per_s, peak), 1),
         "peak_flops": f"{peak:.3g} ({peak_source})", "peak_mem_mb": round(peak_memory_mb(device)),
     }
@@ -493,6 +493,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     sections = []
     if args.what in ("train", "all"):
+        if device.type == "cpu":  # HOMELLM_THREADS / OMP_NUM_THREADS as train.py reads them; else all usable CPUs
+            print(f"train: {configure_cpu_threads(usable_cpus())}, as train.py uses in one process", file=sys.stderr)
         row = bench_train(args.config or "config/tiny_cpu.py", device, args.dtype, args.compile, args.batch_size,
                           args.block_size, args.steps, args.warmup, args.grad_checkpoint, args.vocab_size)
         sections.append(("Training throughput", [row]))
