@@ -335,6 +335,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         step = ckpt.get("step", "?")
         del ckpt  # the weights now live in the model
+        compiled = ""
         if args.compile:
             if device.type == "mps":
                 note("--compile is used on CUDA and CPU, not MPS; running without it")
@@ -343,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             else:
                 # Decode steps dominate sampling. One compiled graph per KV-cache size bucket
                 # serves every step, sample and interactive turn (see Transformer.compile_decode).
-                note(model.compile_decode())
+                compiled = model.compile_decode()  # says how; printed after the model's line below
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)
@@ -355,6 +356,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         found = " (the run here that saved last; --out_dir picks another)" if args.out_dir is None and args.ckpt is None else ""
         note(f"{path}{found}: step {step}, {model.num_params():,} parameters, {device} {str(dtype).removeprefix('torch.')} "
              f"({dtype_why}){', ' + threads if threads else ''}")
+        if compiled:
+            note(compiled)
         if args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):
