@@ -543,8 +543,8 @@ def decode_matmul_choice(model: nn.Module, rounds: int = 3, max_mb: float = 128)
     gemv the step calls otherwise, and a row sum, which streams each weight the way the
     loop does, minus the multiply. Loops when the sum is at least as fast. Best of `rounds`
     alternating rounds after a warm-up, so a busy moment hits both; ~0.1 s for home_25m.
-    On a 2-core AVX-512 Xeon (MKL) the sum read fp32 weights at 0.8-0.9x the gemv's rate and
-    bf16 ones at 1.15-1.2x; the loops lost in fp32 and won in bf16 there."""
+    On a 2-core AVX-512 Xeon (MKL) the sum read fp32 weights at 0.85-0.97x the gemv's rate
+    and bf16 ones at 1.07-1.2x; the loops lost in fp32 and won in bf16 there."""
     weights, seen, total = [], set(), 0
     for module in model.modules():
         w = getattr(module, "weight", None)
@@ -557,13 +557,14 @@ def decode_matmul_choice(model: nn.Module, rounds: int = 3, max_mb: float = 128)
     if not weights:
         return False, f"no weight has both sides within {LOOP_MATMUL_MAX_SIDE}, the most Inductor's loops take"
     rows = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    best = {"gemv": float("inf"), "sum": float("inf")}
+    reads = {"gemv": lambda w: F.linear(rows[w.shape[1]], w), "sum": lambda w: w.sum(1)}
+    best = {name: float("inf") for name in reads}
     with torch.no_grad():
         for round_ in range(rounds + 1):
-            for name in best:
+            for name, read in reads.items():
                 start = time.perf_counter()
                 for w in weights:
-                    F.linear(rows[w.shape[1]], w) if name == "gemv" else w.sum(1)
+                    read(w)
                 if round_:  # round 0 warms up
                     best[name] = min(best[name], time.perf_counter() - start)
     gemv, loop = total / best["gemv"] / 1e9, total / best["sum"] / 1e9
