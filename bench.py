@@ -108,7 +108,8 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
     return {
         "bench": "train", "config": config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "compile": use_compile, "grad_checkpoint": grad_checkpoint, "batch": f"{cfg.batch_size}x{cfg.block_size}",
-        "threads": torch.get_num_threads() if device.type == "cpu" else "", "params_M": round(model.num_params() / 1e6, 2), "tokens_per_s": round(tokens_per_s),
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
+        "params_M": round(model.num_params() / 1e6, 2), "tokens_per_s": round(tokens_per_s),
         "mfu_pct": round(100 * estimate_mfu(model_cfg, cfg.block_size, tokens_per_s, peak), 1),
         "peak_flops": f"{peak:.3g} ({peak_source})", "peak_mem_mb": round(peak_memory_mb(device)),
     }
@@ -464,13 +465,18 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def true_or_false(text: str) -> bool:
+    """A true/false flag's value: 1, true or yes (any case) is True, anything else False."""
+    return text.lower() in ("1", "true", "yes")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("train", "generate", "prepare", "all"))
     parser.add_argument("--config", default=None, help="preset (train default: config/tiny_cpu.py; generate: config/home_25m.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--compile", default=None, type=lambda s: s.lower() in ("1", "true", "yes"), help="true/false; default on for CUDA")
+    parser.add_argument("--compile", default=None, type=true_or_false, help="true/false; default on for CUDA")
     parser.add_argument("--grad_checkpoint", action="store_true")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--block_size", type=int, default=None)
@@ -480,9 +486,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="generate: alternating timed rounds per mode (median reported)")
-    parser.add_argument("--uncached", default=True, type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--uncached", default=True, type=true_or_false,
                         help="generate: also time decoding without a KV cache (true/false; default true)")
-    parser.add_argument("--mm_loops", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--mm_loops", default=None, type=true_or_false,
                         help="generate --compile on CPU: one-row matmuls as Inductor loops (true) or BLAS (false); default: measured")
     parser.add_argument("--input", nargs="+", default=None, help="prepare: corpus files")
     parser.add_argument("--tokenizer", default="sp:32000", help="prepare: tokenizer spec as for prepare.py")
