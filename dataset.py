@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -54,6 +55,15 @@ def load_meta(data_dir: str) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{path} is incomplete or malformed ({type(e).__name__}: {e}); re-run prepare.py.") from None
     return meta
+
+
+def bits_per_byte(loss_nats: float, split_meta: dict) -> float:
+    """A split's mean loss per token (nats) as bits per byte of its UTF-8 text, from the token
+    and byte counts prepare.py recorded for it: comparable across tokenizers, unlike the loss.
+    NaN for datasets whose meta.json has no byte count."""
+    if not split_meta.get("bytes"):
+        return float("nan")
+    return loss_nats / math.log(2) * split_meta["tokens"] / split_meta["bytes"]
 
 
 def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> None:

@@ -40,7 +40,7 @@ from checkpoint import (
     ShardedSaver, load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint,
 )
 from configurator import ConfigError, TrainConfig, config_to_dict, format_config, parse_args, parse_args_or_exit
-from dataset import DatasetError, TokenShards, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
+from dataset import DatasetError, TokenShards, bits_per_byte, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
 from hardware import (
     DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, choose_dtype, configure_cpu_threads, cpu_prefers_bf16,
     device_peak_flops, memory_table, peak_memory_mb, plan_run_memory, resolve_device, usable_cpus,
@@ -547,9 +547,7 @@ def evaluate(run: Run, model: nn.Module, data: TokenShards) -> Optional[dict]:
         dist.all_reduce(sums)
     loss_total, token_total = sums.tolist()
     val_loss = loss_total / token_total
-    val = run.meta["splits"]["val"]
-    bpb = val_loss / math.log(2) * val["tokens"] / val["bytes"] if val.get("bytes") else float("nan")
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bpb}
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bits_per_byte(val_loss, run.meta["splits"]["val"])}
 
 
 def checkpoint_state(run: Run, progress: Progress, scaler) -> dict:

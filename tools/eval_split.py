@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
-from dataset import DatasetError, load_meta  # noqa: E402
+from dataset import DatasetError, bits_per_byte, load_meta  # noqa: E402
 
 
 def split_windows(data_dir: str, meta: dict, split: str, block_size: int) -> np.ndarray:
@@ -62,10 +62,8 @@ def evaluate_split(ckpt_path: str, data_dir: str, split: str = "val", batch_size
         total += float(loss) * batch[:, 1:].numel()
         count += batch[:, 1:].numel()
     loss = total / count
-    info = meta["splits"][split]
-    bpb = loss / math.log(2) * info["tokens"] / info["bytes"] if info.get("bytes") else float("nan")
     return {"split": split, "windows": len(windows), "tokens": count, "block_size": block_size,
-            "loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb}
+            "loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bits_per_byte(loss, meta["splits"][split])}
 
 
 def main(argv: list[str] | None = None) -> None:
