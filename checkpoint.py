@@ -36,6 +36,7 @@ from typing import NoReturn, Optional
 import torch
 
 from model import ModelConfig, Transformer, count_params
+from system import pid_alive
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 CHECKPOINT_FORMAT = 1
@@ -123,17 +124,6 @@ def remove_stale_temp_files(out_dir: str) -> list[str]:
             shutil.rmtree(os.path.join(out_dir, name))
             removed.append(name)
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (signal 0 only checks)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
 
 
 # ----------------------------------------------------------------------------- reading

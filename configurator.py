@@ -1,5 +1,5 @@
 """Typed config files and --key=value overrides for HomeLLM's scripts, and TrainConfig: the
-settings train.py takes (bench.py and studio.py read presets through it too).
+settings train.py takes (tools/bench.py and studio/studio.py read presets through it too).
 
     python train.py [config/FILE.py ...] [--key=value ...]
 

@@ -1,7 +1,7 @@
 """What this machine is and what fits on it: device and dtype choice, peak FLOP/s for MFU,
 memory readings, and the training memory estimate.
 
-train.py, sample.py and bench.py resolve --device/--dtype here, so "auto" means the same thing
+train.py, sample.py and tools/bench.py resolve --device/--dtype here, so "auto" means the same thing
 everywhere; where training and inference really differ (fp16 needs a loss scaler, so only
 training falls back to it on GPUs without bf16), that is the explicit `training` argument.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from model import ModelConfig, count_params
+from system import usable_cpus
 
 if TYPE_CHECKING:
     from configurator import TrainConfig
@@ -141,13 +142,6 @@ def cpu_prefers_bf16() -> tuple[bool, str]:
 # ----------------------------------------------------------------------------- CPU threads
 
 THREADS_ENV = "HOMELLM_THREADS"
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset and container limits
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def configure_cpu_threads(default: Optional[int] = None) -> str:

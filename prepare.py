@@ -17,7 +17,7 @@ meta.json field):
     <out_dir>/train_000000.bin ...  val_000000.bin ...  tokenizer.model|tokenizer.tiktoken  meta.json
 
 Reading and parsing the input files lives in corpus.py, tokenizers (loading, sp:N training,
-tiktoken files, hf: conversion) in tokenizer.py. `python bench.py prepare` measures this script
+tiktoken files, hf: conversion) in tokenizer.py. `python tools/bench.py prepare` measures this script
 against the bare tokenizer.
 """
 
@@ -48,6 +48,7 @@ from corpus import (
     utf8_document, val_threshold,
 )
 from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
+from system import die_with_parent, pid_alive, usable_cpus
 from tokenizer import (
     DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
     resolve_tokenizer, save_tokenizer, train_sentencepiece,
@@ -317,13 +318,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects container/taskset limits
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def default_out_dir(inputs: list[str], demo: str | None = None) -> str:
     if demo:
         return DEMOS[demo].out_dir
@@ -357,7 +351,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError("--max_docs must be at least 1.")
     if cfg.txt_mode not in ("line", "file"):
         raise PrepareError("--txt_mode must be 'line' or 'file'.")
-    workers = cfg.workers or cpu_count()
+    workers = cfg.workers or usable_cpus()
     spec = cfg.tokenizer or (DEMOS[demo].tokenizer if demo else DEFAULT_TOKENIZER)
     out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs, demo))
 
@@ -505,19 +499,9 @@ def _remove_stale_work_dirs(out_dir: str) -> None:
                 pid, host = f.read().split()
         except (OSError, ValueError):
             continue  # not one of ours, or an older version's: leave it
-        if host == platform.node() and not _pid_alive(int(pid)):
+        if host == platform.node() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
             _log(f"removed {os.path.join(parent, entry)}, left behind by a prepare.py run that was killed")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _prepare_into(
@@ -653,27 +637,9 @@ def _default_sigint() -> None:
     instead of each printing a KeyboardInterrupt traceback; the main process cleans up. They
     also die with the main process: after a kill -9 of it, nobody would ever collect their
     results, and each holds its tokenizer and tasks in memory."""
-    import multiprocessing
-    import threading
-
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    parent = multiprocessing.parent_process()
-    parent_pid = parent.pid if parent else os.getppid()
-    try:  # Linux: the kernel sends SIGKILL when the parent exits
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # elsewhere: poll for it
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
+    die_with_parent()
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -43,9 +43,10 @@ from configurator import ConfigError, TrainConfig, config_to_dict, format_config
 from dataset import DatasetError, TokenShards, bits_per_byte, file_sha256, load_meta, tokenizer_fingerprint, verify_shards
 from hardware import (
     DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, choose_dtype, configure_cpu_threads, cpu_prefers_bf16,
-    device_peak_flops, memory_table, peak_memory_mb, plan_run_memory, resolve_device, usable_cpus,
+    device_peak_flops, memory_table, peak_memory_mb, plan_run_memory, resolve_device,
 )
 from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, flops_per_token, make_optimizer
+from system import usable_cpus
 from tokenizer import TokenizerError
 
 

@@ -22,6 +22,7 @@ import checkpoint
 import export_hf
 import prepare
 import sample
+import system
 import train
 from conftest import TINY, write_byte_tokenizer
 
@@ -407,13 +408,13 @@ def test_14_pool_workers_die_with_a_killed_parent(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]
-    assert len(workers) == 2 and all(checkpoint.pid_alive(p) for p in workers)
+    assert len(workers) == 2 and all(system.pid_alive(p) for p in workers)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
-    while any(checkpoint.pid_alive(p) and not is_zombie(p) for p in workers) and time.time() < deadline:
+    while any(system.pid_alive(p) and not is_zombie(p) for p in workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(checkpoint.pid_alive(p) and not is_zombie(p) for p in workers)
+    assert not any(system.pid_alive(p) and not is_zombie(p) for p in workers)
 
 
 def is_zombie(pid: int) -> bool:

@@ -48,7 +48,7 @@ class Server:
     def __init__(self, runs: Path):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.runs = runs
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "studio.py"), "--port", "0", "--runs_dir", str(runs)],
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "studio" / "studio.py"), "--port", "0", "--runs_dir", str(runs)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for line in self.proc.stdout:
             match = re.search(r"open (http://127\.0\.0\.1:(\d+))/\?token=(\S+)", line)
@@ -97,7 +97,7 @@ class Server:
         # Children train in their own sessions and outlive the studio by design: end any a test left.
         for status_file in self.runs.glob("*/status.json"):
             s = json.loads(status_file.read_text())
-            if s.get("state") == "running" and studio.pid_alive(s.get("pid")):
+            if s.get("state") == "running" and studio.train_alive(s.get("pid")):
                 os.kill(s["pid"], signal.SIGKILL)
 
 

@@ -2,10 +2,10 @@
 eager and compiled, no cache, and Hugging Face transformers on the same weights), and
 prepare.py throughput against the raw tokenizer.
 
-    python bench.py train --config config/home_25m.py            # tokens/s, MFU, peak memory
-    python bench.py generate --config config/home_25m.py         # tokens/s, ours vs transformers
-    python bench.py prepare --input ../shared/data/ru_literature.jsonl --tokenizer sp:32000
-    python bench.py all --append docs/benchmarks.md              # everything, appended as markdown
+    python tools/bench.py train --config config/home_25m.py            # tokens/s, MFU, peak memory
+    python tools/bench.py generate --config config/home_25m.py         # tokens/s, ours vs transformers
+    python tools/bench.py prepare --input ../shared/data/ru_literature.jsonl --tokenizer sp:32000
+    python tools/bench.py all --append docs/benchmarks.md              # everything, appended as markdown
 
 Models are randomly initialized and fed random tokens: speed does not depend on the
 weights, so no dataset or checkpoint is needed. Numbers are printed as a markdown table
@@ -31,11 +31,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: prepare.py, config/
+sys.path.insert(0, REPO)  # run as `python tools/bench.py` from anywhere
+
 from checkpoint import hf_names
 from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
-from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype, usable_cpus
+from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
+from system import usable_cpus
 from model import Transformer, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import load_tokenizer
 
@@ -49,7 +53,7 @@ def cpu_model() -> str:
 
 
 def machine_details(device: torch.device) -> str:
-    parts = [f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", f"torch {torch.__version__}", f"Python {platform.python_version()}"]
+    parts = [f"CPU: {cpu_model()}, {usable_cpus()} cores, torch threads {torch.get_num_threads()}", f"torch {torch.__version__}", f"Python {platform.python_version()}"]
     if device.type == "cuda":
         parts.append(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
     return "; ".join(parts)
@@ -239,13 +243,6 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
 DEFAULT_CHUNK_MB = 1.0  # prepare.py's default task size
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects container/taskset limits, as prepare.py does
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def read_documents(paths: list[str], text_key: str = "text") -> list[str]:
     """Every document of the corpus files, in memory (corpus.py reads them as prepare.py does)."""
     docs = []
@@ -387,9 +384,9 @@ def bench_prepare(
     (interpreter and pool start-up, reading, parsing, writing); "encode phase" is prepare's own
     timer around its tokenization loop.
     """
-    workers = workers or cpu_count()
+    workers = workers or usable_cpus()
     work = work_dir or tempfile.mkdtemp(prefix="bench_prepare-")
-    base = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"), "--input", *paths, "--workers", str(workers),
+    base = [sys.executable, os.path.join(REPO, "prepare.py"), "--input", *paths, "--workers", str(workers),
             "--text_key", text_key, "--overwrite", "--no_progress"]
     first = os.path.join(work, "first")
     trained = run_watching_memory(base + ["--tokenizer", tokenizer, "--out_dir", first])
@@ -414,7 +411,7 @@ def bench_prepare(
         "prepare": {**best, "mb_per_s": text_mb / best["seconds"], "encode_phase_mb_per_s": max(encode_phase),
                     "all_seconds": [r["seconds"] for r in runs], "all_encode_phase_mb_per_s": encode_phase},
         "raw": {**raw, "all_seconds": [r["seconds"] for r in raws]},
-        "machine": {"cpu": cpu_model(), "cores": cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": usable_cpus(), "python": platform.python_version(),
                     "platform": platform.platform(), "numpy": np.__version__,
                     "sentencepiece": _version("sentencepiece"), "tiktoken": _version("tiktoken"),
                     "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
@@ -492,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="generate --compile on CPU: one-row matmuls as Inductor loops (true) or BLAS (false); default: measured")
     parser.add_argument("--input", nargs="+", default=None, help="prepare: corpus files")
     parser.add_argument("--tokenizer", default="sp:32000", help="prepare: tokenizer spec as for prepare.py")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=usable_cpus())
     parser.add_argument("--append", default=None, help="append the results as markdown to this file")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -514,9 +511,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.what in ("prepare", "all") and args.input:
         sections.append(("prepare.py throughput", benchmark_prepare(args.input, args.tokenizer, args.workers)))
     elif args.what == "prepare":
-        sys.exit("error: bench.py prepare needs --input FILE [FILE ...]")
+        sys.exit("error: tools/bench.py prepare needs --input FILE [FILE ...]")
 
-    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = [f"_{time.strftime('%Y-%m-%d')}: `{command}`_  \n_{machine_details(device)}_\n"]
     for title, rows in sections:
         text.append(f"**{title}**\n\n{to_markdown(rows)}\n")

@@ -1,7 +1,7 @@
 """HomeLLM studio: a local web page to watch, start, stop, resume, compare and sample runs.
 
-    python studio.py                              # http://127.0.0.1:8501/?token=...
-    python studio.py --runs_dir ~/runs --port 8600
+    python studio/studio.py                              # http://127.0.0.1:8501/?token=...
+    python studio/studio.py --runs_dir ~/runs --port 8600
 
 A run is any directory under --runs_dir that holds metrics.jsonl, ckpt.pt or status.json,
 whether the studio started it or a terminal did: everything shown is read from those files
@@ -50,13 +50,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # the repository: train.py, sample.py, config/
+sys.path.insert(0, str(REPO))  # run as `python studio/studio.py` from anywhere
+
 from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
 from dataset import DatasetError, load_meta
 from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
+from system import pid_alive
 
-REPO = Path(__file__).resolve().parent
-PAGE = REPO / "studio.html"
+PAGE = Path(__file__).resolve().parent / "studio.html"
 RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")
 SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
 MAX_BODY_BYTES = 1 << 20
@@ -168,23 +171,10 @@ def utf8_chunks(fd: int) -> Iterator[str]:
         yield tail
 
 
-def pid_alive(pid: Any) -> bool:
+def train_alive(pid: Any) -> bool:
     """Whether pid is a live train.py process on this machine (its command line says so where
     /proc exists, so a recycled pid does not keep a dead run "running")."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    if Path("/proc/self/cmdline").exists():
-        try:
-            return b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-    return True
+    return pid_alive(pid, command_contains=b"train.py")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -266,7 +256,7 @@ def run_state(status: Optional[dict], job: Optional[Job], last_step: Optional[in
     if state == "running":
         if status.get("host") != HOST:
             return "unknown", f"running on another host ({status.get('host')}); cannot check its process"
-        if pid_alive(status.get("pid")):
+        if train_alive(status.get("pid")):
             return "running", None
         return "crashed", f"process {status.get('pid')} ended without saving a final state (killed?)"
     if state in ("finished", "stopped", "crashed"):
@@ -496,7 +486,7 @@ class Studio:
 
     def _running_elsewhere(self, run_dir: Path) -> bool:
         status = read_json(run_dir / "status.json")
-        return bool(status and status.get("state") == "running" and status.get("host") == HOST and pid_alive(status.get("pid")))
+        return bool(status and status.get("state") == "running" and status.get("host") == HOST and train_alive(status.get("pid")))
 
     # -- actions
 
@@ -513,7 +503,7 @@ class Studio:
             status = read_json(run_dir / "status.json") or {}
             pid = status.get("pid")
             ours = job is not None and job.alive
-            fresh = status.get("state") == "running" and status.get("host") == HOST and pid_alive(pid)
+            fresh = status.get("state") == "running" and status.get("host") == HOST and train_alive(pid)
             if ours and not (fresh and (status.get("updated") or 0) >= job.started):
                 pid = job.proc.pid
             elif not fresh:

@@ -1,0 +1,69 @@
+"""What the operating system says about this process and others: the CPUs it may use, whether
+another process is alive, and dying with the parent.
+
+No torch here: prepare.py, which never needs torch, shares these with train.py, checkpoint.py
+and the studio.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: respects taskset and container limits, unlike os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def pid_alive(pid: object, command_contains: Optional[bytes] = None) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 only checks). With
+    command_contains, where /proc exists its command line must also contain those bytes, so a
+    pid the kernel recycled for another program does not count. Anything but a positive int is
+    no process: os.kill(0, ...) and os.kill(-1, ...) would address whole process groups."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    except OverflowError:
+        return False
+    if command_contains is not None and os.path.exists("/proc/self/cmdline"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return command_contains in f.read()
+        except OSError:
+            return False
+    return True
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent exits, however the parent
+    ends (kill -9 included): a child whose results nobody will collect must not live on. On
+    Linux this is prctl(PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent's pid."""
+    parent_pid = os.getppid()
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig)) != 0:
+            raise OSError
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os.kill(os.getpid(), sig)
+
+        threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os.kill(os.getpid(), sig)
+
