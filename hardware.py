@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 
 from model import ModelConfig, count_params
 from system import usable_cpus
 
 if TYPE_CHECKING:
     from configurator import TrainConfig
+    from model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,12 +99,12 @@ def cpu_bf16_matmul_speedup(rounds: int = 5, m: int = 64, k: int = 512, n: int =
     """How many times faster a linear layer, (m x k) inputs times a (n x k) weight as
     nn.Linear stores it, runs in bf16 than in fp32 on one core of this CPU (the ratio per
     core carries over to any thread count, and one thread cannot be stalled by a busy second
-    core). The layout matters: with a (k x n) weight, bf16 on an AVX2 CPU is another 8x
-    slower. Best of alternating rounds, so that a busy moment hits both; the first round is
-    a warm-up (library start-up, oneDNN's kernel generation). Takes ~5 ms where bf16 is
-    native, ~20 ms where it is emulated (AVX2: ~8x slower), because then the probe stops
-    after the first timed round: no later round could change the answer. Inputs come from
-    torch.ones, not randn: the global RNG must not move (resumed training replays it)."""
+    core). The layout matters: CPUs without bf16 units run the other layout far slower still,
+    which training never does. Best of alternating rounds, so that a busy moment hits both;
+    the first round is a warm-up (library start-up, oneDNN's kernel generation). Where bf16 is
+    emulated the probe stops after the first timed round, since no later round could change
+    the answer: a few tens of ms at most. Inputs come from torch.ones, not randn: the global
+    RNG must not move (resumed training replays it)."""
     x32, w32 = torch.ones(m, k), torch.ones(n, k)
     x16, w16 = x32.bfloat16(), w32.bfloat16()
     best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
@@ -151,9 +153,9 @@ def configure_cpu_threads(default: Optional[int] = None) -> str:
     Otherwise `default`, or half the usable CPUs (at least 1). Why not all of them: PyTorch's
     OpenMP threads meet at a barrier after every parallel op, and GNU OpenMP spins while it
     waits. When another process holds one of the cores, every op waits for the descheduled
-    thread while its partner burns CPU spinning: on a shared 2-core machine one-token decoding
-    with 2 threads ran 3-5x slower than with 1, using 4x the CPU time (docs/benchmarks.md).
-    Decoding is memory-bound, so the threads left out cost little when the machine is idle."""
+    thread while its partner burns CPU spinning (docs/benchmarks.md measures it on a shared
+    2-core machine). Decoding is memory-bound, so the threads left out cost little when the
+    machine is idle."""
     forced = os.environ.get(THREADS_ENV, "").strip()
     if forced:
         if not forced.isdigit() or int(forced) < 1:
@@ -170,6 +172,72 @@ def configure_cpu_threads(default: Optional[int] = None) -> str:
         why = f"half of {usable_cpus()} CPUs; {THREADS_ENV}=N to change"
     threads = torch.get_num_threads()
     return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
+# ----------------------------------------------------------------------------- compiled decode
+
+
+# Inductor's decompose_mm_pass rewrites a one-row matmul on CPU only when the weight's sides
+# are both at most this (torch._inductor.fx_passes.decompose_mem_bound_mm).
+LOOP_MATMUL_MAX_SIDE = 2048
+
+
+def compile_decode(model: "Transformer", mm_loops: Optional[bool] = None, **options) -> str:
+    """model.compile_decode() with the Inductor options that suit its device; returns a line
+    for the log that says how the step was compiled.
+
+    On CPU the graph's wrapper is C++ (Inductor's cpp_wrapper): a Python wrapper costs a
+    visible share of a small model's step. And a decode step multiplies one row by every
+    weight, so it is bound by how fast the weights stream from memory: Inductor can do each
+    one-row matmul as a multiply-and-sum loop of its own ("decompose_mm_pass", for matrices up
+    to LOOP_MATMUL_MAX_SIDE on a side) instead of a BLAS gemv call, and which of the two
+    streams faster depends on the CPU, the BLAS and the dtype (docs/benchmarks.md has both
+    cases). mm_loops=None measures it on this model's weights (decode_matmul_choice); True or
+    False decides outright. options: more Inductor options."""
+    note = "decode step compiled"
+    if model.embed.weight.device.type == "cpu":
+        if mm_loops is None:
+            mm_loops, why = decode_matmul_choice(model)
+        else:
+            why = f"mm_loops={mm_loops}"
+        loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if mm_loops else {}
+        options = {"cpp_wrapper": True, **loops, **options}
+        note += f", one-row matmuls {'as Inductor loops' if mm_loops else 'through BLAS'} ({why})"
+    model.compile_decode(options)
+    return note
+
+
+def decode_matmul_choice(model: torch.nn.Module, rounds: int = 3, max_mb: float = 128) -> tuple[bool, str]:
+    """(one-row matmuls as Inductor loops?, why) for a compiled CPU decode step. Reads the
+    model's own weights (those the loops would take, up to max_mb) two ways, with the threads
+    torch uses: F.linear of one row, which is the BLAS gemv the step calls otherwise, and a row
+    sum, which streams each weight the way the loop does, minus the multiply. Loops when the
+    sum is at least as fast. Best of `rounds` alternating rounds after a warm-up, so that a
+    busy moment hits both; about 0.1 s for home_25m."""
+    weights, seen, total = [], set(), 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and id(w) not in seen and max(w.shape) <= LOOP_MATMUL_MAX_SIDE:
+            seen.add(id(w))
+            weights.append(w.detach())
+            total += w.numel() * w.element_size()
+            if total >= max_mb * 2**20:
+                break
+    if not weights:
+        return False, f"no weight has both sides within {LOOP_MATMUL_MAX_SIDE}, the most Inductor's loops take"
+    rows = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    reads = {"gemv": lambda w: F.linear(rows[w.shape[1]], w), "sum": lambda w: w.sum(1)}
+    best = {name: float("inf") for name in reads}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for name, read in reads.items():
+                start = time.perf_counter()
+                for w in weights:
+                    read(w)
+                if round_:  # round 0 warms up
+                    best[name] = min(best[name], time.perf_counter() - start)
+    gemv, loop = total / best["gemv"] / 1e9, total / best["sum"] / 1e9
+    return loop >= gemv, f"{str(weights[0].dtype).removeprefix('torch.')} weights streamed at {loop:.1f} GB/s in a row sum, {gemv:.1f} GB/s through BLAS gemv"
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s

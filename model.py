@@ -19,7 +19,6 @@ generate() call and written in place (no torch.cat); attention reads only the fi
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Optional
@@ -367,41 +366,19 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.cache = None
 
-    def compile_decode(self, mm_loops: Optional[bool] = None, **options) -> str:
+    def compile_decode(self, options: Optional[dict] = None) -> None:
         """torch.compile the one-token decode step: the part of generation that runs once per
-        new token (the prefill runs once per prompt and stays eager). Returns a line for the
-        log that says how the step was compiled.
+        new token (the prefill runs once per prompt and stays eager). options: Inductor's
+        options; hardware.compile_decode picks them for the device (on CPU: a C++ wrapper, and
+        BLAS or Inductor's own loops for the one-row matmuls, whichever streams weights faster).
 
         The whole step is one graph: the position is dynamic, so one graph serves every step.
         The KV cache length is not (torch specializes on a module's buffer shapes), so
         generate() then sizes the cache in power-of-two buckets: a new graph only when a run
-        crosses into a bigger bucket. On CPU the graph's wrapper is C++ (Inductor's
-        cpp_wrapper): its Python wrapper cost ~1.5 ms per token on home_25m, a tenth of the
-        step. Compiling each Block instead (one graph shared by all layers) compiles faster,
-        but calling a compiled function costs ~0.1 ms of guards and Python, paid n_layer
-        times per token: on CPU that ate most of the gain.
-
-        Also on CPU: a decode step multiplies one row by every weight, so it is bound by how
-        fast the weights stream from memory. Inductor can do each one-row matmul as a
-        multiply-and-sum loop of its own ("decompose_mm_pass", for matrices up to 2048 on a
-        side) instead of a BLAS gemv call, and which of the two streams faster depends on the
-        CPU and the BLAS: on a 2-core AVX2 EPYC the loops took home_25m's step from 13.1 to
-        9.2 ms (MKL's gemv is slow there); on a 2-core AVX-512 Xeon they made the fp32 step
-        slower (12.5 -> 14.7 ms) but the bf16 one faster (15.2 -> 9.0 ms: MKL's bf16 gemv is
-        slow without bf16 instructions). mm_loops=None measures it on this model's weights
-        (decode_matmul_choice, ~0.1 s); True or False decides outright.
-        options: more Inductor options."""
-        note = "decode step compiled"
-        if self.embed.weight.device.type == "cpu":
-            if mm_loops is None:
-                mm_loops, why = decode_matmul_choice(self)
-            else:
-                why = f"mm_loops={mm_loops}"
-            loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if mm_loops else {}
-            options = {"cpp_wrapper": True, **loops, **options}
-            note += f", one-row matmuls {'as Inductor loops' if mm_loops else 'through BLAS'} ({why})"
+        crosses into a bigger bucket. One graph for the whole step rather than one per Block:
+        calling a compiled function costs guards and Python each time, which n_layer calls per
+        token would pay n_layer times."""
         self.compiled_decode = torch.compile(self.run_cached, dynamic=True, options=options or None)
-        return note
 
     def cache_length(self, needed: int, cache_len: Optional[int] = None) -> int:
         """KV cache slots for a run that needs `needed`: cache_len when given, `needed` itself
@@ -495,20 +472,10 @@ class Transformer(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        eos_id: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        vocab_limit: Optional[int] = None,
-        cache_len: Optional[int] = None,
-    ) -> torch.Tensor:
-        """Non-streaming convenience: returns idx with the new tokens appended (B, T + n)."""
-        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, vocab_limit, cache_len)
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Non-streaming generate_stream (same arguments): idx with the new tokens appended,
+        (B, T + n). Warns when the context window filled up before max_new_tokens."""
+        stream = self.generate_stream(idx, max_new_tokens, **sampling)
         new_tokens = []
         while True:
             try:
@@ -529,46 +496,6 @@ class Transformer(nn.Module):
         token embedding table, which is a lookup, not compute; an untied lm_head stays in."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
-
-
-# Inductor's decompose_mm_pass rewrites a one-row matmul on CPU only when the weight's sides
-# are both at most this (torch._inductor.fx_passes.decompose_mem_bound_mm).
-LOOP_MATMUL_MAX_SIDE = 2048
-
-
-def decode_matmul_choice(model: nn.Module, rounds: int = 3, max_mb: float = 128) -> tuple[bool, str]:
-    """(one-row matmuls as Inductor loops?, why) for a compiled CPU decode step; see
-    Transformer.compile_decode. Reads the model's own weights (those the loops would take, up
-    to max_mb) two ways, with the threads torch uses: F.linear of one row, which is the BLAS
-    gemv the step calls otherwise, and a row sum, which streams each weight the way the
-    loop does, minus the multiply. Loops when the sum is at least as fast. Best of `rounds`
-    alternating rounds after a warm-up, so a busy moment hits both; ~0.1 s for home_25m.
-    On a 2-core AVX-512 Xeon (MKL) the sum read fp32 weights at 0.85-0.97x the gemv's rate
-    and bf16 ones at 1.07-1.2x; the loops lost in fp32 and won in bf16 there."""
-    weights, seen, total = [], set(), 0
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and id(w) not in seen and max(w.shape) <= LOOP_MATMUL_MAX_SIDE:
-            seen.add(id(w))
-            weights.append(w.detach())
-            total += w.numel() * w.element_size()
-            if total >= max_mb * 2**20:
-                break
-    if not weights:
-        return False, f"no weight has both sides within {LOOP_MATMUL_MAX_SIDE}, the most Inductor's loops take"
-    rows = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    reads = {"gemv": lambda w: F.linear(rows[w.shape[1]], w), "sum": lambda w: w.sum(1)}
-    best = {name: float("inf") for name in reads}
-    with torch.no_grad():
-        for round_ in range(rounds + 1):
-            for name, read in reads.items():
-                start = time.perf_counter()
-                for w in weights:
-                    read(w)
-                if round_:  # round 0 warms up
-                    best[name] = min(best[name], time.perf_counter() - start)
-    gemv, loop = total / best["gemv"] / 1e9, total / best["sum"] / 1e9
-    return loop >= gemv, f"{str(weights[0].dtype).removeprefix('torch.')} weights streamed at {loop:.1f} GB/s in a row sum, {gemv:.1f} GB/s through BLAS gemv"
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -615,7 +542,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """An approximately orthogonal matrix with g's singular vectors (U V^T of g = U S V^T): a
     quintic Newton-Schulz iteration whose coefficients push every singular value toward 1 fast
     (they end up near 0.7-1.2, which trains as well as exactly 1). bf16 on GPUs, where it is
-    fast; fp32 on CPUs, where bf16 matmuls are emulated on many (50x slower with AVX2 only)."""
+    fast; fp32 on CPUs, where many emulate bf16 matmuls far slower than fp32 ones."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
     tall = x.size(0) > x.size(1)

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
-from hardware import DeviceError, choose_dtype, configure_cpu_threads, resolve_device
+from hardware import DeviceError, choose_dtype, compile_decode, configure_cpu_threads, resolve_device
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -343,8 +343,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 note("--compile on CPU needs a C++ compiler (g++, or $CXX) to build its kernels; running without it")
             else:
                 # Decode steps dominate sampling. One compiled graph per KV-cache size bucket
-                # serves every step, sample and interactive turn (see Transformer.compile_decode).
-                compiled = model.compile_decode()  # says how; printed after the model's line below
+                # serves every step, sample and interactive turn (see hardware.compile_decode).
+                compiled = compile_decode(model)  # says how; printed after the model's line below
         generator = torch.Generator(device=device)
         if args.seed is not None:
             generator.manual_seed(args.seed)

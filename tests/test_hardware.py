@@ -3,10 +3,12 @@ overrides, the CPU thread default), and the memory plan checked against what aut
 keeps and what a real training step really uses."""
 
 import math
+import re
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hardware
 from hardware import DeviceError, choose_dtype, configure_cpu_threads, cpu_bf16_matmul_speedup, cpu_prefers_bf16
@@ -185,3 +187,32 @@ def test_a_training_step_uses_about_what_the_plan_says():
     plan = hardware.plan_training_memory(cfg, 8, 256, compute_dtype=torch.float32, device_type="cpu")
     expected = plan.total - plan.parts["overhead"]  # the runtime was already in RSS at the baseline
     assert measured == pytest.approx(expected, rel=0.15), (measured / 2**20, {k: v / 2**20 for k, v in plan.parts.items()})
+
+
+def test_the_decode_matmul_choice_follows_the_faster_read(monkeypatch):
+    """hardware.compile_decode's default measures gemv against a streaming row sum on the model's own
+    weights; faked clocks make each side win in turn, and the reason names both rates."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=32)).eval()
+    rng_state = torch.get_rng_state()
+    for slow, loops in (("sum", False), ("linear", True)):
+        clock = {"t": 0.0}
+        real_linear, real_sum = F.linear, torch.Tensor.sum
+
+        def timed(real, name):
+            def run(*args, **kwargs):
+                clock["t"] += 2e-6 if name == slow else 1e-6  # seconds per matrix
+                return real(*args, **kwargs)
+            return run
+
+        monkeypatch.setattr(hardware.time, "perf_counter", lambda: clock["t"])
+        monkeypatch.setattr(hardware.F, "linear", timed(real_linear, "linear"))
+        monkeypatch.setattr(torch.Tensor, "sum", timed(real_sum, "sum"))
+        chose, why = hardware.decode_matmul_choice(m)
+        monkeypatch.undo()
+        assert chose is loops
+        rates = re.fullmatch(r"float32 weights streamed at ([\d.]+) GB/s in a row sum, ([\d.]+) GB/s through BLAS gemv", why)
+        assert rates and (float(rates[1]) > float(rates[2])) is loops
+    assert torch.equal(torch.get_rng_state(), rng_state)  # ones, not random rows: resumed runs replay the RNG
+    monkeypatch.setattr(hardware, "LOOP_MATMUL_MAX_SIDE", 16)  # every matrix here has a side of 32
+    assert hardware.decode_matmul_choice(m) == (False, "no weight has both sides within 16, the most Inductor's loops take")

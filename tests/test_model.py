@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import hardware
 import model
 from model import ModelConfig, Transformer, apply_rope, count_params, flops_per_token, sample_next_token
 
@@ -490,7 +491,7 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_prompt(mm
     m = build(n_kv_head=2, max_seq_len=64)
     prompts = [torch.randint(0, 97, (1, n)) for n in (5, 9)]
     expected = [m.generate(p, 12, temperature=0) for p in prompts]
-    note = m.compile_decode(mm_loops=mm_loops)
+    note = hardware.compile_decode(m, mm_loops=mm_loops)
     assert note == f"decode step compiled, one-row matmuls {'as Inductor loops' if mm_loops else 'through BLAS'} (mm_loops={mm_loops})"
     counters.clear()
     with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the passes counted below
@@ -504,31 +505,3 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_prompt(mm
     assert torch.equal(m.generate(prompts[1], 12, temperature=0), expected[1])
     assert counters["stats"]["unique_graphs"] == graphs  # another prompt length, same cache bucket: no new graph
     torch._dynamo.reset()
-
-
-def test_the_decode_matmul_choice_follows_the_faster_read(monkeypatch):
-    """compile_decode's default measures gemv against a streaming row sum on the model's own
-    weights; faked clocks make each side win in turn, and the reason names both rates."""
-    m = build()
-    rng_state = torch.get_rng_state()
-    for slow, loops in (("sum", False), ("linear", True)):
-        clock = {"t": 0.0}
-        real_linear, real_sum = F.linear, torch.Tensor.sum
-
-        def timed(real, name):
-            def run(*args, **kwargs):
-                clock["t"] += 2e-6 if name == slow else 1e-6  # seconds per matrix
-                return real(*args, **kwargs)
-            return run
-
-        monkeypatch.setattr(model.time, "perf_counter", lambda: clock["t"])
-        monkeypatch.setattr(model.F, "linear", timed(real_linear, "linear"))
-        monkeypatch.setattr(torch.Tensor, "sum", timed(real_sum, "sum"))
-        chose, why = model.decode_matmul_choice(m)
-        monkeypatch.undo()
-        assert chose is loops
-        rates = re.fullmatch(r"float32 weights streamed at ([\d.]+) GB/s in a row sum, ([\d.]+) GB/s through BLAS gemv", why)
-        assert rates and (float(rates[1]) > float(rates[2])) is loops
-    assert torch.equal(torch.get_rng_state(), rng_state)  # ones, not random rows: resumed runs replay the RNG
-    monkeypatch.setattr(model, "LOOP_MATMUL_MAX_SIDE", 16)  # every matrix here has a side of 32
-    assert model.decode_matmul_choice(m) == (False, "no weight has both sides within 16, the most Inductor's loops take")

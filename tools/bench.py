@@ -38,7 +38,7 @@ from checkpoint import hf_names
 from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
-from hardware import configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
+from hardware import compile_decode, configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from system import usable_cpus
 from model import Transformer, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import load_tokenizer
@@ -171,7 +171,7 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
     tokens_per_s is the median, vs_transformers the median of the per-round ratios.
     first_run_s is the warm-up run, which for the compiled mode includes compiling.
     same_tokens compares each mode's tokens with ours (eager), same_as_transformers with
-    transformers'. mm_loops: as Transformer.compile_decode (None: measured)."""
+    transformers'. mm_loops: as hardware.compile_decode (None: measured)."""
     model_cfg = preset(config).model_config(vocab_size)
     dtype = resolve_dtype(dtype_name, device)
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
     prompt = torch.randint(0, model_cfg.vocab_size, (1, prompt_len), device=device)
     compiled = None
     if compile_:
-        print(f"generate: {model.compile_decode(mm_loops)}", file=sys.stderr)
+        print(f"generate: {compile_decode(model, mm_loops)}", file=sys.stderr)
         compiled, model.compiled_decode = model.compiled_decode, None
 
     def ours(compiled_decode):
