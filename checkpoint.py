@@ -1,37 +1,29 @@
-"""Model weights on disk: HomeLLM checkpoints (write, find, load) and Hugging Face model
-directories (read).
+"""HomeLLM's checkpoints on disk: writing them atomically, finding and loading them, and the
+resume policy train.py follows.
 
     save_checkpoint(state, out_dir, step, keep)  # atomic ckpt.pt plus numbered copies
     path = find_checkpoint(out_dir)               # ckpt.pt, or the newest numbered copy
     ckpt = load_checkpoint(path)                  # weights_only: a stranger's .pt cannot run code
     ShardedSaver(background=True).save(shards, state, out_dir, step, keep)  # FSDP: DCP, each rank its part
     tok = load_checkpoint_tokenizer(ckpt, path)   # the tokenizer it was trained with
-    cfg, state = load_hf_model("~/models/Qwen2.5-0.5B")
 
 A checkpoint is a dict of tensors and plain data: model (state dict without wrapper prefixes),
 model_config, tokenizer (the dataset's tokenizer record) and, when train.py wrote it, the
 training state (optimizer, scaler, rng, step, ...). train.py copies the tokenizer file next to
-ckpt.pt, so an out_dir is self-contained.
-
-HF directories map one to one onto our parameter names (model.py uses HF's names and its
-rotate-half RoPE layout), so reading one is renaming plus refusing every config.json feature
-model.py does not implement.
+ckpt.pt, so an out_dir is self-contained. Hugging Face directories are hf.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import pickle
 import re
 import shutil
-import struct
 import threading
 import warnings
 import zipfile
-from typing import NoReturn, Optional
+from typing import Optional
 
 import torch
 
@@ -44,10 +36,6 @@ CHECKPOINT_FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or foreign; the message says what to do."""
-
-
-class HFError(CheckpointError):
-    """A Hugging Face model directory HomeLLM cannot read (bad path, unsupported model)."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -494,205 +482,26 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
 
 
-# ----------------------------------------------------------------------------- Hugging Face directories (read)
-
-
-
-def hf_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our parameter name -> the HF Llama/Qwen2 name, for every tensor, lm_head included (the
-    caller drops it when the embeddings are tied). q/k need no permutation: both sides rotate
-    pairs (i, i + head_dim/2), and llama.cpp's converter expects exactly this HF layout."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-    for i in range(cfg.n_layer):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        names[ours + "attn_norm.weight"] = hf + "input_layernorm.weight"
-        names[ours + "mlp_norm.weight"] = hf + "post_attention_layernorm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names[f"{ours}attn.{proj}.weight"] = f"{hf}self_attn.{proj}.weight"
-        if cfg.qkv_bias:
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                names[f"{ours}attn.{proj}.bias"] = f"{hf}self_attn.{proj}.bias"
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{ours}mlp.{proj}.weight"] = f"{hf}mlp.{proj}.weight"
-    return names
-
-
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Shapes of our state dict, taken from model.py itself (on the meta device: no memory)."""
     with torch.device("meta"):
         return {name: t.shape for name, t in Transformer(cfg).state_dict().items()}
 
 
-def refuse(field: str, value, why: str) -> NoReturn:
-    raise HFError(f"config.json has {field}={json.dumps(value)}, which HomeLLM does not implement ({why})")
-
-
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig from a HF Llama/Qwen2 config.json, refusing every feature model.py does
-    not implement rather than importing a model that would silently compute something else."""
-    model_type = hf.get("model_type")
-    if model_type not in ("llama", "qwen2"):
-        refuse("model_type", model_type, "only llama and qwen2 are supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU with silu")
-    if hf.get("mlp_bias"):
-        refuse("mlp_bias", hf["mlp_bias"], "the MLP has no biases")
-    if (hf.get("pretraining_tp") or 1) > 1:
-        refuse("pretraining_tp", hf["pretraining_tp"], "only pretraining_tp=1 is supported")
-    if hf.get("use_sliding_window"):
-        refuse("use_sliding_window", hf["use_sliding_window"], "attention is always over the full context")
-    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
-        refuse("layer_types", hf["layer_types"], "attention is always over the full context")
-    for field in ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
-        if hf.get(field):
-            refuse(field, hf[field], "mixture-of-experts layers are not implemented")
-    if hf.get("quantization_config"):
-        quant = hf["quantization_config"]
-        refuse("quantization_config", quant.get("quant_method", "?") if isinstance(quant, dict) else quant, "only unquantized weights can be imported")
-    # RoPE: the old keys (rope_theta + rope_scaling) or transformers 5's rope_parameters.
-    rope_theta = hf.get("rope_theta", 10000.0)
-    for field in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(field)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            refuse(field, rope, "it must be an object such as {\"rope_type\": \"default\"}")
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            refuse(field, rope, "only plain RoPE is implemented, no scaling")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            refuse(field, rope, "RoPE rotates the whole head")
-        rope_theta = rope.get("rope_theta", rope_theta)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(field), int):
-            raise HFError(f"config.json has no integer {field}; it is not a complete {model_type} config")
-    n_head = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * n_head != hf["hidden_size"]:
-        refuse("head_dim", head_dim, f"heads are hidden_size/num_attention_heads = {hf['hidden_size'] / n_head:g} wide")
-    try:
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            n_embd=hf["hidden_size"],
-            ffn_hidden=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048 if model_type == "llama" else 32768),
-            rope_theta=float(rope_theta),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # both classes default to untied
-            # Qwen2 always has q/k/v biases; Llama's attention_bias adds an o_proj bias too,
-            # which load_hf_model accepts only when it is zero (as our exports write it).
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
-            dropout=0.0,
-            init_std=float(hf.get("initializer_range", 0.02)),
-        )
-    except ValueError as err:
-        raise HFError(f"config.json does not describe a model HomeLLM can build: {err}") from None
-
-
-def read_json(path: str) -> dict:
-    """A JSON object from a HF directory, or an HFError that names the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HFError(f"{path} is not valid UTF-8 JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise HFError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a Hugging Face config file")
-    return value
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, memory-mapped: nothing is read until used, and
-    processes on one machine share the pages, so ranks that each take their slice of every
-    tensor read the file once between them. (The format: an 8-byte little-endian header size,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.)"""
-    import numpy as np
-
-    try:
-        with open(path, "rb") as f:
-            header_size = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(header_size))
-        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, never written back
-        start = 8 + header_size
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            numel = math.prod(shape)
-            if end - begin != numel * dtype.itemsize or start + end > len(data):
-                raise ValueError(f"{name} claims {numel * dtype.itemsize} bytes at {begin}..{end} of a {len(data)}-byte file")
-            flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin) if numel else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.view(shape)
-    except (OSError, ValueError, KeyError, TypeError, struct.error, OverflowError) as err:
-        raise HFError(f"cannot read {path}: it is not a valid .safetensors file ({type(err).__name__}: {err})") from None
-    return tensors
-
-
-def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a HF checkpoint directory: model.safetensors, pytorch_model.bin, or the
-    shards listed by their .index.json."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = os.path.join(path, index_name)
-        if os.path.isfile(index):
-            files = sorted(set(read_json(index).get("weight_map", {}).values()))
-            break
-        if os.path.isfile(os.path.join(path, single)):
-            files = [single]
-            break
-    else:
-        raise HFError(f"no weights in {path}: expected model.safetensors, pytorch_model.bin or a sharded .index.json")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise HFError(f"{file} is listed in the weight index but missing")
-        if name.endswith(".safetensors"):
-            state.update(read_safetensors(file))
-        else:
-            try:
-                state.update(torch.load(file, map_location="cpu", weights_only=True))
-            except Exception as err:
-                raise HFError(f"cannot read {file} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
-    return state
-
-
-def load_hf_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A local HF Llama/Qwen2 directory as our ModelConfig and state dict (tensors in the dtype
-    they were stored in). Both embed.weight and lm_head.weight are present; when tied they are
-    the same tensor. Raises HFError naming any unsupported field or mismatched tensor."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise HFError(f"{path} is not a Hugging Face model directory (no config.json)")
-    hf_config = read_json(config_path)
-    cfg = model_config_from_hf(hf_config)
-    hf_state = read_hf_weights(path)
-    if hf_config["model_type"] == "llama" and cfg.qkv_bias:
-        for i in range(cfg.n_layer):
-            bias = hf_state.pop(f"model.layers.{i}.self_attn.o_proj.bias", None)
-            if bias is not None and bias.any():
-                refuse("attention_bias", True, f"model.layers.{i}.self_attn.o_proj.bias is non-zero and o_proj has no bias here")
-    names = hf_names(cfg)
-    if cfg.tie_embeddings:
-        del names["lm_head.weight"]  # some tied checkpoints store a copy anyway: ignore it
-    known = set(names.values()) | {"lm_head.weight"}
-    # Old checkpoints saved RoPE's inverse frequencies as a buffer; they follow from the config.
-    unexpected = [k for k in hf_state if k not in known and not k.endswith("rotary_emb.inv_freq")]
-    missing = [hf for hf in names.values() if hf not in hf_state]
-    if unexpected or missing:
-        problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise HFError(f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}")
-    state = {ours: hf_state[hf] for ours, hf in names.items()}
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    for name, shape in expected_shapes(cfg).items():
-        if state[name].shape != shape:
-            raise HFError(f"{names.get(name, name)} in {path} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
-    return cfg, state
+def consolidate(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> None:
+    """One HomeLLM .pt file from any checkpoint, e.g. an FSDP run's sharded ckpt_STEP/: the full
+    weights and the run's records (config, tokenizer, step), without the optimizer state, which
+    only resuming needs (and resuming reads the sharded directory itself). The tokenizer file is
+    copied next to it, so sample.py --ckpt dest works anywhere."""
+    if os.path.exists(dest) and not overwrite:
+        raise CheckpointError(f"{dest} exists; pass --overwrite to replace it, or choose another --to")
+    ckpt = load_checkpoint(ckpt_path)
+    tokenizer_src = checkpoint_tokenizer_path(ckpt, ckpt_path)
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "sharded")}
+    if dtype is not None:
+        state["model"] = {name: tensor.to(dtype) for name, tensor in ckpt["model"].items()}
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_save(state, dest)
+    tokenizer_dest = os.path.join(os.path.dirname(os.path.abspath(dest)), os.path.basename(tokenizer_src))
+    if not os.path.exists(tokenizer_dest):
+        shutil.copyfile(tokenizer_src, tokenizer_dest)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, NUMBERED, SHARDED, CheckpointError, checkpoint_candidates, is_sharded, load_checkpoint, load_hf_model,
+    CHECKPOINT_FORMAT, NUMBERED, SHARDED, CheckpointError, checkpoint_candidates, is_sharded, load_checkpoint,
     ShardedSaver, load_sharded, load_train_state, remove_stale_temp_files, save_checkpoint,
 )
 from configurator import ConfigError, TrainConfig, config_to_dict, format_config, parse_args, parse_args_or_exit
@@ -45,6 +45,7 @@ from hardware import (
     DTYPES, GPU_PEAK_FLOPS, DeviceError, available_memory_bytes, choose_dtype, configure_cpu_threads, cpu_prefers_bf16,
     device_peak_flops, memory_table, peak_memory_mb, plan_run_memory, resolve_device,
 )
+from hf import load_hf_model
 from model import ModelConfig, Transformer, count_params, describe, estimate_mfu, flops_per_token, make_optimizer
 from system import usable_cpus
 from tokenizer import TokenizerError

@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 import export_hf
+import hf as hflib
 import prepare
 import sample
 import system
@@ -379,7 +380,7 @@ def test_13_import_refuses_a_file_as_destination(tmp_path, capsys):
 
     path = hf_dir(tmp_path, LLAMA)
     model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=64, tie_embeddings=False))
-    state = {hf: model.state_dict()[ours].contiguous() for ours, hf in checkpoint.hf_names(model.config).items()}
+    state = {hf: model.state_dict()[ours].contiguous() for ours, hf in hflib.hf_names(model.config).items()}
     save_file(state, str(path / "model.safetensors"))
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(SystemExit):

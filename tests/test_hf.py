@@ -21,9 +21,9 @@ import sentencepiece as spm  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-import checkpoint  # noqa: E402
 import dataset  # noqa: E402
 import export_hf  # noqa: E402
+import hf as hflib  # noqa: E402  (tests below use `hf` for a transformers model)
 import prepare  # noqa: E402
 import tokenizer as toklib  # noqa: E402  (tests below use `tokenizer` for a parameter)
 from model import ModelConfig, Transformer  # noqa: E402
@@ -317,7 +317,7 @@ def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, mode
     hf, path = tiny_hf_model(tmp_path, model_type, tie, attention_bias, storage=storage)
     assert os.path.exists(os.path.join(path, {"single": "model.safetensors", "sharded": "model.safetensors.index.json",
                                               "bin": "pytorch_model.bin"}[storage]))
-    cfg, state = checkpoint.load_hf_model(path)
+    cfg, state = hflib.load_hf_model(path)
     qkv_bias = model_type == "qwen2" or attention_bias
     assert (cfg.qkv_bias, cfg.tie_embeddings, cfg.n_kv_head, cfg.rope_theta) == (qkv_bias, tie, 2, 20000.0)
     assert (state["lm_head.weight"] is state["embed.weight"]) == tie
@@ -461,8 +461,8 @@ VALID_LLAMA = dict(model_type="llama", vocab_size=320, hidden_size=64, intermedi
 )
 def test_import_refuses_unsupported_features_naming_the_field(tmp_path, capsys, changes, field):
     (tmp_path / "config.json").write_text(json.dumps({**VALID_LLAMA, **changes}))
-    with pytest.raises(checkpoint.HFError, match=rf"config\.json has {field}="):
-        checkpoint.load_hf_model(str(tmp_path))
+    with pytest.raises(hflib.HFError, match=rf"config\.json has {field}="):
+        hflib.load_hf_model(str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         export_hf.main(["--import_from", str(tmp_path), "--to", str(tmp_path / "out")])
     assert exit_info.value.code == 1
@@ -472,8 +472,8 @@ def test_import_refuses_unsupported_features_naming_the_field(tmp_path, capsys, 
 
 def test_import_refuses_llama_with_a_nonzero_o_proj_bias(tmp_path):
     _, path = tiny_hf_model(tmp_path, "llama", tie=False, attention_bias=True, o_bias=0.5)
-    with pytest.raises(checkpoint.HFError, match=r"attention_bias=true.*o_proj\.bias is non-zero"):
-        checkpoint.load_hf_model(path)
+    with pytest.raises(hflib.HFError, match=r"attention_bias=true.*o_proj\.bias is non-zero"):
+        hflib.load_hf_model(path)
 
 
 # Qwen2.5-0.5B's config.json as published (written by transformers 4.x: rope_theta at the top,
@@ -489,11 +489,11 @@ QWEN25_05B = {
 
 
 def test_import_reads_a_qwen25_config_and_reports_missing_weights(tmp_path):
-    cfg = checkpoint.model_config_from_hf(QWEN25_05B)
+    cfg = hflib.model_config_from_hf(QWEN25_05B)
     assert cfg == ModelConfig(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_hidden=4864,
                               max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True)
     llama = {**VALID_LLAMA, "rope_scaling": {"rope_type": "default"}, "rope_theta": 5e5}
-    assert checkpoint.model_config_from_hf(llama).rope_theta == 5e5
+    assert hflib.model_config_from_hf(llama).rope_theta == 5e5
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
-    with pytest.raises(checkpoint.HFError, match="no weights"):
-        checkpoint.load_hf_model(str(tmp_path))
+    with pytest.raises(hflib.HFError, match="no weights"):
+        hflib.load_hf_model(str(tmp_path))

@@ -34,12 +34,12 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: prepare.py, config/
 sys.path.insert(0, REPO)  # run as `python tools/bench.py` from anywhere
 
-from checkpoint import hf_names
 from configurator import TrainConfig, parse_args
 from corpus import find_input_files, iter_file_pieces, parse_piece
 from dataset import load_meta
 from hardware import compile_decode, configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from system import usable_cpus
+from hf import hf_names
 from model import Transformer, estimate_mfu, flops_per_token, make_optimizer
 from tokenizer import load_tokenizer
 
@@ -121,7 +121,7 @@ def bench_train(config: str, device: torch.device, dtype_name: str, compile_: Op
 
 def transformers_twin(model: Transformer, dtype: torch.dtype):
     """The same network as a Hugging Face LlamaForCausalLM (Qwen2ForCausalLM with q/k/v
-    biases), built in this process with our weights under checkpoint.hf_names' names; None
+    biases), built in this process with our weights under hf.hf_names' names; None
     when transformers is not installed."""
     try:
         import transformers
