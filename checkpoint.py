@@ -1,5 +1,6 @@
-"""HomeLLM's checkpoints on disk: writing them atomically, finding and loading them, and the
-resume policy train.py follows.
+"""A run's files on disk: HomeLLM's checkpoints (written atomically, found and loaded), the
+resume policy train.py follows, and what others watch while it trains (status.json, metric
+mirrors to W&B or TensorBoard).
 
     save_checkpoint(state, out_dir, step, keep)  # atomic ckpt.pt plus numbered copies
     path = find_checkpoint(out_dir)               # ckpt.pt, or the newest numbered copy
@@ -16,17 +17,23 @@ ckpt.pt, so an out_dir is self-contained. Hugging Face directories are hf.py's.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
 import pickle
 import re
 import shutil
+import socket
 import threading
+import time
 import warnings
 import zipfile
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from configurator import config_to_dict
+from dataset import file_sha256
 from model import ModelConfig, Transformer, count_params
 from system import pid_alive
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -266,6 +273,283 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device, dtype: torch.d
         model = Transformer(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------- weights into a (sharded) model
+
+
+def materialize(model: Transformer, device: torch.device, init_state: Optional[dict], seed: int) -> None:
+    """Allocate the (possibly sharded) meta model on device and fill it: with init_state when
+    given, else with a fresh init drawn on the CPU from a generator seeded with `seed`, one full
+    tensor at a time in the model's parameter order. Either way each rank copies only its own
+    part, so memory holds this rank's shards plus one full tensor at most, and the weights are
+    the same for any number of ranks and any layout (plain, DDP, FSDP). A mmapped checkpoint
+    is read only where this rank's slices lie, so a node reads each byte once."""
+    model.to_empty(device=device)
+    if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own new tensor
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if init_state is None:
+            for name, param in model.named_parameters():
+                full = torch.empty(param.shape)
+                model.init_parameter(name, full, generator)
+                copy_local_part(param, full)
+        else:
+            expected = model.state_dict()
+            missing, unexpected = set(expected) - set(init_state), set(init_state) - set(expected)
+            if missing or unexpected:
+                raise CheckpointError(f"the initial weights do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+            for name, param in expected.items():
+                copy_local_part(param, init_state[name])
+    model.init_rope()
+
+
+def copy_local_part(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param (a plain tensor, or an FSDP shard as a DTensor) <- its part of the full tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    param.to_local().copy_(local)
+
+
+# ----------------------------------------------------------------------------- resuming
+# The policy train.py follows: which checkpoint to continue from, whether it may, and how the
+# training state comes back. One run per out_dir at a time (own_out_dir).
+
+
+def own_out_dir(out_dir: str) -> Any:
+    """Take out_dir/train.lock for this run (rank 0), or refuse: two runs writing one out_dir
+    would interleave their metrics and checkpoints. flock is released by the kernel when the
+    holder dies, even by kill -9, so a stale lock never blocks; the pid and host written into
+    the file only make the message useful. Also removes temp files of saves that a kill cut
+    short. Returns the open lock file: the lock lasts as long as that object."""
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "train.lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise CheckpointError(f"{out_dir} is in use by another training run ({holder}); wait for it or stop it, or choose another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    lock.flush()
+    for name in remove_stale_temp_files(out_dir):
+        print(f"removed {name}, left behind by a run killed while saving", flush=True)
+    return lock
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop records a killed run wrote after its last checkpoint, so metrics.jsonl
+    reads as one run."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:  # a torn last line (power loss mid-write) is dropped, not fatal
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+
+def find_resume_checkpoint(out_dir: str, resume: str, log: Callable[[str], None], is_main: bool = True) -> tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to continue from, loaded: (path, ckpt), or (None, None) to start fresh.
+    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True).
+
+    --resume=auto takes the newest checkpoint that loads (ckpt.pt, a numbered copy, or an FSDP
+    run's ckpt_STEP/), saying so when it had to pass over a newer one. It never starts over on
+    top of checkpoints it cannot read: that would rotate them away. --resume=never moves an
+    earlier run's checkpoints and metrics into a subdirectory first, so starting over loses
+    nothing. log: how notes reach the user (train.py's prints on rank 0 only)."""
+    def load(path: str) -> dict:
+        return load_train_state(path) if is_sharded(path) else load_checkpoint(path)
+
+    if resume not in ("auto", "never"):
+        return resume, load(resume)
+    candidates = checkpoint_candidates(out_dir) if os.path.isdir(out_dir) else []
+    if resume == "never":
+        if candidates and is_main:
+            archive = os.path.join(out_dir, time.strftime("previous-run-%Y%m%d-%H%M%S"))
+            os.makedirs(archive)
+            for name in os.listdir(out_dir):
+                if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
+                    os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
+            log(f"--resume=never: moved the earlier run's checkpoints and metrics to {archive}")
+        return None, None
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log(f"warning: cannot resume from {path}: {err}")
+            continue
+        latest = os.path.join(out_dir, "ckpt.pt")
+        if NUMBERED.fullmatch(os.path.basename(path)) and not os.path.exists(latest):
+            log(f"note: {latest} is missing; resuming from the newest numbered copy that loads, {path}")
+        return path, ckpt
+    if problems:
+        raise CheckpointError(
+            f"{out_dir} holds checkpoints but none of them loads ({problems[0]}); pass --resume=PATH to pick one, "
+            "--resume=never to start over (the old files are moved aside), or another --out_dir"
+        )
+    return None, None
+
+
+def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: int, global_batch: int, tokenizer_sha256: str,
+                    out_dir_tokenizer: str, log: Callable[[str], None]) -> None:
+    """Refuse to resume from a checkpoint that holds no training state or belongs to another
+    model or tokenizer; say what changes when the number of ranks did."""
+    if ("optimizer" not in ckpt and not ckpt.get("sharded")) or "world_size" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
+            f"train into another out_dir with --init_from={path}"
+        )
+    saved = ModelConfig.from_dict(ckpt["model_config"])
+    if saved != model_cfg:
+        diffs = [f"{k}={v!r} (checkpoint) vs {getattr(model_cfg, k)!r} (now)" for k, v in saved.to_dict().items() if getattr(model_cfg, k) != v]
+        raise CheckpointError(
+            f"cannot resume from {path}: the model config differs: {', '.join(diffs)}; use the same settings, "
+            f"or start a new out_dir with --init_from={path} to warm-start from its weights"
+        )
+    if ckpt["world_size"] != world_size:
+        # Weights and optimizer state reshard to any number of ranks. Which windows a step reads
+        # depends only on (seed, step, global batch), so with the same global batch the data
+        # continues exactly; only the per-rank dropout RNG streams cannot be carried over.
+        before, now = ckpt.get("sampler", {}).get("global_batch"), global_batch
+        same = "the same global batch, so the data order continues exactly" if before == now else (
+            f"a global batch of {now} sequences instead of {before}: set batch_size or gradient_accumulation_steps to keep it")
+        log(f"note: {path} was written by {ckpt['world_size']} rank(s), this run has {world_size}; {same}")
+    # Same vocab size is not enough: another tokenizer maps the same ids to other text. Older
+    # checkpoints carry no fingerprint; then the tokenizer copy in out_dir stands in for it.
+    trained_with = ckpt.get("tokenizer_sha256") or (file_sha256(out_dir_tokenizer) if os.path.isfile(out_dir_tokenizer) else None)
+    if trained_with and trained_with != tokenizer_sha256:
+        raise CheckpointError(
+            f"cannot resume from {path}: the dataset's tokenizer is not the one this run was trained with "
+            f"(sha256 {tokenizer_sha256[:12]} vs {trained_with[:12]}); train on data prepared with the same tokenizer, "
+            f"or start a new out_dir with --init_from={path} to continue from these weights on purpose"
+        )
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizers: list, scaler, rank: int, device: torch.device) -> None:
+    """Optimizer, loss scaler and RNG from a checkpoint (a sharded one: the weights too). A
+    sharded checkpoint loads into any number of ranks; a .pt one's optimizer state is full, and
+    each rank keeps its part of it. Each rank takes back its own RNG state; ranks the writer
+    did not have keep their fresh seed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
+
+    if ckpt.get("sharded"):
+        model_state, optim_state = get_state_dict(model, optimizers)
+        shards = {"model": model_state, "optimizer": optim_state}
+        load_sharded(path, shards)
+        set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
+        optimizers[-1].load_state_dict(ckpt["optimizer"])
+    else:  # keyed by parameter name: each rank of a sharded model keeps its part
+        set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][rank], device)
+
+
+# ----------------------------------------------------------------------------- what others watch: status.json, metric mirrors
+
+
+def write_status(out_dir: str, state: str, reason: Optional[str] = None, **fields: Any) -> None:
+    """out_dir/status.json: running, finished, stopped or crashed, and why, for studio.py and
+    anyone else watching (a "running" whose pid is gone died without a word, e.g. kill -9).
+    Fields not given keep their last value. Written to a temp file and renamed, so a reader
+    never sees half of it; a few hundred bytes, cheap enough to rewrite at every log."""
+    path = os.path.join(out_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    record.update(fields, state=state, reason=reason, pid=os.getpid(), host=socket.gethostname(), updated=time.time())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def record_crash(out_dir: str, reason: str) -> None:
+    """Mark a run that had started in out_dir as crashed; never hides the error being reported."""
+    if os.path.exists(os.path.join(out_dir, "status.json")):
+        try:
+            write_status(out_dir, "crashed", " ".join(reason.split())[:1000])
+        except OSError:
+            pass
+
+
+def optional_import(module: str, flag: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CheckpointError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
+
+
+class MetricSinks:
+    """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
+    Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
+    imported only when asked for, on every rank, so a missing one stops the run before any
+    work; only rank 0 writes. W&B's run opens at the first record (a run that fails at start
+    leaves no empty W&B run) and finishes at exit by itself; TensorBoard is flushed after each
+    record, so nothing needs closing on any of train()'s ways out."""
+
+    def __init__(self, cfg: Any, is_main: bool):
+        self.cfg, self.is_main = cfg, is_main
+        self.wandb = optional_import("wandb", "--wandb_project", "wandb") if cfg.wandb_project else None
+        self.tensorboard = optional_import("torch.utils.tensorboard", "--tensorboard_dir", "tensorboard") if cfg.tensorboard_dir else None
+        self.wandb_run: Any = None
+        self.tb_writer: Any = None
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
+        if self.wandb is not None:
+            if self.wandb_run is None:
+                name = os.path.basename(os.path.abspath(self.cfg.out_dir))
+                self.wandb_run = self.wandb.init(project=self.cfg.wandb_project, name=name, config=config_to_dict(self.cfg))
+            self.wandb_run.log(scalars, step=step)
+        if self.tensorboard is not None:
+            if self.tb_writer is None:
+                self.tb_writer = self.tensorboard.SummaryWriter(log_dir=self.cfg.tensorboard_dir)
+            for key, value in scalars.items():
+                self.tb_writer.add_scalar(key, value, step)
+            self.tb_writer.flush()
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints (FSDP)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 from typing import TYPE_CHECKING
 
@@ -156,6 +156,21 @@ class TokenShards:
         else:
             batch = batch.to(device)
         return batch[:, :-1], batch[:, 1:]
+
+
+def val_split_warning(data_dir: str, meta: dict, val_data: TokenShards, windows_per_eval: int) -> Optional[str]:
+    """Why validation cannot run, or would re-read the same few tokens at every evaluation of
+    windows_per_eval windows; None when the val split is big enough."""
+    val_tokens = meta["splits"].get("val", {}).get("tokens", 0)
+    read = windows_per_eval * val_data.window
+    fix = "re-run prepare.py with a larger --val_fraction or a --val_input"
+    if val_data.num_windows == 0:
+        return (f"the val split of {data_dir} ({val_tokens:,} tokens) holds no window of block_size+1={val_data.window} tokens, "
+                f"so there will be no val loss or bits per byte; {fix}")
+    if val_tokens < read:
+        return (f"the val split of {data_dir} has {val_tokens:,} tokens but one evaluation reads {read:,} "
+                f"(eval_iters x batch_size windows), so its windows overlap and val loss is noisy; {fix}, or lower --eval_iters")
+    return None
 
 
 class ShardWriter:

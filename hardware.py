@@ -1,5 +1,6 @@
-"""What this machine is and what fits on it: device and dtype choice, peak FLOP/s for MFU,
-memory readings, and the training memory estimate.
+"""What this machine is and what fits on it: device and dtype choice, CPU threads, peak FLOP/s
+for MFU, memory readings, the training memory plan (--dry_run prints it, check_memory_fits
+refuses a run that would not fit), and how a compiled decode step suits the device.
 
 train.py, sample.py and tools/bench.py resolve --device/--dtype here, so "auto" means the same thing
 everywhere; where training and inference really differ (fp16 needs a loss scaler, so only
@@ -12,17 +13,18 @@ import functools
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, count_params
+from configurator import ConfigError, TrainConfig, parse_args
+from dataset import DatasetError, load_meta
+from model import ModelConfig, count_params, describe, flops_per_token
 from system import usable_cpus
 
 if TYPE_CHECKING:
-    from configurator import TrainConfig
     from model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +40,8 @@ GPU_PEAK_FLOPS = {
 
 
 class DeviceError(RuntimeError):
-    """A --device/--dtype this machine cannot honour; the message says what to use instead."""
+    """A --device/--dtype, or a run's memory, this machine cannot honour; the message says what
+    to use instead."""
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -387,7 +390,7 @@ def plan_training_memory(
     return MemoryPlan(parts, why, summary)
 
 
-def plan_run_memory(cfg: "TrainConfig", model_cfg: ModelConfig, world_size: int, device_type: str, compute_dtype: torch.dtype) -> MemoryPlan:
+def plan_run_memory(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device_type: str, compute_dtype: torch.dtype) -> MemoryPlan:
     """plan_training_memory for what train.py would run with these settings."""
     return plan_training_memory(
         model_cfg, cfg.batch_size, cfg.block_size, world_size=world_size, fsdp=cfg.parallel == "fsdp" and world_size > 1,
@@ -421,3 +424,59 @@ def available_memory_bytes(device: torch.device, local_ranks: int = 1) -> tuple[
     except (OSError, StopIteration, ValueError):
         return float("inf"), "unknown (no /proc/meminfo)"
     return available / local_ranks, f"this machine has {available / GIB:.1f} GiB available" + (f", shared by {local_ranks} ranks" if local_ranks > 1 else "")
+
+
+# ----------------------------------------------------------------------------- a run's plan, before it starts
+
+
+def dry_run(cfg: TrainConfig) -> None:
+    """Print what the config builds, what each rank needs and roughly how long a step takes,
+    without allocating anything. Under torchrun the plan is for that many ranks."""
+    if int(os.environ.get("RANK", 0)):
+        return
+    try:
+        vocab_size, source = load_meta(cfg.data_dir)["vocab_size"], f"the tokenizer of {cfg.data_dir}"
+    except DatasetError:
+        vocab_size, source = 32000, f"a default: no dataset at {cfg.data_dir}"
+    model_cfg = cfg.model_config(vocab_size)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device_type = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda"
+    auto_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_prefers_bf16()[0])
+    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if auto_bf16 else torch.float32)
+    print(f"vocab_size: {model_cfg.vocab_size} ({'set in the config' if cfg.vocab_size else source})")
+    print(describe(model_cfg, cfg.block_size))
+    print(plan_run_memory(cfg, model_cfg, world_size, device_type, dtype).format())
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size
+    flops = flops_per_token(model_cfg, cfg.block_size) * tokens_per_step / world_size
+    times = ", ".join(f"{gpu} {flops / (GPU_PEAK_FLOPS[gpu] * 0.4):.2f} s" for gpu in ("H100 SXM", "A100", "L40S", "RTX 4090", "L4"))
+    print(f"tokens per step: {tokens_per_step:,}; step time at an assumed 40% MFU: {times}")
+    print(memory_table(model_cfg, cfg.batch_size, cfg.block_size, max(world_size, 8), cfg.gradient_accumulation_steps))
+
+
+def check_memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before allocating anything, a run whose planned memory exceeds the device's: an
+    out-of-memory kill minutes later (or a swapping machine) is worse than a message now."""
+    plan = plan_run_memory(cfg, model_cfg, world_size, device.type, dtype)
+    available, what = available_memory_bytes(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if plan.total <= available:
+        return
+    options = []
+    for flag, change in (("--grad_checkpoint=True", {"grad_checkpoint": True}), (f"--batch_size={max(1, cfg.batch_size // 4)}", {"batch_size": max(1, cfg.batch_size // 4)}),
+                         ("--parallel=fsdp", {"parallel": "fsdp"}), ("--fsdp_cpu_offload=True", {"parallel": "fsdp", "fsdp_cpu_offload": True})):
+        other = replace(cfg, **change)
+        if other != cfg and plan_run_memory(other, model_cfg, world_size, device.type, dtype).total <= available:
+            options.append(flag)
+    if not options:  # which presets would, on this machine and data
+        presets_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+        for name in sorted(os.listdir(presets_dir)) if os.path.isdir(presets_dir) else []:
+            try:
+                preset = parse_args(TrainConfig, [os.path.join(presets_dir, name)])
+                preset_model = preset.model_config(model_cfg.vocab_size)
+            except (ConfigError, ValueError):
+                continue
+            if plan_run_memory(preset, preset_model, world_size, device.type, dtype).total <= available:
+                options.append(f"config/{name}")
+    biggest = max(plan.parts, key=plan.parts.get)
+    hint = f"these would fit: {', '.join(options)}" if options else "use more GPUs with --parallel=fsdp (see --dry_run)"
+    raise DeviceError(f"this run needs about {plan.total / 2**30:.1f} GiB per rank (the most for {biggest}: {plan.parts[biggest] / 2**30:.1f} GiB) "
+                      f"but {what}; {hint}")

@@ -574,25 +574,7 @@ def _prepare_into(
         bar.close()
     shards = {s: w.close() for s, w in writers.items()}
     t_done = time.time()
-
-    if n_docs == 0:
-        what = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "the input is empty"
-        raise PrepareError(f"No documents found in the input ({what}); check --input, --text_key and --txt_mode.")
-    if val_fraction > 0 and totals["val"]["documents"] == 0:
-        raise PrepareError(
-            f"No document was picked for validation out of {n_docs} (--val_fraction {val_fraction}); "
-            "raise --val_fraction or pass --val_input."
-        )
-    val_tokens = sum(x["tokens"] for x in shards["val"])
-    if 0 < val_tokens < ONE_EVAL_TOKENS / 4:
-        fix = "pass a larger --val_input" if val_files else f"raise --val_fraction (now {val_fraction:g}) or pass --val_input"
-        _log(f"warning: the validation split has only {val_tokens:,} tokens ({totals['val']['documents']:,} documents), under "
-             f"a quarter of the {ONE_EVAL_TOKENS:,} that one evaluation with train.py's defaults reads, so its loss "
-             f"will be noisy; {fix}.")
-    if skipped:
-        _log("skipped records: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
-    if invalid_utf8:
-        _log(f"note: {invalid_utf8} record(s) had invalid UTF-8 and were decoded with U+FFFD replacement characters")
+    check_totals(n_docs, totals, shards, skipped, invalid_utf8, val_fraction, bool(val_files))
 
     text_mb = (totals["train"]["bytes"] + totals["val"]["bytes"]) / 1e6
     meta = {
@@ -630,6 +612,29 @@ def _prepare_into(
         json.dump(meta, f, indent=1, ensure_ascii=False)
         f.write("\n")
     return meta
+
+
+def check_totals(n_docs: int, totals: dict, shards: dict, skipped: dict, invalid_utf8: int, val_fraction: float, val_input: bool) -> None:
+    """After tokenizing: refuse a corpus without documents or a split that picked no validation
+    document; warn about a validation split too small to say much, and report what was skipped."""
+    if n_docs == 0:
+        what = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "the input is empty"
+        raise PrepareError(f"No documents found in the input ({what}); check --input, --text_key and --txt_mode.")
+    if val_fraction > 0 and totals["val"]["documents"] == 0:
+        raise PrepareError(
+            f"No document was picked for validation out of {n_docs} (--val_fraction {val_fraction}); "
+            "raise --val_fraction or pass --val_input."
+        )
+    val_tokens = sum(x["tokens"] for x in shards["val"])
+    if 0 < val_tokens < ONE_EVAL_TOKENS / 4:
+        fix = "pass a larger --val_input" if val_input else f"raise --val_fraction (now {val_fraction:g}) or pass --val_input"
+        _log(f"warning: the validation split has only {val_tokens:,} tokens ({totals['val']['documents']:,} documents), under "
+             f"a quarter of the {ONE_EVAL_TOKENS:,} that one evaluation with train.py's defaults reads, so its loss "
+             f"will be noisy; {fix}.")
+    if skipped:
+        _log("skipped records: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    if invalid_utf8:
+        _log(f"note: {invalid_utf8} record(s) had invalid UTF-8 and were decoded with U+FFFD replacement characters")
 
 
 def _default_sigint() -> None:

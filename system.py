@@ -1,5 +1,5 @@
 """What the operating system says about this process and others: the CPUs it may use, whether
-another process is alive, and dying with the parent.
+another process is alive, dying with the parent, and signals asking a run to stop.
 
 No torch here: prepare.py, which never needs torch, shares these with train.py, checkpoint.py
 and the studio.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -67,3 +68,21 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os.kill(os.getpid(), sig)
 
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish the current step, save and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        # A second Ctrl-C means "now". A SIGTERM after the first signal does not: torchrun
+        # forwards one to every worker when the terminal's Ctrl-C reaches it too.
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.requested:
+            return
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 import export_hf
+import system
 import train
 from configurator import TrainConfig
 from dataset import TokenShards
@@ -422,7 +423,7 @@ def test_sharded_saver_in_the_background_keeps_the_state_of_its_step(tmp_path):
 def test_stop_flag_second_ctrl_c_aborts_but_a_forwarded_sigterm_does_not():
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        flag = train.StopFlag()
+        flag = system.StopFlag()
         flag._handle(signal.SIGINT, None)
         assert flag.requested
         flag._handle(signal.SIGTERM, None)  # torchrun forwards SIGTERM after the terminal's SIGINT
