@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # torch is imported where it is used: prepare.py never needs it
     import torch
@@ -111,11 +110,6 @@ def tokenizer_fingerprint(data_dir: str, meta: dict) -> str:
         return file_sha256(path)
     except OSError as err:
         raise DatasetError(f"cannot read the tokenizer file {path} ({err.strerror}); re-run prepare.py for this dataset") from None
-
-
-def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
-    """The tokenizer a prepared dataset was built with."""
-    return load_tokenizer(load_meta(data_dir)["tokenizer"], data_dir)
 
 
 class TokenShards:

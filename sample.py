@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -88,18 +88,6 @@ class TextStreamer:
         return chunk
 
 
-def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
-    """Yield correctly decoded text chunks for ids as they arrive (see TextStreamer)."""
-    streamer = TextStreamer(tokenizer, context)
-    for token_id in ids:
-        chunk = streamer.put(token_id)
-        if chunk:
-            yield chunk
-    tail = streamer.end()
-    if tail:
-        yield tail
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -127,18 +115,21 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text) or [tokenizer.eot_id]
 
 
+def context_keep(max_seq_len: int, max_new_tokens: int) -> int:
+    """How many of the most recent prompt tokens the model is shown: all that leave room for
+    max_new_tokens in the context window, but at least half the window (when max_new_tokens
+    alone nearly fills it, generation then stops when the window is full)."""
+    return max(max_seq_len - max_new_tokens, max_seq_len // 2, 1)
+
+
 def fit_context(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
-    """The most recent tokens that leave room for max_new_tokens in the context window. When
-    max_new_tokens alone (nearly) fills the window, keep half of it for the context anyway;
-    generation then stops when the window is full."""
-    keep = max(max_seq_len - max_new_tokens, max_seq_len // 2, 1)
-    return ids[-keep:]
+    """The most recent tokens of ids that the model is shown (context_keep)."""
+    return ids[-context_keep(max_seq_len, max_new_tokens):]
 
 
 def context_rule(max_seq_len: int, max_new_tokens: int) -> str:
     """Why fit_context kept as many tokens as it did, in words whose arithmetic is true."""
-    keep = max(max_seq_len - max_new_tokens, max_seq_len // 2, 1)
-    if keep == max_seq_len - max_new_tokens:
+    if context_keep(max_seq_len, max_new_tokens) == max_seq_len - max_new_tokens:
         return f"max_seq_len={max_seq_len} minus max_new_tokens={max_new_tokens}"
     return f"half of max_seq_len={max_seq_len}, since max_new_tokens={max_new_tokens} would leave less"
 

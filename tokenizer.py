@@ -87,18 +87,6 @@ class Tokenizer:
             return self.impl.decode(ids)
         return self.impl.decode(ids, errors="replace")
 
-    def token_bytes(self, id: int) -> bytes:
-        """Raw bytes that token id stands for; special and control tokens stand for no bytes."""
-        id = int(id)
-        if id in self.special_ids:
-            return b""
-        if self.kind == "tiktoken":
-            return self.impl.decode_single_token_bytes(id)
-        sp = self.impl
-        if sp.is_byte(id):  # byte-fallback piece "<0xNN>"
-            return bytes([int(sp.id_to_piece(id)[3:5], 16)])
-        return sp.id_to_piece(id).replace("\u2581", " ").encode("utf-8")
-
 
 def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
     """Load the tokenizer described by meta["tokenizer"] from the dataset directory base_dir."""

@@ -1,11 +1,15 @@
-"""Fixtures shared by the role tests."""
+"""Fixtures and helpers shared by the role tests."""
 
 import base64
 import random
+from typing import Iterable, Iterator, Sequence
 
 import pytest
 
 import prepare
+from dataset import load_meta
+from sample import TextStreamer
+from tokenizer import Tokenizer, load_tokenizer
 
 # A small model that still has every feature on: GQA, qkv bias, untied head would be
 # another variant; these runs take well under a second per step on 2 cores.
@@ -38,3 +42,33 @@ def dataset(tmp_path_factory) -> str:
         "--out_dir", str(out), "--val_fraction", "0.1", "--workers", "1",
     ])
     return str(out)
+
+
+def load_dataset_tokenizer(data_dir: str) -> Tokenizer:
+    """The tokenizer a prepared dataset was built with."""
+    return load_tokenizer(load_meta(data_dir)["tokenizer"], data_dir)
+
+
+def token_bytes(tok: Tokenizer, id: int) -> bytes:
+    """Raw bytes that token id stands for; special and control tokens stand for no bytes."""
+    id = int(id)
+    if id in tok.special_ids:
+        return b""
+    if tok.kind == "tiktoken":
+        return tok.impl.decode_single_token_bytes(id)
+    sp = tok.impl
+    if sp.is_byte(id):  # byte-fallback piece "<0xNN>"
+        return bytes([int(sp.id_to_piece(id)[3:5], 16)])
+    return sp.id_to_piece(id).replace("\u2581", " ").encode("utf-8")
+
+
+def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
+    """Yield correctly decoded text chunks for ids as they arrive (see TextStreamer)."""
+    streamer = TextStreamer(tokenizer, context)
+    for token_id in ids:
+        chunk = streamer.put(token_id)
+        if chunk:
+            yield chunk
+    tail = streamer.end()
+    if tail:
+        yield tail

@@ -18,6 +18,7 @@ import pytest
 import dataset
 import prepare
 import tokenizer
+from conftest import load_dataset_tokenizer, token_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +67,7 @@ def run(*args: str) -> int:
 def read_split(out_dir: Path, split: str) -> list[str]:
     """Decode a split's shards back into documents, checking the EOT layout on the way."""
     meta = dataset.load_meta(str(out_dir))
-    tok = dataset.load_dataset_tokenizer(str(out_dir))
+    tok = load_dataset_tokenizer(str(out_dir))
     parts = [np.memmap(out_dir / s["file"], dtype=meta["dtype"], mode="r") for s in meta["splits"][split]["shards"]]
     ids = np.concatenate(parts) if parts else np.empty(0, dtype=meta["dtype"])
     assert len(ids) == meta["splits"][split]["tokens"]
@@ -131,14 +132,14 @@ def test_sentencepiece_round_trip_cyrillic_and_latin(corpus, sp_dataset):
 
 
 def test_tokenizer_wrapper_is_exact_on_code_and_cyrillic(sp_dataset):
-    tok = dataset.load_dataset_tokenizer(str(sp_dataset))
+    tok = load_dataset_tokenizer(str(sp_dataset))
     assert tok.kind == "sentencepiece" and tok.bos_id is None
     for text in EDGE_DOCS + ["Привет,\tмир!\n\n    отступ  и  пробелы  \n"]:
         ids = tok.encode(text)
         assert tok.eot_id not in ids
         assert tok.decode(ids) == text
-        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
-    assert tok.token_bytes(tok.eot_id) == b""
+        assert b"".join(token_bytes(tok, i) for i in ids) == text.encode("utf-8")
+    assert token_bytes(tok, tok.eot_id) == b""
     assert tok.encode_batch(["a b", "в г"]) == [tok.encode("a b"), tok.encode("в г")]
 
 
@@ -146,7 +147,7 @@ def test_sentencepiece_trained_without_spaces_still_round_trips_spaces(tmp_path)
     path = write_jsonl(tmp_path / "nospace.jsonl", ["привет", "мир", "котик"] * 20)
     out = tmp_path / "out"
     assert run("--input", path, "--tokenizer", "sp:300", "--out_dir", out, "--workers", 1, "--val_fraction", 0) == 0
-    tok = dataset.load_dataset_tokenizer(str(out))
+    tok = load_dataset_tokenizer(str(out))
     for text in ("a b  c", "  мир \n\t x"):
         assert tok.decode(tok.encode(text)) == text
 
@@ -290,10 +291,10 @@ def test_tiktoken_file_small_vocab_is_uint16(corpus, tmp_path):
     assert info["special_tokens"] == {"<|endoftext|>": len(ranks)} == {"<|endoftext|>": meta["eot_id"]}
     assert info["pat_str"] == tokenizer.DEFAULT_TIKTOKEN_PATTERN
     assert sorted(read_split(out, "train") + read_split(out, "val")) == sorted(docs)
-    tok = dataset.load_dataset_tokenizer(str(out))
+    tok = load_dataset_tokenizer(str(out))
     text = "the Привет"
-    assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode()
-    assert tok.token_bytes(tok.eot_id) == b""
+    assert b"".join(token_bytes(tok, i) for i in tok.encode(text)) == text.encode()
+    assert token_bytes(tok, tok.eot_id) == b""
 
 
 def test_tiktoken_vocab_over_65536_is_uint32(tmp_path):

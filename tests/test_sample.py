@@ -22,6 +22,7 @@ import torch
 
 import checkpoint
 import sample
+from conftest import stream_decode, token_bytes
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
@@ -114,7 +115,7 @@ def rigged_model(tok, n_embd: int = 16, max_seq_len: int = 128) -> Transformer:
         model.embed.weight.zero_()
         model.lm_head.weight.zero_()
         for t in range(tok.vocab_size):
-            after = {s: utf8_state(tok.token_bytes(t), s) for s in (0, 1)}
+            after = {s: utf8_state(token_bytes(tok, t), s) for s in (0, 1)}
             valid = [s for s in (0, 1) if after[s] is not None]
             model.embed.weight[t, after[valid[0]] if valid else 0] = 1.0
             for s in (0, 1):
@@ -189,7 +190,7 @@ def utf8_states(tok, ids) -> list:
     """The rigged model's UTF-8 state after each of its generated tokens (starting at 0)."""
     states, state = [], 0
     for t in ids:
-        state = utf8_state(tok.token_bytes(t), state)
+        state = utf8_state(token_bytes(tok, t), state)
         states.append(state)
     return states
 
@@ -228,12 +229,12 @@ def test_streamer_joins_bytes_of_split_characters_without_replacement_chars():
         assert emitted == bytes(ids[: i + 1]).decode("utf-8", errors="ignore")
     assert streamer.end() == ""
     assert emitted == streamer.text == text
-    assert "".join(sample.stream_decode(ByteTokenizer(), ids)) == text
+    assert "".join(stream_decode(ByteTokenizer(), ids)) == text
 
 
 def test_streamer_reproduces_really_invalid_bytes_like_decode():
     ids = [0x61, 0xD0, 0x62, 0x80, 0xD0, 0xBF, 0xF0, 0x9F]  # a, lone lead, b, stray cont., п, cut emoji
-    chunks = list(sample.stream_decode(ByteTokenizer(), ids))
+    chunks = list(stream_decode(ByteTokenizer(), ids))
     assert "".join(chunks) == ByteTokenizer().decode(ids) == "a\ufffdb\ufffdп\ufffd"
     assert chunks[-1] == REPLACEMENT  # the unfinished emoji shows only once nothing can complete it
 
@@ -249,7 +250,7 @@ def test_streamer_matches_tokenizer_decode_at_every_split_point(tmp_path, kind):
         if REPLACEMENT in tok.decode(context):
             split_chars += 1
             continue  # a context must end on a character boundary, as any encode() output does
-        chunks = list(sample.stream_decode(tok, rest, context=context))
+        chunks = list(stream_decode(tok, rest, context=context))
         assert tok.decode(context) + "".join(chunks) == full, k
         assert all(REPLACEMENT not in c for c in chunks)
     assert split_chars > 0  # the case we care about was really there
