@@ -6,8 +6,9 @@
             parsed = parse_piece(files[file_index].kind, data, first_line, "text")  # documents + skips
 
 Nothing here holds a whole file: files are read in blocks of whole lines, and a bad record (bad
-JSON, a missing or non-string text key, an empty line) is reported with its line number instead
-of stopping the read. The train/val split is a hash of each document's bytes (is_val_document),
+JSON, a missing or non-string text key, an empty line, a malformed conversation) is reported
+with its line number instead of stopping the read. Conversations (chat data) are JSONL records
+{"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from", "value"}, ...]}. The train/val split is a hash of each document's bytes (is_val_document),
 so it is the same on every machine and run. prepare.py runs this in parallel and tokenizes.
 """
 
@@ -187,13 +188,14 @@ def iter_tasks(
 
 @dataclass
 class Parsed:
-    docs: list[str] = field(default_factory=list)
+    docs: list[Any] = field(default_factory=list)  # str documents, or conversations (fmt="chat")
     skips: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail)
     invalid_utf8: int = 0
 
 
-def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parsed:
-    """Turn one block of raw input into document strings plus skipped-record reports."""
+def parse_piece(kind: str, data: bytes, first_line: int, text_key: str, fmt: str = "text") -> Parsed:
+    """Turn one block of raw input into documents (fmt="chat": conversations, see
+    parse_conversation) plus skipped-record reports."""
     out = Parsed()
     if kind == "file":
         text, bad = _decode(data)
@@ -236,6 +238,12 @@ def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parse
             continue
         if not isinstance(obj, dict):
             out.skips.append((line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object"))
+        elif fmt == "chat":
+            messages, problem = parse_conversation(obj)
+            if messages is None:
+                out.skips.append((line_no, *problem))
+            else:
+                out.docs.append(messages)
         elif text_key not in obj:
             out.skips.append((line_no, "missing_text_key", f"no {text_key!r} key"))
         elif not isinstance(obj[text_key], str):
@@ -245,6 +253,62 @@ def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parse
         else:
             out.docs.append(obj[text_key])
     return out
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def parse_conversation(obj: dict) -> tuple[list[dict] | None, tuple[str, str]]:
+    """A chat record as [{"role", "content"}, ...] (ShareGPT's from/value mapped to role and
+    content), or None and (reason, detail) saying why it is skipped."""
+    sharegpt = "messages" not in obj and "conversations" in obj
+    key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+    if key not in obj:
+        return None, ("no_messages", "no 'messages' (or ShareGPT 'conversations') key")
+    if not isinstance(obj[key], list):
+        return None, ("messages_not_list", f"{key!r} is {type(obj[key]).__name__}, not a list")
+    messages = []
+    for turn in obj[key]:
+        if not isinstance(turn, dict):
+            return None, ("bad_message", f"a message is {type(turn).__name__}, not an object")
+        role = turn.get(role_key)
+        role = SHAREGPT_ROLES.get(role) if sharegpt and isinstance(role, str) else role
+        if role not in CHAT_ROLES:
+            return None, ("unknown_role", f"{role_key} {turn.get(role_key)!r} is not one of "
+                          + ", ".join(r for r in SHAREGPT_ROLES if sharegpt or r in CHAT_ROLES))
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            return None, ("content_not_string", f"{content_key!r} of a {role} message is {type(content).__name__}")
+        if not content.strip():
+            return None, ("empty_content", f"a {role} message has empty {content_key!r}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, ("no_assistant_turn", "no assistant turn to learn from")
+    return messages, ("", "")
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A conversation's text, role lines included: what the train/val hash and sp:N's sample
+    see of it (the template's <|im_start|>/<|im_end|> are tokens, not text)."""
+    return "".join(f"{m['role']}\n{m['content']}\n" for m in messages)
+
+
+def detect_format(files: list[InputFile]) -> str:
+    """"chat" when the first record of the first .jsonl input is a conversation (has a
+    "messages" or "conversations" key), else "text"."""
+    for file in files:
+        if file.kind != "jsonl":
+            continue
+        for _, data, _ in iter_file_pieces(file.path, file.kind, 1 << 16):
+            for line in data.split(b"\n"):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except (ValueError, RecursionError):
+                        return "text"
+                    return "chat" if isinstance(obj, dict) and ("messages" in obj or "conversations" in obj) else "text"
+    return "text"
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -279,7 +343,7 @@ def val_threshold(fraction: float) -> int:
 
 
 def sample_documents(
-    files: list[InputFile], budget_bytes: int, text_key: str, threshold: int, max_docs: int | None
+    files: list[InputFile], budget_bytes: int, text_key: str, threshold: int, max_docs: int | None, fmt: str = "text"
 ) -> Iterator[str]:
     """A bounded, deterministic sample of training documents for tokenizer training.
 
@@ -305,11 +369,11 @@ def sample_documents(
                     break
                 if remaining_docs > 0 and file.kind != "file":
                     data = _cut_after_lines(data, remaining_docs)
-                parsed = parse_piece(file.kind, data, first_line, text_key)
+                parsed = parse_piece(file.kind, data, first_line, text_key, fmt)
                 if remaining_docs > 0:
                     remaining_docs -= len(parsed.docs) + len(parsed.skips)
                 for text in parsed.docs:
-                    b, text, _ = utf8_document(text)
+                    b, text, _ = utf8_document(text if fmt == "text" else conversation_text(text))
                     if file.split == "auto" and is_val_document(b, threshold):
                         continue
                     if len(b) > quota:  # e.g. one huge whole-file document: take its start

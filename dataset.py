@@ -6,6 +6,15 @@
     <data_dir>/val_000000.bin ...         separated by eot_id
     <data_dir>/tokenizer.model|.tiktoken  the tokenizer the ids come from
 
+Conversations (chat data; meta.json then has a "chat" section) add two files beside each shard:
+    <data_dir>/train_000000.mask          uint8 loss mask, one per token: 1 on the assistant's
+                                          replies (and their closing <|im_end|>), 0 elsewhere
+    <data_dir>/train_000000.conv          little-endian int64 pairs, one per conversation: its
+                                          first token's offset in the shard and the offset of
+                                          its first reply token from there
+A conversation never continues from one shard into the next; training windows start at a
+conversation's first token.
+
 ShardWriter writes the shards (prepare.py), load_meta reads and checks meta.json, TokenShards
 samples training windows from the shards (train.py).
 """
@@ -27,6 +36,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: prepare.py never needs 
     import torch
 
 FORMAT_VERSION = 1
+# Where chat data keeps a shard's mask and conversation index (str.format with split, index).
+CHAT_FILES = {"mask_file": "{split}_{index:06d}.mask", "conv_file": "{split}_{index:06d}.conv"}
 
 
 class DatasetError(RuntimeError):
@@ -50,7 +61,9 @@ def load_meta(data_dir: str) -> dict:
         np.dtype(meta["dtype"])
         int(meta["vocab_size"]), int(meta["eot_id"]), meta["tokenizer"]["kind"]
         for split in meta["splits"].values():
-            [(str(s["file"]), int(s["tokens"])) for s in split["shards"]]
+            [(str(s["file"]), int(s["tokens"]), int(s.get("conversations", 0))) for s in split["shards"]]
+        if meta.get("chat") and {k: meta["chat"][k] for k in CHAT_FILES} != CHAT_FILES:
+            raise ValueError(f"chat file names {[meta['chat'][k] for k in CHAT_FILES]} are not this code's {list(CHAT_FILES.values())}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{path} is incomplete or malformed ({type(e).__name__}: {e}); re-run prepare.py.") from None
     return meta
@@ -59,10 +72,17 @@ def load_meta(data_dir: str) -> dict:
 def bits_per_byte(loss_nats: float, split_meta: dict) -> float:
     """A split's mean loss per token (nats) as bits per byte of its UTF-8 text, from the token
     and byte counts prepare.py recorded for it: comparable across tokenizers, unlike the loss.
-    NaN for datasets whose meta.json has no byte count."""
-    if not split_meta.get("bytes"):
+    Chat data counts only what the loss covers, the replies. NaN for datasets whose meta.json
+    has no byte count."""
+    tokens, size = split_meta.get("loss_tokens", split_meta.get("tokens")), split_meta.get("loss_bytes", split_meta.get("bytes"))
+    if not size:
         return float("nan")
-    return loss_nats / math.log(2) * split_meta["tokens"] / split_meta["bytes"]
+    return loss_nats / math.log(2) * tokens / size
+
+
+def chat_file(key: str, split: str, index: int) -> str:
+    """The name of a chat shard's mask ("mask_file") or conversation index ("conv_file")."""
+    return CHAT_FILES[key].format(split=split, index=index)
 
 
 def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> None:
@@ -72,7 +92,7 @@ def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> No
     and a few spread-out blocks, sample_tokens in all) are below vocab_size."""
     dtype = np.dtype(meta["dtype"])
     for split, info in meta["splits"].items():
-        for shard in info.get("shards", []):
+        for index, shard in enumerate(info.get("shards", [])):
             path = os.path.join(data_dir, shard["file"])
             try:
                 size = os.path.getsize(path)
@@ -83,6 +103,8 @@ def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> No
                     f"{path} has {size:,} bytes but meta.json promises {shard['tokens']:,} {dtype.name} tokens "
                     f"({shard['tokens'] * dtype.itemsize:,} bytes); the shard was truncated or rewritten: re-run prepare.py"
                 )
+            if meta.get("chat"):
+                _verify_chat_files(data_dir, split, index, shard)
             if shard["tokens"] == 0:
                 continue
             tokens = np.memmap(path, dtype=dtype, mode="r")
@@ -95,6 +117,14 @@ def verify_shards(data_dir: str, meta: dict, sample_tokens: int = 1 << 20) -> No
                     f"{path} holds token id {top} but the tokenizer has vocab_size={meta['vocab_size']}; "
                     "the shard does not belong to this meta.json: re-run prepare.py"
                 )
+
+
+def _verify_chat_files(data_dir: str, split: str, index: int, shard: dict) -> None:
+    """A chat shard's mask holds a byte per token and its index 16 bytes per conversation."""
+    for key, size in (("mask_file", shard["tokens"]), ("conv_file", 16 * shard.get("conversations", 0))):
+        path = os.path.join(data_dir, chat_file(key, split, index))
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            raise DatasetError(f"{path} is missing or not {size:,} bytes as meta.json implies; re-run prepare.py for this dataset")
 
 
 def file_sha256(path: str) -> str:
@@ -116,6 +146,10 @@ class TokenShards:
     """Random windows of block_size + 1 tokens from one split of a prepare.py dataset.
 
     Window starts are uniform over every position where a whole window fits inside a shard.
+    Chat data instead starts every window at a conversation's first token (uniform over the
+    conversations), pads a window that runs past the shard's end, and gives targets -1 (no
+    loss) wherever the loss mask is 0. A conversation whose first reply token lies beyond the
+    window is left out (too_long); one that is longer than the window is cut (truncated).
     The memmaps are opened per read: a long-lived np.memmap keeps every page it touched
     mapped, so a process reading a 100 GB corpus would appear to grow without bound.
     """
@@ -125,7 +159,22 @@ class TokenShards:
         self.dtype = np.dtype(meta["dtype"])
         shards = meta["splits"].get(split, {}).get("shards", [])
         self.paths = [os.path.join(data_dir, s["file"]) for s in shards]
-        starts = np.array([max(0, s["tokens"] - self.window + 1) for s in shards], dtype=np.int64)
+        self.chat = bool(meta.get("chat"))
+        self.too_long = self.truncated = 0  # chat: conversations left out / cut at this block_size
+        if self.chat:
+            self.pad_id = int(meta["eot_id"])  # fills a window that runs past the shard's end (no loss there)
+            self.mask_paths = [os.path.join(data_dir, chat_file("mask_file", split, i)) for i in range(len(shards))]
+            self.conversation_starts = []
+            for i, shard in enumerate(shards):
+                conv = np.fromfile(os.path.join(data_dir, chat_file("conv_file", split, i)), dtype="<i8").reshape(-1, 2)
+                # Kept: a reply token among the window's targets (positions 1..block_size).
+                fits, lengths = conv[:, 1] < self.window, np.diff(np.append(conv[:, 0], shard["tokens"]))
+                self.too_long += int((~fits).sum())
+                self.truncated += int((fits & (lengths > self.window)).sum())
+                self.conversation_starts.append(conv[fits, 0])
+            starts = np.array([len(c) for c in self.conversation_starts], dtype=np.int64)
+        else:
+            starts = np.array([max(0, s["tokens"] - self.window + 1) for s in shards], dtype=np.int64)
         self.cum_starts = np.cumsum(starts)
         self.num_windows = int(self.cum_starts[-1]) if len(shards) else 0
 
@@ -135,21 +184,56 @@ class TokenShards:
         flat = rng.integers(0, self.num_windows, size=count)
         shard = np.searchsorted(self.cum_starts, flat, side="right")
         before = np.concatenate([[0], self.cum_starts])[shard]
+        if self.chat:
+            return [(s, int(self.conversation_starts[s][i])) for s, i in zip(shard.tolist(), (flat - before).tolist())]
         return list(zip(shard.tolist(), (flat - before).tolist()))
 
     def read(self, picks: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the picked windows, each (len(picks), block_size); targets are
+        -1 where the loss mask is 0."""
         import torch
 
-        rows = np.empty((len(picks), self.window), dtype=np.int64)
+        rows = np.full((len(picks), self.window), self.pad_id if self.chat else 0, dtype=np.int64)
+        masks = np.zeros((len(picks), self.window), dtype=bool) if self.chat else None
         for i, (shard, offset) in enumerate(picks):
-            tokens = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
-            rows[i] = tokens[offset : offset + self.window]
-        batch = torch.from_numpy(rows)
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        else:
-            batch = batch.to(device)
+            tokens = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")[offset : offset + self.window]
+            rows[i, : len(tokens)] = tokens
+            if self.chat:
+                masks[i, : len(tokens)] = np.memmap(self.mask_paths[shard], dtype=np.uint8, mode="r")[offset : offset + self.window]
+        if self.chat:  # (a fresh tensor for the targets: they no longer share x's storage)
+            targets = torch.from_numpy(np.where(masks[:, 1:], rows[:, 1:], -1))
+            return _to_device(torch.from_numpy(rows[:, :-1].copy()), device), _to_device(targets, device)
+        batch = _to_device(torch.from_numpy(rows), device)
         return batch[:, :-1], batch[:, 1:]
+
+    def count_targets(self, picks: list[tuple[int, int]]) -> int:
+        """How many targets of these windows count in the loss: all of them, or for chat data
+        those the mask keeps. The loss of a step is the mean over its global batch's targets."""
+        if not self.chat:
+            return len(picks) * (self.window - 1)
+        return sum(int(np.memmap(self.mask_paths[s], dtype=np.uint8, mode="r")[o + 1 : o + self.window].sum()) for s, o in picks)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def check_splits(data_dir: str, meta: dict, train_data: TokenShards, val_data: TokenShards, windows_per_eval: int) -> list[str]:
+    """Refuse a train split without a single window; return warnings about the rest: chat data
+    that does not fit block_size, and a val split too small for windows_per_eval windows."""
+    if train_data.num_windows == 0:
+        if train_data.chat:
+            raise DatasetError(f"no conversation of {data_dir} has a reply within block_size={train_data.window - 1} tokens; raise block_size")
+        raise DatasetError(f"the train split of {data_dir} has fewer than block_size+1={train_data.window} tokens in every shard; "
+                           "lower block_size or add data")
+    warnings = []
+    if train_data.too_long or train_data.truncated:
+        warnings.append(f"at block_size={train_data.window - 1}, {train_data.truncated:,} training conversation(s) are cut short and "
+                        f"{train_data.too_long:,} left out (no reply within it); a larger block_size keeps more of them")
+    warning = val_split_warning(data_dir, meta, val_data, windows_per_eval)
+    return warnings + [warning] if warning else warnings
 
 
 def val_split_warning(data_dir: str, meta: dict, val_data: TokenShards, windows_per_eval: int) -> Optional[str]:
@@ -171,32 +255,62 @@ class ShardWriter:
     """Appends token arrays to <prefix>_000000.bin, <prefix>_000001.bin, ... of shard_tokens each.
 
     Documents may continue from one shard into the next; every shard except the last is full.
+    chat=True: write_conversations keeps each conversation inside one shard (a shard ends
+    before the conversation that would overflow it) and writes the mask and index files.
     """
 
-    def __init__(self, out_dir: str, prefix: str, dtype: str, shard_tokens: int) -> None:
+    def __init__(self, out_dir: str, prefix: str, dtype: str, shard_tokens: int, chat: bool = False) -> None:
         self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, np.dtype(dtype), shard_tokens
+        self.chat = chat
         self.shards: list[dict] = []
-        self._file: Any = None
+        self._files: list[Any] = []  # the open shard's .bin (and for chat .mask, .conv)
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
-            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+            if not self._files or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._open_next()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part, tokens = tokens[:room], tokens[room:]
-            # "<" = little-endian on disk whatever the machine, as meta.json promises.
-            self._file.write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-            self.shards[-1]["tokens"] += len(part)
+            self._append(part)
+
+    def write_conversations(self, tokens: np.ndarray, mask: np.ndarray, conversations: np.ndarray) -> None:
+        """tokens and their loss mask, holding whole conversations; conversations: (n, 2) int64
+        rows of (start offset in tokens, offset of the first reply token from that start)."""
+        bounds = np.append(conversations[:, 0], len(tokens))
+        i = 0
+        while i < len(conversations):
+            used = self.shards[-1]["tokens"] if self._files else 0
+            if not self._files or (used and used + bounds[i + 1] - bounds[i] > self.shard_tokens):
+                self._open_next()
+                used = 0
+            # As many whole conversations as fit in the room left, and at least one.
+            j = max(i + 1, int(np.searchsorted(bounds, bounds[i] + self.shard_tokens - used, side="right")) - 1)
+            j = min(j, len(conversations))
+            begin, end = bounds[i], bounds[j]
+            index = conversations[i:j] - [begin - used, 0]
+            self._files[2].write(index.astype("<i8").tobytes())
+            self.shards[-1]["conversations"] += j - i
+            self._files[1].write(mask[begin:end].astype(np.uint8).tobytes())
+            self._append(tokens[begin:end])
+            i = j
+
+    def _append(self, part: np.ndarray) -> None:
+        # "<" = little-endian on disk whatever the machine, as meta.json promises.
+        self._files[0].write(part.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.shards[-1]["tokens"] += len(part)
 
     def _open_next(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
-        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self.close()
+        index = len(self.shards)
+        name = f"{self.prefix}_{index:06d}.bin"
+        self._files = [open(os.path.join(self.out_dir, name), "wb")]
         self.shards.append({"file": name, "tokens": 0})
+        if self.chat:
+            self._files += [open(os.path.join(self.out_dir, chat_file(key, self.prefix, index)), "wb") for key in CHAT_FILES]
+            self.shards[-1]["conversations"] = 0
 
     def close(self) -> list[dict]:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._files:
+            f.close()
+        self._files = []
         return self.shards

@@ -5,6 +5,12 @@
     python prepare.py --input corpus.jsonl.xz           # -> data/corpus, SentencePiece BPE sp:32000
     python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
     python prepare.py --input web.jsonl --tokenizer cl100k_base
+    python prepare.py --input chats.jsonl --tokenizer out/tokenizer.model   # conversations -> data/chats
+
+Conversation JSONL ({"messages": [{"role": "user", "content": ...}, ...]} per line, or ShareGPT's
+{"conversations": [{"from": "human", "value": ...}, ...]}) is recognised by its first record, or
+forced with --format chat: each conversation is written in the ChatML template (tokenizer.chat_ids)
+with a loss mask beside the shards, for fine-tuning with config/sft.py.
 
 The pipeline streams: the main process reads ~1 MB blocks of whole lines and hands them to a pool of
 worker processes that parse, split train/val, tokenize and return numpy arrays; the main process
@@ -44,14 +50,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from corpus import (
-    COMPRESSED, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, parse_piece, sample_documents,
-    utf8_document, val_threshold,
+    COMPRESSED, CorpusError, InputFile, Piece, conversation_text, detect_format, find_input_files, is_val_document, iter_tasks,
+    parse_piece, sample_documents, utf8_document, val_threshold,
 )
-from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
+from dataset import CHAT_FILES, FORMAT_VERSION, DatasetError, ShardWriter, load_meta
 from system import die_with_parent, pid_alive, usable_cpus
 from tokenizer import (
-    DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
-    resolve_tokenizer, save_tokenizer, train_sentencepiece,
+    DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, add_chat_tokens, chat_ids, load_tokenizer,
+    normalizes_text, resolve_tokenizer, save_tokenizer, train_sentencepiece,
 )
 
 DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
@@ -59,6 +65,7 @@ DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_SP_SAMPLE_MB = 100.0  # SentencePiece needs ~8x this in RAM while training
 DEFAULT_CHUNK_MB = 1.0
+DEFAULT_BLOCK_SIZE = 1024  # chat: the context conversations are fitted to (train.py's default block_size)
 
 MAX_REPORTED_SKIPS = 10
 
@@ -85,8 +92,13 @@ DEMOS = {
     # The Python standard library's own source (~730 files, 12 MB, tests excluded); a 4k vocabulary
     # still merges common identifiers and indentation runs, and 2% keeps ~15 files for validation.
     "python": Demo("data/demo-python", "sp:4096", 0.02),
+    # Synthetic Russian conversations (demo/chat_synthetic.jsonl.xz, made by tools/make_chat_demo.py)
+    # in the tokenizer of the ru demo, so that the quick start's model can be fine-tuned on them.
+    "chat": Demo("data/demo-chat", os.path.join("data", "demo", "tokenizer.model"), 0.05),
 }
-DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "ru_literature.jsonl.xz")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_CORPUS = os.path.join(DEMO_DIR, "ru_literature.jsonl.xz")
+CHAT_DEMO_CORPUS = os.path.join(DEMO_DIR, "chat_synthetic.jsonl.xz")
 PYTHON_DEMO_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -106,11 +118,12 @@ class SampleSpec:
     text_key: str
     threshold: int  # validation documents are left out of the sample
     max_docs: int | None
+    fmt: str = "text"  # "chat": conversations, sampled as their text
 
 
 def sample_and_train_sentencepiece(sample: SampleSpec, vocab_size: int, path: str) -> float:
     """Collect the training sample and train sp:N on it; returns the sample size in MB."""
-    texts = list(sample_documents(sample.files, sample.budget_bytes, sample.text_key, sample.threshold, sample.max_docs))
+    texts = list(sample_documents(sample.files, sample.budget_bytes, sample.text_key, sample.threshold, sample.max_docs, sample.fmt))
     if not texts:
         raise PrepareError("No documents found in the input to train the tokenizer on; check --input and --text_key.")
     mb = sum(len(t.encode("utf-8", "replace")) for t in texts) / 1e6
@@ -140,6 +153,13 @@ def materialize_tokenizer(
             raise PrepareError("The tokenizer training process died (most likely out of memory); lower --sp_sample_mb.") from None
         log(f"trained the tokenizer on a {mb:.1f} MB sample in {time.time() - t0:.1f} s")
     info, tok = save_tokenizer(plan, out_dir)
+    if sample.fmt == "chat" and not info.get("chat_tokens"):
+        before = tok.vocab_size
+        info, added = add_chat_tokens(info, out_dir)
+        tok = load_tokenizer(info, out_dir)
+        info["chat_tokens_added"] = added
+        log(f"note: the tokenizer had no chat tokens; added <|im_start|> and <|im_end|> as ids {before} and {before + 1} "
+            f"(vocabulary {before} -> {tok.vocab_size}; train.py --init_from grows a model trained on {before})")
     if plan.train_vocab is not None and tok.vocab_size < plan.train_vocab:
         log(f"warning: the sample only supports {tok.vocab_size} pieces, so the vocabulary is {tok.vocab_size} instead of {plan.train_vocab}")
     if normalizes_text(tok):
@@ -167,12 +187,17 @@ def python_demo_files() -> tuple[str, list[str]]:
 
 def demo_inputs(name: str) -> tuple[list[InputFile], str]:
     """The input files of built-in demo `name` and a line that describes them."""
-    if name == "ru":
-        if not os.path.isfile(DEMO_CORPUS):
-            raise PrepareError(f"The demo corpus {DEMO_CORPUS} is missing; restore it with `git checkout demo/` or pass --input.")
-        about = (f"the Russian literature shipped in {DEMO_CORPUS} (11 MB of text, 200 works by 11 authors, "
-                 "1820s-1920s; demo/PROVENANCE.md lists them)")
-        return [InputFile(DEMO_CORPUS, "jsonl", "auto", os.path.getsize(DEMO_CORPUS))], about
+    shipped = {
+        "ru": (DEMO_CORPUS, "the Russian literature shipped in {} (11 MB of text, 200 works by 11 authors, "
+                            "1820s-1920s; demo/PROVENANCE.md lists them)"),
+        "chat": (CHAT_DEMO_CORPUS, "{}: synthetic conversations (greetings, arithmetic, capitals, authors, repeating a word, "
+                                   "remembering a name) that show the fine-tuning pipeline, not a conversational model"),
+    }
+    if name in shipped:
+        path, about = shipped[name]
+        if not os.path.isfile(path):
+            raise PrepareError(f"The demo corpus {path} is missing; restore it with `git checkout demo/` or pass --input.")
+        return [InputFile(path, "jsonl", "auto", os.path.getsize(path))], about.format(path)
     root, paths = python_demo_files()
     files = [InputFile(p, "file", "auto", os.path.getsize(p)) for p in paths]
     mb = sum(f.size for f in files) / 1e6
@@ -193,6 +218,12 @@ class TaskResult:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
     invalid_utf8: int = 0
+    # Chat data, per split: the loss mask (uint8, beside train/val), the conversations as (n, 2)
+    # int64 rows (start offset, offset of the first reply token) and the replies' UTF-8 bytes.
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    conversations: dict[str, np.ndarray] = field(default_factory=dict)
+    reply_bytes: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # conversations longer than block_size + 1 tokens: a window cuts their end
 
 
 @dataclass
@@ -203,6 +234,8 @@ class WorkerSetup:
     text_key: str
     threshold: int
     dtype: str
+    fmt: str = "text"  # "text" | "chat"
+    block_size: int = DEFAULT_BLOCK_SIZE  # chat: a conversation must have a reply token within it
 
 
 _WORKER: dict[str, Any] = {}
@@ -224,6 +257,8 @@ def process_task(pieces: list[Piece]) -> TaskResult:
     """Parse, split and tokenize one task; returns token arrays with EOT after every document."""
     setup: WorkerSetup = _WORKER["setup"]
     tok: Tokenizer = _WORKER["tokenizer"]
+    if setup.fmt == "chat":
+        return process_chat_task(pieces, setup, tok)
     # SentencePiece takes UTF-8 bytes directly, which saves it re-encoding every document
     # (~3% of its time); tiktoken wants str.
     as_bytes = tok.kind == "sentencepiece"
@@ -233,11 +268,7 @@ def process_task(pieces: list[Piece]) -> TaskResult:
     for file_index, first_line, data in pieces:
         file = setup.files[file_index]
         parsed = parse_piece(file.kind, data, first_line, setup.text_key)
-        result.invalid_utf8 += parsed.invalid_utf8
-        for line, reason, detail in parsed.skips:
-            result.skipped[reason] = result.skipped.get(reason, 0) + 1
-            if len(result.examples) < MAX_REPORTED_SKIPS:
-                result.examples.append((file_index, line, reason, detail))
+        count_skips(result, parsed.skips, parsed.invalid_utf8, file_index)
         for text in parsed.docs:
             b, text, bad = utf8_document(text)
             result.invalid_utf8 += bad
@@ -251,6 +282,48 @@ def process_task(pieces: list[Piece]) -> TaskResult:
     result.train_docs, result.val_docs = len(train_texts), len(val_texts)
     result.train = _tokens_with_eot(tok, train_texts, setup.dtype)
     result.val = _tokens_with_eot(tok, val_texts, setup.dtype)
+    return result
+
+
+def count_skips(result: TaskResult, skips: list[tuple[int, str, str]], invalid_utf8: int, file_index: int) -> None:
+    result.invalid_utf8 += invalid_utf8
+    for line, reason, detail in skips:
+        result.skipped[reason] = result.skipped.get(reason, 0) + 1
+        if len(result.examples) < MAX_REPORTED_SKIPS:
+            result.examples.append((file_index, line, reason, detail))
+
+
+def process_chat_task(pieces: list[Piece], setup: WorkerSetup, tok: Tokenizer) -> TaskResult:
+    """process_task for conversations: each in the chat template with its loss mask (no EOT:
+    the template delimits them). One without a reply token among the first block_size + 1
+    tokens is skipped (too_long); a longer one is kept, and windows cut its end (truncated)."""
+    parts: dict[str, list[tuple[list[int], list[int], int]]] = {"train": [], "val": []}
+    result = TaskResult(np.empty(0, setup.dtype), np.empty(0, setup.dtype), reply_bytes={"train": 0, "val": 0})
+    for file_index, first_line, data in pieces:
+        file = setup.files[file_index]
+        parsed = parse_piece(file.kind, data, first_line, setup.text_key, "chat")
+        count_skips(result, parsed.skips, parsed.invalid_utf8, file_index)
+        for messages in parsed.docs:
+            fixed = [utf8_document(m["content"]) for m in messages]  # lone surrogates -> U+FFFD
+            result.invalid_utf8 += any(bad for _, _, bad in fixed)
+            messages = [{"role": m["role"], "content": text} for m, (_, text, _) in zip(messages, fixed)]
+            ids, mask = chat_ids(tok, messages)
+            first_reply = mask.index(1)
+            if first_reply > setup.block_size:
+                result.skipped["too_long"] = result.skipped.get("too_long", 0) + 1
+                continue
+            result.truncated += len(ids) > setup.block_size + 1
+            text = conversation_text(messages).encode("utf-8")
+            split = "val" if file.split == "val" or (file.split == "auto" and is_val_document(text, setup.threshold)) else "train"
+            parts[split].append((ids, mask, first_reply))
+            setattr(result, f"{split}_bytes", getattr(result, f"{split}_bytes") + len(text))
+            result.reply_bytes[split] += sum(len(b) for (b, _, _), m in zip(fixed, messages) if m["role"] == "assistant")
+    for split, convs in parts.items():
+        setattr(result, f"{split}_docs", len(convs))
+        starts = np.cumsum([0] + [len(ids) for ids, _, _ in convs[:-1]], dtype=np.int64) if convs else np.empty(0, np.int64)
+        setattr(result, split, np.array([i for ids, _, _ in convs for i in ids], dtype=setup.dtype))
+        result.masks[split] = np.array([m for _, mask, _ in convs for m in mask], dtype=np.uint8)
+        result.conversations[split] = np.stack([starts, np.array([f for _, _, f in convs], dtype=np.int64)], axis=1)
     return result
 
 
@@ -291,6 +364,8 @@ class PrepareConfig:
     val_fraction: float | None = None  # None -> DEFAULT_VAL_FRACTION (the demo's own for a demo)
     text_key: str = "text"
     txt_mode: str = "line"  # "line" | "file"
+    format: str = "auto"  # "auto" (chat if the first record has "messages"/"conversations") | "text" | "chat"
+    block_size: int = DEFAULT_BLOCK_SIZE  # chat: conversations are fitted to windows of this many tokens
     tokenizer: str | None = None  # None -> DEFAULT_TOKENIZER (the demo's own for a demo)
     tiktoken_pattern: str = DEFAULT_TIKTOKEN_PATTERN
     sp_sample_mb: float = DEFAULT_SP_SAMPLE_MB
@@ -351,16 +426,23 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError("--max_docs must be at least 1.")
     if cfg.txt_mode not in ("line", "file"):
         raise PrepareError("--txt_mode must be 'line' or 'file'.")
+    if cfg.format not in ("auto", "text", "chat") or cfg.block_size < 2:
+        raise PrepareError("--format must be auto, text or chat, and --block_size at least 2.")
     workers = cfg.workers or usable_cpus()
     spec = cfg.tokenizer or (DEMOS[demo].tokenizer if demo else DEFAULT_TOKENIZER)
+    if demo == "chat" and not os.path.isfile(spec):
+        raise PrepareError(f"--demo chat tokenizes with the ru demo's tokenizer ({spec}), so that the quick start's model can be "
+                           "fine-tuned on it: run `python prepare.py` first, or pass --tokenizer sp:2048 to train a new one (and train from scratch).")
     out_dir = os.path.abspath(cfg.out_dir or default_out_dir(cfg.inputs, demo))
 
     # Inputs and the tokenizer are checked before anything is written or trained.
     demo_record = None
     if demo:
         files, about = demo_inputs(demo)
-        # The digest of the corpus tells a changed demo (a new release of it) from the one on disk.
-        digest = hashlib.sha256(b"".join(hashlib.sha256(Path(f.path).read_bytes()).digest() for f in files))
+        # The digest of the corpus tells a changed demo (a new release of it) from the one on disk;
+        # the chat demo's also covers the tokenizer file it borrows.
+        sources = [f.path for f in files] + ([spec] if demo == "chat" and os.path.isfile(spec) else [])
+        digest = hashlib.sha256(b"".join(hashlib.sha256(Path(path).read_bytes()).digest() for path in sources))
         demo_record = {"name": demo, "sha256": digest.hexdigest()}
         if not cfg.overwrite:
             wanted = {"demo": demo_record, "tokenizer": spec, "val_fraction": val_fraction, "max_docs": cfg.max_docs}
@@ -371,6 +453,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     else:
         files = find_input_files(cfg.inputs, cfg.txt_mode, "train" if cfg.val_inputs else "auto")
     val_files = find_input_files(cfg.val_inputs, cfg.txt_mode, "val") if cfg.val_inputs else []
+    fmt = detect_format(files) if cfg.format == "auto" else cfg.format
+    if fmt == "chat" and any(f.kind != "jsonl" for f in files + val_files):
+        raise PrepareError("conversations are read from .jsonl files (one {\"messages\": [...]} per line); pass only .jsonl inputs with --format chat.")
     plan = resolve_tokenizer(spec, cfg.tiktoken_pattern)
 
     _check_out_dir(out_dir, cfg.overwrite)
@@ -384,7 +469,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     os.umask(umask)
     os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private (0700); a dataset is not
     try:
-        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo_record, t_start)
+        meta = _prepare_into(cfg, tmp_dir, files, val_files, plan, val_fraction, workers, demo_record, t_start, fmt)
         _commit(tmp_dir, out_dir)
     finally:
         if os.path.exists(tmp_dir):
@@ -396,7 +481,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         f"vocab {meta['vocab_size']}, {meta['timing_s']['total']:.1f} s"
     )
     data_dir = shlex.quote(cfg.out_dir or default_out_dir(cfg.inputs, demo))
-    if out_dir == os.path.abspath(DEMOS["ru"].out_dir):  # where the presets look by default
+    if fmt == "chat":
+        _log(f"next: python train.py config/sft.py --init_from=out --data_dir={data_dir} --out_dir=out-chat "
+             "(--init_from: your base run; leave it out to train from scratch)")
+    elif out_dir == os.path.abspath(DEMOS["ru"].out_dir):  # where the presets look by default
         _log("next: python train.py config/tiny_cpu.py")
     else:
         _log(f"next: python train.py config/{'tiny_cpu' if demo else '<preset>'}.py --data_dir={data_dir}")
@@ -422,7 +510,7 @@ def existing_demo(out_dir: str, wanted: dict) -> dict | None:
 
 # Every file prepare.py writes into a dataset directory; --overwrite replaces only directories
 # that hold nothing else, and deletes only these names.
-DATASET_FILES = re.compile(r"(train|val)_\d{6}\.bin|meta\.json|tokenizer\.(model|tiktoken)")
+DATASET_FILES = re.compile(r"(train|val)_\d{6}\.(bin|mask|conv)|meta\.json|tokenizer\.(model|tiktoken)")
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -506,20 +594,21 @@ def _remove_stale_work_dirs(out_dir: str) -> None:
 
 def _prepare_into(
     cfg: PrepareConfig, tmp_dir: str, files: list[InputFile], val_files: list[InputFile],
-    plan: TokenizerPlan, val_fraction: float, workers: int, demo: dict | None, t_start: float,
+    plan: TokenizerPlan, val_fraction: float, workers: int, demo: dict | None, t_start: float, fmt: str = "text",
 ) -> dict:
     threshold = val_threshold(val_fraction)
     sample_budget = int(cfg.sp_sample_mb * 1e6)
-    sample = SampleSpec(files, sample_budget, cfg.text_key, threshold, cfg.max_docs)
+    sample = SampleSpec(files, sample_budget, cfg.text_key, threshold, cfg.max_docs, fmt)
     info, tok = materialize_tokenizer(plan, tmp_dir, sample, _log)
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
     t_tokenizer = time.time() - t_start
 
     all_files = files + val_files
-    setup = WorkerSetup(info, tmp_dir, all_files, cfg.text_key, threshold, dtype)
+    setup = WorkerSetup(info, tmp_dir, all_files, cfg.text_key, threshold, dtype, fmt, cfg.block_size)
     use_tokenizer_in_workers(tok, setup)  # workers=1 runs here; forked workers inherit it
-    writers = {s: ShardWriter(tmp_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    totals = {s: {"documents": 0, "bytes": 0} for s in ("train", "val")}
+    writers = {s: ShardWriter(tmp_dir, s, dtype, cfg.shard_tokens, chat=fmt == "chat") for s in ("train", "val")}
+    totals = {s: {"documents": 0, "bytes": 0, **({"loss_tokens": 0, "loss_bytes": 0} if fmt == "chat" else {})} for s in ("train", "val")}
+    truncated = 0
     skipped: dict[str, int] = {}
     invalid_utf8, reported, n_docs, n_tokens = 0, 0, 0, 0
     total_disk = sum(f.size for f in all_files)
@@ -534,7 +623,7 @@ def _prepare_into(
     t_encode = time.time()
 
     def handle(result: TaskResult, disk: int) -> None:
-        nonlocal invalid_utf8, reported, n_docs, n_tokens
+        nonlocal invalid_utf8, reported, n_docs, n_tokens, truncated
         for file_index, line, _reason, detail in result.examples:
             where = f"{all_files[file_index].path}:{line}"
             if cfg.strict:
@@ -547,12 +636,8 @@ def _prepare_into(
         for reason, count in result.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
         invalid_utf8 += result.invalid_utf8
-        writers["train"].write(result.train)
-        writers["val"].write(result.val)
-        totals["train"]["documents"] += result.train_docs
-        totals["train"]["bytes"] += result.train_bytes
-        totals["val"]["documents"] += result.val_docs
-        totals["val"]["bytes"] += result.val_bytes
+        truncated += result.truncated
+        write_result(result, writers, totals)
         n_docs += result.train_docs + result.val_docs
         n_tokens += len(result.train) + len(result.val)
         bar.update(disk)
@@ -590,6 +675,7 @@ def _prepare_into(
         },
         "skipped": dict(sorted(skipped.items())),
         "invalid_utf8": invalid_utf8,
+        "chat": chat_meta(cfg, info, truncated, skipped) if fmt == "chat" else None,
         "demo": demo,
         "inputs": [f.path for f in files],
         "val_inputs": [f.path for f in val_files],
@@ -612,6 +698,26 @@ def _prepare_into(
         json.dump(meta, f, indent=1, ensure_ascii=False)
         f.write("\n")
     return meta
+
+
+def write_result(result: TaskResult, writers: dict[str, ShardWriter], totals: dict) -> None:
+    """Append one task's tokens (for chat data with masks and conversations) to the shards."""
+    for split in ("train", "val"):
+        tokens = getattr(result, split)
+        if split in result.conversations:
+            writers[split].write_conversations(tokens, result.masks[split], result.conversations[split])
+            totals[split]["loss_tokens"] += int(result.masks[split].sum())
+            totals[split]["loss_bytes"] += result.reply_bytes[split]
+        else:
+            writers[split].write(tokens)
+        totals[split]["documents"] += getattr(result, f"{split}_docs")
+        totals[split]["bytes"] += getattr(result, f"{split}_bytes")
+
+
+def chat_meta(cfg: PrepareConfig, info: dict, truncated: int, skipped: dict) -> dict:
+    """meta.json's "chat": how conversations are stored and what fitting them to block_size did."""
+    return {"template": "chatml", **CHAT_FILES, "block_size": cfg.block_size, "truncated": truncated,
+            "too_long": skipped.get("too_long", 0), "chat_tokens_added": info.get("chat_tokens_added", 0)}
 
 
 def check_totals(n_docs: int, totals: dict, shards: dict, skipped: dict, invalid_utf8: int, val_fraction: float, val_input: bool) -> None:
@@ -700,8 +806,9 @@ def parse_args(argv: list[str]) -> PrepareConfig:
                    help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz or .xz")
     p.add_argument("--demo", choices=tuple(DEMOS), default=None,
                    help="build a built-in demo instead of --input: ru (the default without --input; Russian "
-                   f"literature -> {DEMOS['ru'].out_dir}) or python (the Python standard library source -> "
-                   f"{DEMOS['python'].out_dir})")
+                   f"literature -> {DEMOS['ru'].out_dir}), python (the Python standard library source -> "
+                   f"{DEMOS['python'].out_dir}) or chat (synthetic conversations to fine-tune the ru demo's model on -> "
+                   f"{DEMOS['chat'].out_dir}; a pipeline demo)")
     p.add_argument("--val_input", nargs="+", action="extend", default=[], metavar="PATH",
                    help="separate validation corpus (then every --input document goes to train)")
     p.add_argument("--val_fraction", type=float, default=None,
@@ -710,6 +817,12 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--text_key", default="text", help="JSON key holding the document text in .jsonl (default text)")
     p.add_argument("--txt_mode", choices=("line", "file"), default="line",
                    help=".txt: one document per line (default), or the whole file as one document")
+    p.add_argument("--format", choices=("auto", "text", "chat"), default="auto",
+                   help="chat: .jsonl conversations ({\"messages\": [{\"role\", \"content\"}, ...]} or ShareGPT's "
+                   "{\"conversations\": [...]}) with a loss mask on the replies; auto (default): chat if the first record is one")
+    p.add_argument("--block_size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="chat: the block_size you will train with; a conversation longer than it is truncated, one whose "
+                   f"first reply starts past it skipped, both counted in meta.json (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help=f"sp:N (train SentencePiece BPE), a .model file, a .tiktoken file, hf:DIR (a local HF model's tokenizer), or one of "
                    f"{', '.join(TIKTOKEN_NAMES)} (default {DEFAULT_TOKENIZER}, demos {DEMOS['ru'].tokenizer} / {DEMOS['python'].tokenizer})")
@@ -735,7 +848,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
         p.error("--workers must be >= 0")
     return PrepareConfig(
         inputs=a.input, demo=a.demo, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
-        txt_mode=a.txt_mode, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,
+        txt_mode=a.txt_mode, format=a.format, block_size=a.block_size, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,
         sp_sample_mb=a.sp_sample_mb, out_dir=a.out_dir, shard_tokens=a.shard_tokens, workers=a.workers,
         chunk_mb=a.chunk_mb, max_docs=a.max_docs, overwrite=a.overwrite, strict=a.strict,
         progress=not a.no_progress, command=shlex.join(["python", "prepare.py", *argv]),

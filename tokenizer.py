@@ -8,7 +8,11 @@ What lives here:
   the record prepare.py writes into meta.json and train.py into every checkpoint.
 - resolve_tokenizer: interpret prepare.py's --tokenizer (sp:N, a .model or .tiktoken file, a
   named tiktoken encoding, hf:DIR), checked before any corpus is read.
-- train_sentencepiece: the byte-fallback BPE that sp:N trains.
+- train_sentencepiece: the byte-fallback BPE that sp:N trains; it reserves the chat tokens.
+- The chat template (ChatML, as Qwen uses): chat_ids turns a conversation into token ids and
+  its loss mask for prepare.py, sample.py and the studio, CHATML_TEMPLATE is the same template
+  in Jinja for Hugging Face exports, add_chat_tokens gives a tokenizer without chat tokens
+  <|im_start|> and <|im_end|> at the next free ids.
 - Hugging Face conversions, both ways: our tokenizer as tokenizer.json + tokenizer_config.json
   (hf_tokenizer, for export_hf.py), and a local HF model's tokenizer as ours
   (import_hf_tokenizer, for prepare.py --tokenizer hf:DIR and export_hf.py --import_from).
@@ -38,6 +42,7 @@ DEFAULT_TIKTOKEN_PATTERN = (
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 ENDOFTEXT = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn delimiters, one token each
 TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base")
 DOWNLOAD_TIMEOUT_S = 30.0  # tiktoken's own download has no timeout and can hang behind firewalls
 OFFLINE_ENV = "HOMELLM_OFFLINE"  # set to 1 to never touch the network
@@ -60,6 +65,8 @@ class Tokenizer:
     bos_id: int | None = None
     impl: Any = field(default=None, repr=False)  # SentencePieceProcessor | tiktoken.Encoding
     special_ids: frozenset[int] = field(default=frozenset(), repr=False)
+    im_start_id: int | None = None  # the chat tokens (see chat_ids); None: not a chat tokenizer
+    im_end_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with no BOS and no EOT."""
@@ -97,9 +104,15 @@ def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
     if not os.path.isfile(path):
         raise TokenizerError(f"Tokenizer file {path} is missing; re-run prepare.py for this dataset.")
     if kind == "sentencepiece":
-        return load_sentencepiece(path, info.get("eot_id"), info.get("bos_id"))
-    ranks = read_tiktoken_ranks(path)
-    return make_tiktoken(info.get("name"), info["pat_str"], ranks, info["special_tokens"], info["eot_id"])
+        tok = load_sentencepiece(path, info.get("eot_id"), info.get("bos_id"))
+    else:
+        tok = make_tiktoken(info.get("name"), info["pat_str"], read_tiktoken_ranks(path), info["special_tokens"], info["eot_id"])
+    chat = info.get("chat_tokens") or {}
+    tok.im_start_id, tok.im_end_id = chat.get(IM_START), chat.get(IM_END)
+    for token_id in (tok.im_start_id, tok.im_end_id):
+        if token_id is not None and not (token_id in tok.special_ids and token_id < tok.vocab_size):
+            raise TokenizerError(f"the chat token id {token_id} in meta.json is not a special token of {path}; re-run prepare.py.")
+    return tok
 
 
 def load_sentencepiece(path: str, eot_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
@@ -276,6 +289,9 @@ SENTENCEPIECE_TRAINER_OPTIONS: dict[str, Any] = dict(
     eos_id=1,
     bos_id=-1,
     pad_id=-1,
+    # Reserved for chat fine-tuning (ids 2 and 3): control pieces are never produced from text,
+    # so a user who types "<|im_start|>" cannot forge a turn.
+    control_symbols=[IM_START, IM_END],
     minloglevel=2,
 )
 
@@ -338,7 +354,7 @@ def save_tokenizer(plan: TokenizerPlan, out_dir: str) -> tuple[dict, Tokenizer]:
     out_dir/tokenizer.model must already be there (prepare.py trains it on its input)."""
     if plan.kind == "hf":
         info = {**import_hf_tokenizer(plan.path, out_dir), "spec": plan.spec}
-        return info, load_tokenizer(info, out_dir)
+        return info, load_tokenizer(info, out_dir)  # (import_hf_tokenizer found its chat tokens, if any)
     if plan.kind == "sentencepiece":
         target = os.path.join(out_dir, "tokenizer.model")
         if plan.train_vocab is None:
@@ -346,7 +362,7 @@ def save_tokenizer(plan: TokenizerPlan, out_dir: str) -> tuple[dict, Tokenizer]:
         tok = load_sentencepiece(target)
         info = dict(kind="sentencepiece", spec=plan.spec, file="tokenizer.model", name=None, pat_str=None,
                     special_tokens={}, eot_id=tok.eot_id, bos_id=tok.bos_id)
-        return info, tok
+        return with_chat_tokens(info, tok), tok
     target = os.path.join(out_dir, "tokenizer.tiktoken")
     if plan.encoding is not None:  # named encoding: save its ranks so the dataset works offline
         enc = plan.encoding
@@ -362,9 +378,120 @@ def save_tokenizer(plan: TokenizerPlan, out_dir: str) -> tuple[dict, Tokenizer]:
     info = dict(kind="tiktoken", spec=plan.spec, file="tokenizer.tiktoken", name=plan.name,
                 pat_str=pat_str, special_tokens=specials, eot_id=eot, bos_id=None)
     try:  # from the ranks in memory: re-reading a 200k-line file costs ~0.5 s
-        return info, make_tiktoken(plan.name, pat_str, ranks, specials, eot)
+        tok = make_tiktoken(plan.name, pat_str, ranks, specials, eot)
     except ValueError as e:  # e.g. a bad --tiktoken_pattern regex
         raise TokenizerError(f"Cannot build the tiktoken encoding ({e}); check --tiktoken_pattern.") from None
+    return with_chat_tokens(info, tok), tok
+
+
+# ----------------------------------------------------------------------------- chat template
+
+# The one chat template: ChatML, as Qwen uses it. Every turn is
+#     <|im_start|>{role}\n{content}<|im_end|>\n
+# and the prompt for a reply ends with <|im_start|>assistant\n. chat_ids builds it as token
+# ids for training and sampling; CHATML_TEMPLATE is the same thing in Jinja for Hugging Face's
+# apply_chat_template (tokenizer_config.json), and a test checks both give the same ids.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """A conversation as token ids, and its loss mask: 1 on each assistant reply's tokens and
+    its closing <|im_end|>, 0 on system and user turns and on the template's own tokens.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. Each turn is
+    [<|im_start|>] + encode(f"{role}\n{content}") + [<|im_end|>] + encode("\n"), with the two
+    delimiters as ids: text that spells "<|im_start|>" stays text. add_generation_prompt ends
+    with [<|im_start|>] + encode("assistant\n"), the prompt that a reply follows."""
+    if tok.im_start_id is None or tok.im_end_id is None:
+        raise TokenizerError("this tokenizer has no chat tokens <|im_start|>/<|im_end|>; prepare conversations with prepare.py "
+                             "(it adds them) and fine-tune on them first")
+    newline = tok.encode("\n")
+    ids: list[int] = []
+    mask: list[int] = []
+    for message in messages:
+        role, reply = message["role"], message["role"] == "assistant"
+        body = tok.encode(f"{role}\n{message['content']}")
+        head = _role_tokens(tok, body, role) if reply else len(body)
+        ids += [tok.im_start_id, *body, tok.im_end_id, *newline]
+        mask += [0] * (1 + head) + [1] * (len(body) - head) + [int(reply)] + [0] * len(newline)
+    if add_generation_prompt:
+        prompt = [tok.im_start_id, *tok.encode("assistant\n")]
+        ids += prompt
+        mask += [0] * len(prompt)
+    return ids, mask
+
+
+def _role_tokens(tok: Tokenizer, body: list[int], role: str) -> int:
+    """How many leading tokens of encode(f"{role}\n{content}") spell only the role line. Almost
+    always those of encode(f"{role}\n"); should a token merge the newline with the reply's
+    first characters, it carries reply text and counts as the reply's."""
+    head = tok.encode(f"{role}\n")
+    if body[: len(head)] == head:
+        return len(head)
+    size = len(f"{role}\n".encode("utf-8"))
+    k = 0
+    while k < len(body) and len(tok.decode(body[: k + 1]).encode("utf-8")) <= size:
+        k += 1
+    return k
+
+
+def add_chat_tokens(info: dict, base_dir: str) -> tuple[dict, int]:
+    """Give the tokenizer of record `info` (its file in base_dir) the chat tokens if it lacks
+    them, at the next free ids: appended as control pieces to a SentencePiece model (made before
+    sp:N reserved them, or imported), as special tokens to a tiktoken encoding. Returns the
+    updated record (with "chat_tokens") and how many ids were added (0 or 2)."""
+    if info.get("chat_tokens"):
+        return info, 0
+    path = os.path.join(base_dir, info["file"])
+    if info["kind"] == "sentencepiece":
+        size = len(read_sentencepiece(path)["pieces"])
+        with open(path, "ab") as f:  # repeated protobuf fields may continue anywhere: these become the last pieces
+            f.write(b"".join(_sentencepiece_piece(text, SP_CONTROL) for text in (IM_START, IM_END)))
+        added = {IM_START: size, IM_END: size + 1}
+        info = {**info}
+    else:
+        specials = dict(info.get("special_tokens") or {})
+        next_id = max([*read_tiktoken_ranks(path).values(), *specials.values()]) + 1
+        added = {IM_START: next_id, IM_END: next_id + 1}
+        info = {**info, "special_tokens": {**specials, **added}}
+    return with_chat_tokens(info, load_tokenizer(info, base_dir)), len(added)
+
+
+def with_chat_tokens(info: dict, tok: Tokenizer) -> dict:
+    """info with "chat_tokens": {text: id} when the tokenizer holds both chat tokens as special
+    (control) tokens, as its record must say before Tokenizer.im_start_id/im_end_id are set."""
+    if tok.kind == "sentencepiece":
+        found = {text: tok.impl.piece_to_id(text) for text in (IM_START, IM_END)}
+        found = {text: i for text, i in found.items() if tok.impl.id_to_piece(i) == text and i in tok.special_ids}
+    else:
+        found = {text: i for text, i in (info.get("special_tokens") or {}).items() if text in (IM_START, IM_END)}
+    if len(found) < 2:
+        return info
+    tok.im_start_id, tok.im_end_id = found[IM_START], found[IM_END]
+    return {**info, "chat_tokens": found}
+
+
+def _sentencepiece_piece(text: str, piece_type: int, score: float = 0.0) -> bytes:
+    """One ModelProto.pieces entry (field 1: {1: piece, 2: score, 3: type}), serialized."""
+    def length_delimited(field: int, data: bytes) -> bytes:
+        return _varint_bytes(field << 3 | 2) + _varint_bytes(len(data)) + data
+
+    piece = length_delimited(1, text.encode("utf-8")) + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint_bytes(piece_type)
+    return length_delimited(1, piece)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
 
 
 # ----------------------------------------------------------------------------- Hugging Face: SentencePiece files
@@ -654,7 +781,8 @@ def tiktoken_tokenizer_json(ranks: dict[bytes, int], pat_str: str, special_token
 
 def hf_tokenizer(info: dict, path: str, max_seq_len: int) -> tuple[dict, dict]:
     """(tokenizer.json, tokenizer_config.json) for our tokenizer record `info` and its file.
-    eos is our eot token; bos only if the tokenizer has one; nothing is added when encoding."""
+    eos is our eot token; bos only if the tokenizer has one; nothing is added when encoding;
+    a tokenizer with chat tokens gets the ChatML chat_template."""
     eot_id, bos_id = info.get("eot_id"), info.get("bos_id")
     if info.get("kind") == "sentencepiece":
         sp = read_sentencepiece(path)
@@ -690,6 +818,8 @@ def hf_tokenizer(info: dict, path: str, max_seq_len: int) -> tuple[dict, dict]:
         "clean_up_tokenization_spaces": False,  # would change " ." into "." on decode
         "model_max_length": max_seq_len,
     }
+    if info.get("chat_tokens"):  # apply_chat_template then renders what chat_ids encodes
+        config["chat_template"] = CHATML_TEMPLATE
     return tokenizer, config
 
 
@@ -749,7 +879,7 @@ def import_hf_tokenizer(path: str, dest_dir: str) -> dict:
         raise TokenizerError(f"{path} names no eos token (tokenizer_config.json eos_token or config.json eos_token_id); "
                       "HomeLLM needs one to separate documents")
     info.update(spec=f"hf:{os.path.abspath(path)}", eot_id=eot_id, bos_id=token_id("bos"))
-    return info
+    return with_chat_tokens(info, load_tokenizer(info, dest_dir))  # a chat model (Qwen's) stays one
 
 
 def _is_sentencepiece(path: str) -> bool:

@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the role tests."""
 
 import base64
+import json
 import random
 from typing import Iterable, Iterator, Sequence
 
@@ -72,3 +73,55 @@ def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) ->
     tail = streamer.end()
     if tail:
         yield tail
+
+
+# ----------------------------------------------------------------------------- chat
+
+COPY_WORDS = ["apple", "brick", "cloud", "delta", "eagle", "flute", "grape", "honey"]
+CHAT_TINY = [
+    "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=80", "--batch_size=16",
+    "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--eval_iters=2", "--log_interval=1",
+    "--device=cpu", "--compile=False", "--dtype=float32", "--weight_decay=0.0",
+]
+
+
+def copy_conversation(rng: random.Random) -> tuple[str, str]:
+    """A user message that is mostly random letters with one word in brackets, and the reply
+    that word: only the loss on the reply can fall near zero, the random text is unlearnable."""
+    def noise() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz    ") for _ in range(rng.randint(4, 12))).strip() or "x"
+
+    word = rng.choice(COPY_WORDS)
+    return f"{noise()} [{word}] {noise()}", word
+
+
+def write_copy_conversations(path, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(count):
+            message, word = copy_conversation(rng)
+            system = [{"role": "system", "content": "copy"}] if i % 3 == 0 else []
+            f.write(json.dumps({"messages": [*system, {"role": "user", "content": message}, {"role": "assistant", "content": word}]}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def chat_dataset(tmp_path_factory) -> str:
+    """Copy-task conversations tokenized with the byte-level tiktoken file: prepare.py appends
+    <|im_start|> = 257 and <|im_end|> = 258 after <|endoftext|> = 256."""
+    root = tmp_path_factory.mktemp("chat")
+    write_byte_tokenizer(root / "bytes.tiktoken")
+    write_copy_conversations(root / "chats.jsonl", 3000, seed=0)
+    out = root / "ds"
+    assert prepare.main(["--input", str(root / "chats.jsonl"), "--tokenizer", str(root / "bytes.tiktoken"), "--out_dir", str(out),
+                         "--val_fraction", "0.05", "--workers", "1", "--no_progress", "--block_size", "80"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def chat_run(chat_dataset, tmp_path_factory) -> str:
+    """A tiny model trained from scratch on chat_dataset until it copies the word: its out_dir."""
+    import train
+
+    out = tmp_path_factory.mktemp("chat-run") / "run"
+    train.main([*CHAT_TINY, f"--data_dir={chat_dataset}", f"--out_dir={out}", "--max_iters=400", "--eval_interval=400"])
+    return str(out)
