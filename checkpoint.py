@@ -216,6 +216,36 @@ def load_checkpoint_file(path: str) -> object:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
 
 
+def load_init_checkpoint(path: str) -> dict:
+    """The checkpoint that train.py --init_from names: a run directory (its newest checkpoint, see
+    find_checkpoint), a .pt file or an FSDP run's sharded ckpt_STEP/ directory."""
+    return load_checkpoint(find_checkpoint(path) if os.path.isdir(path) and not is_sharded(path) else path)
+
+
+def grow_vocab(ckpt: dict, tokenizer: dict, vocab_size: int) -> tuple[ModelConfig, dict]:
+    """The model config and weights of `ckpt` with room for vocab_size tokens, for fine-tuning
+    on data whose tokenizer is the checkpoint's plus a few tokens (prepare.py appends the chat
+    tokens to one that lacks them). The embedding and an untied lm_head get new rows equal to
+    the mean of their old rows: a neutral start, near every token rather than near none."""
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    before = ckpt.get("tokenizer") or {}
+    if before and (before.get("kind"), before.get("eot_id")) != (tokenizer.get("kind"), tokenizer.get("eot_id")):
+        raise CheckpointError(
+            f"the dataset's tokenizer ({tokenizer.get('kind')}, {vocab_size} tokens) is not the checkpoint's "
+            f"({before.get('kind')}, {cfg.vocab_size} tokens) with tokens added; prepare the data with --tokenizer set to the "
+            "tokenizer file of the run you start from (e.g. out/tokenizer.model)"
+        )
+    state = dict(ckpt["model"])
+    for name in ("embed.weight", "lm_head.weight"):
+        old = state[name]
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            state[name] = state["embed.weight"]  # one tensor, as in the model
+            continue
+        mean = old.float().mean(dim=0, keepdim=True).to(old.dtype)
+        state[name] = torch.cat([old, mean.expand(vocab_size - old.shape[0], -1)])
+    return ModelConfig.from_dict({**cfg.to_dict(), "vocab_size": vocab_size}), state
+
+
 def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
     """The tokenizer file of a checkpoint: train.py copies it next to ckpt.pt; a checkpoint moved
     without it falls back to the data directory it was trained on."""

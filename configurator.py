@@ -246,7 +246,7 @@ class TrainConfig:
     # data and output
     data_dir: str = _key("data/demo", "a directory made by prepare.py")
     out_dir: str = _key("out", "checkpoints, config.json, metrics.jsonl")
-    init_from: str = _key("scratch", "scratch | path/to/ckpt.pt (weights only) | hf:DIR (local HF Llama/Qwen2)")
+    init_from: str = _key("scratch", "scratch | a run's out_dir, a ckpt.pt or a sharded ckpt_STEP/ (weights only: fine-tuning) | hf:DIR (local HF Llama/Qwen2)")
     resume: str = _key("auto", "auto (continue if out_dir has ckpt.pt) | never | path/to/ckpt.pt")
     keep_checkpoints: int = _key(2, "numbered ckpt_STEP.pt copies to keep besides ckpt.pt (0: none)")
     # model

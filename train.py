@@ -35,11 +35,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, find_resume_checkpoint, load_checkpoint,
+    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, find_resume_checkpoint, grow_vocab, load_init_checkpoint,
     materialize, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint, truncate_metrics, write_status,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
-from dataset import DatasetError, TokenShards, bits_per_byte, load_meta, tokenizer_fingerprint, val_split_warning, verify_shards
+from dataset import DatasetError, TokenShards, bits_per_byte, check_splits, load_meta, tokenizer_fingerprint, verify_shards
 from hardware import (
     DeviceError, check_memory_fits, choose_dtype, configure_cpu_threads, cpu_prefers_bf16, device_peak_flops, dry_run,
     peak_memory_mb, resolve_device,
@@ -108,30 +108,32 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
 # ----------------------------------------------------------------------------- one step
 
 
-def read_step(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro-batches of `step`: slices of the global batch drawn from (seed, step)."""
-    cfg, d = run.cfg, run.d
-    picks = run.train_data.sample([cfg.seed, step], run.global_batch)
+def read_step(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """This rank's micro-batches of `step`: slices of the global batch drawn from (seed, step),
+    each with its weight: its share of the global batch's targets that count in the loss (all
+    of them, or with chat data the replies'), times world_size to undo DDP's average."""
+    cfg, d, data = run.cfg, run.d, run.train_data
+    picks = data.sample([cfg.seed, step], run.global_batch)
+    total = max(1, data.count_targets(picks))
     starts = [(micro * d.world_size + d.rank) * cfg.batch_size for micro in range(cfg.gradient_accumulation_steps)]
-    return [run.train_data.read(picks[start : start + cfg.batch_size], run.device) for start in starts]
+    return [(*data.read(p, run.device), data.count_targets(p) * d.world_size / total) for p in (picks[i : i + cfg.batch_size] for i in starts)]
 
 
-def forward_backward(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Forward and backward over this rank's micro-batches; returns the sum of their losses.
-    Gradients are reduced across ranks only on the last micro-step."""
+def forward_backward(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches; returns the sum of their weighted
+    losses. Gradients are reduced across ranks only on the last micro-step."""
     cfg = run.cfg
     loss_sum = torch.zeros((), device=run.device)
-    for micro, (x, y) in enumerate(batches):
+    for micro, (x, y, weight) in enumerate(batches):
         last = micro == cfg.gradient_accumulation_steps - 1
         if run.fsdp:
             run.raw_model.set_requires_gradient_sync(last)
         sync = run.model.no_sync() if run.d.enabled and not run.fsdp and not last else nullcontext()
         with sync:
             with run.autocast:
-                loss = run.model(x, y)
-            loss_sum += loss.detach().float()
-            # Divide so the accumulated gradient is the mean over the whole global batch.
-            run.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                loss = run.model(x, y)  # the mean over this micro-batch's targets
+            loss_sum += loss.detach().float() * weight
+            run.scaler.scale(loss * weight).backward()  # accumulates the gradient of the global batch's mean
     return loss_sum
 
 
@@ -152,8 +154,7 @@ def step_statistics(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, s
     if run.d.enabled:
         dist.all_reduce(stats)
     loss_total, grad_norm_total, stop_votes, elapsed_s = stats.tolist()
-    micro_batches = run.cfg.gradient_accumulation_steps * run.d.world_size
-    return loss_total / micro_batches, grad_norm_total / run.d.world_size, stop_votes > 0, elapsed_s
+    return loss_total / run.d.world_size, grad_norm_total / run.d.world_size, stop_votes > 0, elapsed_s
 
 
 def update(run: Run, step: int, loss: float, grad_norm: float) -> bool:
@@ -316,7 +317,7 @@ def checkpoint_state(run: Run, progress: Progress) -> dict:
         "model_config": run.model_cfg.to_dict(), "train_config": config_to_dict(cfg),
         "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss, "elapsed_s": progress.elapsed_s,
         "tokenizer": run.meta["tokenizer"], "tokenizer_sha256": run.tokenizer_sha256,
-        "data": {"data_dir": cfg.data_dir, "vocab_size": run.meta["vocab_size"], "eot_id": run.meta["eot_id"]},
+        "data": {"data_dir": cfg.data_dir, "vocab_size": run.meta["vocab_size"], "eot_id": run.meta["eot_id"], "chat": bool(run.meta.get("chat"))},
         "rng": rngs, "sampler": {"seed": cfg.seed, "next_step": progress.step, "global_batch": run.global_batch},
         "world_size": d.world_size, "parallel": "fsdp" if run.fsdp else "ddp" if d.enabled else "none",
     }
@@ -374,10 +375,7 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[dict, str, TokenShards, TokenS
     tokenizer_sha256 = tokenizer_fingerprint(cfg.data_dir, meta)
     train_data = TokenShards(cfg.data_dir, meta, "train", cfg.block_size)
     val_data = TokenShards(cfg.data_dir, meta, "val", cfg.block_size)
-    if train_data.num_windows == 0:
-        raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
-    warning = val_split_warning(cfg.data_dir, meta, val_data, cfg.eval_iters * cfg.batch_size)
-    if warning:
+    for warning in check_splits(cfg.data_dir, meta, train_data, val_data, cfg.eval_iters * cfg.batch_size):
         log0(d, f"warning: {warning}")
     return meta, tokenizer_sha256, train_data, val_data
 
@@ -410,7 +408,7 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     threads = configure_cpu_threads(max(1, usable_cpus() // local_ranks)) if device.type == "cpu" else ""
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
 
-    raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
+    raw_model, model_cfg, init_state = build_model(cfg, meta, d)  # on the meta device
     check_memory_fits(cfg, model_cfg, d.world_size, device, dtype)
     lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held as long as the Run lives
     resume_path, ckpt = find_resume_checkpoint(cfg.out_dir, cfg.resume, lambda line: log0(d, line), d.is_main)
@@ -587,22 +585,24 @@ def apply_ddp(model: Transformer, device: torch.device) -> nn.Module:
 # ----------------------------------------------------------------------------- the model's weights
 
 
-def build_model(cfg: TrainConfig, meta: dict) -> tuple[Transformer, ModelConfig, Optional[dict]]:
+def build_model(cfg: TrainConfig, meta: dict, d: Dist) -> tuple[Transformer, ModelConfig, Optional[dict]]:
     """The plain model on the meta device (shapes only, no memory yet), and the weights to load
     into it from --init_from (None: a fresh init). Parallelism is applied to the meta model,
     then each rank allocates only its own part (see materialize)."""
     init_state = None
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
-        if cfg.vocab_size and cfg.vocab_size != meta["vocab_size"] and not int(os.environ.get("RANK", 0)):
-            print(f"note: the config sets vocab_size={cfg.vocab_size} (a preset for another tokenizer, e.g. Qwen's), but the "
-                  f"tokenizer of {cfg.data_dir} has {meta['vocab_size']} tokens: rows past it are never trained; "
-                  "--vocab_size=None sizes the model to the data", flush=True)
+        if cfg.vocab_size and cfg.vocab_size != meta["vocab_size"]:
+            log0(d, f"note: the config sets vocab_size={cfg.vocab_size} (a preset for another tokenizer, e.g. Qwen's), but the tokenizer of "
+                 f"{cfg.data_dir} has {meta['vocab_size']} tokens: rows past it are never trained; --vocab_size=None sizes the model to the data")
     elif cfg.init_from.startswith("hf:"):
         model_cfg, init_state = load_hf_model(cfg.init_from[3:])
     else:
-        ckpt = load_checkpoint(cfg.init_from)
+        ckpt = load_init_checkpoint(cfg.init_from)
         model_cfg, init_state = ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]
+        if model_cfg.vocab_size < meta["vocab_size"]:  # e.g. the chat tokens prepare.py added to the run's tokenizer
+            model_cfg, init_state = grow_vocab(ckpt, meta["tokenizer"], meta["vocab_size"])
+            log0(d, f"grew the vocabulary from {ckpt['model_config']['vocab_size']} to {model_cfg.vocab_size} tokens for the dataset's tokenizer: new embedding/output rows = mean of the old")
     if model_cfg.vocab_size < meta["vocab_size"]:
         raise TrainError(
             f"the model's vocab_size={model_cfg.vocab_size} is smaller than the dataset tokenizer's "

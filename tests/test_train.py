@@ -23,8 +23,9 @@ import export_hf
 import system
 import train
 from configurator import TrainConfig
+from model import ModelConfig
 from dataset import TokenShards
-from conftest import TINY
+from conftest import CHAT_TINY, TINY
 from train import get_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -675,3 +676,107 @@ def test_eval_split_scores_every_window_of_the_split_once(dataset, tmp_path):
     assert too_long.returncode == 1 and too_long.stderr == "error: --block_size 33 is longer than the model's context (max_seq_len=32)\n"
     with pytest.raises(eval_split.DatasetError, match="the val split of .* holds no window of"):
         eval_split.split_windows(dataset, meta, "val", max(shard_tokens))
+
+
+# ----------------------------------------------------------------------------- fine-tuning on conversations
+
+
+def test_chat_training_learns_the_replies_and_logs_the_masked_mean(chat_dataset, chat_run):
+    """The copy task (conftest.copy_conversation): the user turn is random letters around one
+    bracketed word, the reply is that word. The loss counts only the replies, so it can fall
+    close to zero; with the random letters in it, it never could."""
+    from model import Transformer
+
+    losses = train_losses(chat_run)
+    assert losses[1] > 2.0 and sum(losses[s] for s in range(351, 401)) / 50 < 0.1
+    [evaluation] = [r for r in metrics(chat_run) if "val_loss" in r]
+    assert evaluation["val_loss"] < 0.05
+    # The logged val loss is the mean over the masked-in targets of the evaluated windows ...
+    ckpt = checkpoint.load_checkpoint(os.path.join(chat_run, "ckpt.pt"))
+    model = checkpoint.model_from_checkpoint(ckpt, "cpu", torch.float32)
+    meta = json.loads((Path(chat_dataset) / "meta.json").read_text())
+    val = TokenShards(chat_dataset, meta, "val", 80)
+    x, y = val.read(val.sample([1337, 1], 2 * 16), torch.device("cpu"))
+    with torch.no_grad():
+        assert model(x, y).item() == pytest.approx(evaluation["val_loss"], rel=1e-4)
+        # ... and the model did not (could not) learn the random text around the word.
+        everything = torch.cat([x[:, 1:], x[:, -1:]], dim=1)
+        assert model(x, everything).item() > 1.0
+    assert ckpt["data"]["chat"] is True and ckpt["tokenizer"]["chat_tokens"] == {"<|im_start|>": 257, "<|im_end|>": 258}
+
+    # The first logged loss is the mean over every reply token of step 0's global batch,
+    # however they are spread over the micro-batches.
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    with torch.device("meta"):
+        fresh = Transformer(cfg)
+    checkpoint.materialize(fresh, torch.device("cpu"), None, seed=1337)
+    train_data = TokenShards(chat_dataset, meta, "train", 80)
+    x, y = train_data.read(train_data.sample([1337, 0], 16), torch.device("cpu"))
+    with torch.no_grad():
+        assert fresh(x, y).item() == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_chat_accumulation_weights_every_reply_token_equally(chat_dataset, tmp_path):
+    # Replies of 2 to 38 tokens: micro-batches hold different numbers of reply tokens, so the
+    # mean of their means would differ from the mean over the global batch, which training computes.
+    import prepare
+
+    rng = random.Random(5)
+    with open(tmp_path / "chats.jsonl", "w", encoding="utf-8") as f:
+        for i in range(300):
+            reply = " ".join(["ok"] * rng.randint(1, 13))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{i} say ok"}, {"role": "assistant", "content": reply}]}) + "\n")
+    data = tmp_path / "ds"
+    assert prepare.main(["--input", str(tmp_path / "chats.jsonl"), "--tokenizer", str(Path(chat_dataset) / "tokenizer.tiktoken"),
+                         "--out_dir", str(data), "--val_fraction", "0.1", "--workers", "1", "--no_progress"]) == 0
+    windows = TokenShards(str(data), json.loads((data / "meta.json").read_text()), "train", 80)
+    assert len({windows.count_targets([p]) for p in windows.sample([1337, 0], 8)}) > 3  # step 0's windows differ
+    args = [*CHAT_TINY, f"--data_dir={data}", "--max_iters=5", "--eval_interval=5", "--eval_iters=1"]
+    run_inprocess([*args, f"--out_dir={tmp_path / 'a'}", "--batch_size=8", "--gradient_accumulation_steps=1"])
+    run_inprocess([*args, f"--out_dir={tmp_path / 'b'}", "--batch_size=1", "--gradient_accumulation_steps=8"])
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert a.keys() == b.keys() == set(range(1, 6))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6)
+
+
+CHAT_RESUME = [*TINY, "--dtype=float32", "--block_size=80", "--max_iters=40", "--eval_interval=5", "--batch_size=4"]
+
+
+def test_chat_ddp_equals_one_process_with_double_accumulation_and_resume_is_bit_exact(chat_dataset, tmp_path):
+    args = [*CHAT_RESUME, f"--data_dir={chat_dataset}"]
+    ddp = torchrun([*args, f"--out_dir={tmp_path / 'ddp'}"])
+    run_inprocess([*args, f"--out_dir={tmp_path / 'one'}", "--gradient_accumulation_steps=2"])
+    finish(ddp)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "ddp")
+    assert one.keys() == two.keys() == set(range(1, 41))
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-4, abs=1e-5), step
+    val_one = [r["val_loss"] for r in metrics(tmp_path / "one") if "val_loss" in r]
+    val_ddp = [r["val_loss"] for r in metrics(tmp_path / "ddp") if "val_loss" in r]
+    assert len(val_one) == 8 and val_one == pytest.approx(val_ddp, rel=1e-4)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={cut}", "--gradient_accumulation_steps=2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert kill_after_first_checkpoint(proc, cut) < 40
+    run_inprocess([*args, f"--out_dir={cut}", "--gradient_accumulation_steps=2"])
+    assert comparable(metrics(cut)) == comparable(metrics(tmp_path / "one"))  # exact float equality
+
+
+def test_init_from_a_base_run_grows_the_vocabulary_for_the_chat_tokens(dataset, chat_dataset, tmp_path, capsys):
+    base = tmp_path / "base"
+    run_inprocess([*TINY, "--block_size=80", f"--data_dir={dataset}", f"--out_dir={base}", "--max_iters=3", "--eval_interval=3"])
+    # learning_rate 0: the step changes nothing, so the checkpoint shows the grown weights as they started.
+    run_inprocess([*TINY, "--block_size=80", f"--data_dir={chat_dataset}", f"--out_dir={tmp_path / 'chat'}", f"--init_from={base}",
+                   "--max_iters=1", "--eval_interval=1", "--learning_rate=0", "--min_lr=0", "--warmup_iters=0"])
+    assert "grew the vocabulary from 257 to 259 tokens" in capsys.readouterr().out
+    before = torch.load(base / "ckpt.pt", weights_only=True)["model"]["embed.weight"]
+    after = torch.load(tmp_path / "chat" / "ckpt.pt", weights_only=True)
+    grown = after["model"]["embed.weight"]
+    assert after["model_config"]["vocab_size"] == 259 and grown.shape == (259, 32)
+    assert torch.equal(grown[:257], before)
+    assert torch.allclose(grown[257], before.mean(0)) and torch.allclose(grown[258], before.mean(0))
+    # A dataset whose tokenizer is not the run's plus tokens is refused, in one line.
+    with pytest.raises(checkpoint.CheckpointError, match="is not the checkpoint's"):
+        checkpoint.grow_vocab(after, {"kind": "sentencepiece", "eot_id": 1}, 300)
