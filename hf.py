@@ -26,7 +26,7 @@ import torch
 
 from checkpoint import CheckpointError, atomic_save, checkpoint_tokenizer_path, expected_shapes, load_checkpoint
 from model import ModelConfig
-from tokenizer import QWEN2_PAT_STR, hf_tokenizer, import_hf_tokenizer
+from tokenizer import IM_END, QWEN2_PAT_STR, hf_tokenizer, import_hf_tokenizer
 
 
 class HFError(CheckpointError):
@@ -351,7 +351,9 @@ def export_hf(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, ov
     prepare_dest(dest, overwrite)
     save_file(tensors, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})  # transformers wants format=pt
     write_json(hf_config(cfg, qwen, bos_id, eot_id, dtype), os.path.join(dest, "config.json"))
-    write_json({"bos_token_id": bos_id, "eos_token_id": eot_id}, os.path.join(dest, "generation_config.json"))
+    # A chat model's turn ends at <|im_end|>: generate() stops there (or at end-of-text), as sample.py --chat does.
+    eos_ids = [info["chat_tokens"][IM_END], eot_id] if info.get("chat_tokens") else eot_id
+    write_json({"bos_token_id": bos_id, "eos_token_id": eos_ids}, os.path.join(dest, "generation_config.json"))
     write_json(tokenizer_json, os.path.join(dest, "tokenizer.json"))
     write_json(tokenizer_config, os.path.join(dest, "tokenizer_config.json"))
     if info["kind"] == "sentencepiece":

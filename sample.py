@@ -3,6 +3,8 @@
     python sample.py --start "Привет"                          # latest checkpoint in out/
     python sample.py --ckpt out/ckpt_000500.pt --start FILE:prompt.txt --num_samples 3
     python sample.py --interactive                             # type a line, the model continues
+    python sample.py --chat --out_dir out-chat                 # talk to a model fine-tuned on conversations
+    python sample.py --chat --start "Привет! Как дела?"        # one reply, for scripts
 
 The checkpoint carries its model config and the tokenizer record of the data it was trained
 on, so nothing else needs to be passed. Generated text goes to stdout (as UTF-8, a character
@@ -26,7 +28,7 @@ import torch
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
 from hardware import DeviceError, choose_dtype, compile_decode, configure_cpu_threads, resolve_device
 from model import Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, chat_ids
 
 SEPARATOR = "-" * 40  # printed on its own line between samples
 REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a whole UTF-8 character
@@ -146,14 +148,18 @@ def stream_sample(
     stop_at_eot: bool = True,
     generator: Optional[torch.Generator] = None,
     cache_len: Optional[int] = None,
+    eos_ids: Optional[list[int]] = None,
 ) -> tuple[list[int], str, str]:
     """Continue `context`, writing text as soon as each character is complete. Returns
     (new token ids, new text, why it stopped: "max_new_tokens" | "eos" | "max_seq_len" |
-    "interrupted"). Ctrl-C ends this generation only; the caller decides what follows."""
+    "interrupted"). Ctrl-C ends this generation only; the caller decides what follows.
+    eos_ids: the tokens that end it, never printed (default: end-of-text, if stop_at_eot)."""
     device = next(model.parameters()).device
-    eos_id = tokenizer.eot_id if stop_at_eot else None
+    if eos_ids is None:
+        eos_ids = [tokenizer.eot_id] if stop_at_eot else []
     idx = torch.tensor([context], dtype=torch.long, device=device)
-    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, tokenizer.vocab_size, cache_len)
+    stream = model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_ids[0] if eos_ids else None, generator,
+                                   tokenizer.vocab_size, cache_len)
     streamer = TextStreamer(tokenizer, context)
     new_ids: list[int] = []
     reason = "max_new_tokens"
@@ -164,8 +170,9 @@ def stream_sample(
             except StopIteration as stop:
                 reason = stop.value or reason
                 break
-            if token == eos_id:
-                continue  # the end-of-text token ends the sample; it is not text to print
+            if token in eos_ids:  # ends the sample; it is not text to print
+                reason = "eos"
+                break
             new_ids.append(token)
             chunk = streamer.put(token)
             if chunk:
@@ -203,6 +210,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA, or CPU with a C++ compiler): pays off for many or long samples")
     p.add_argument("--interactive", action="store_true", help="a REPL: each line you type extends the text; Ctrl-C stops a generation, Ctrl-D exits")
+    p.add_argument("--chat", action="store_true", help="talk to a model fine-tuned on conversations: each line you type is a user "
+                   "message, the reply streams and ends at <|im_end|>; with --start: answer that one message, print only the reply")
+    p.add_argument("--system", default=None, help="--chat: a system message that opens the conversation")
+    p.add_argument("--messages", default=None, metavar="FILE",
+                   help="--chat: the conversation so far, a JSON list of {\"role\", \"content\"}; the reply continues it (then --start, "
+                   "if given, is the next user message), is printed alone, and the program exits")
     return p.parse_args(argv)
 
 
@@ -217,6 +230,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top_p={args.top_p} must be in (0, 1]")
+    if (args.system is not None or args.messages) and not args.chat:
+        raise UsageError("--system and --messages belong to --chat")
+    if args.chat and (args.interactive or args.num_samples > 1):
+        raise UsageError("--chat is a conversation of its own: leave out --interactive and --num_samples")
 
 
 def note(message: str) -> None:
@@ -278,6 +295,83 @@ def run_interactive(model: Transformer, tokenizer: Tokenizer, start_text: str, s
         text += new_text
 
 
+# ----------------------------------------------------------------------------- chat
+
+
+def read_messages(path: str) -> list[dict]:
+    """--messages: a JSON list of {"role": "system"|"user"|"assistant", "content": str}."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            messages = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read --messages {path}: {getattr(err, 'strerror', None) or err}") from None
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise UsageError(f"--messages {path} must hold a JSON list of {{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def fit_conversation(tokenizer: Tokenizer, messages: list[dict], keep: int) -> tuple[list[int], int, bool]:
+    """The prompt for the next reply, the conversation in the chat template, made to fit in keep
+    tokens by dropping the oldest turns (in place; a system message stays). Returns the ids,
+    how many messages were dropped and whether the rest still had to lose its first tokens."""
+    dropped = 0
+    while True:
+        ids, _ = chat_ids(tokenizer, messages, add_generation_prompt=True)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) <= keep or len(messages) - first <= 1:
+            return ids[-keep:], dropped, len(ids) > keep
+        del messages[first]  # the oldest user message, then the reply it had
+        dropped += 1
+        if first < len(messages) - 1 and messages[first]["role"] == "assistant":
+            del messages[first]
+            dropped += 1
+
+
+def chat_reply(model: Transformer, tokenizer: Tokenizer, messages: list[dict], settings: dict, write) -> tuple[str, str]:
+    """Stream the assistant's reply to `messages` (the conversation so far); returns (its text,
+    why it stopped). It ends at <|im_end|> (or end-of-text); Ctrl-C ends it early."""
+    max_seq_len, max_new_tokens = model.config.max_seq_len, settings["max_new_tokens"]
+    keep = context_keep(max_seq_len, max_new_tokens)
+    context, dropped, cut = fit_conversation(tokenizer, messages, keep)
+    if dropped or cut:
+        what = [f"dropped its {dropped} oldest message(s)"] * bool(dropped) + ["the model sees only the end of the rest"] * cut
+        note(f"(the conversation no longer fits the {keep} tokens the model is shown, {context_rule(max_seq_len, max_new_tokens)}: "
+             f"{' and '.join(what)})")
+    eos_ids = [tokenizer.im_end_id, tokenizer.eot_id]
+    _, text, reason = stream_sample(model, tokenizer, context, write, **{**settings, "eos_ids": eos_ids})
+    write("\n")
+    return text, reason
+
+
+def run_chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], settings: dict, write, once: bool) -> bool:
+    """A conversation in the terminal: each line typed is a user message, the reply streams
+    and the history is kept. once: reply to `messages` as they are and return. Returns False
+    when Ctrl-C cut a reply short in `once` mode."""
+    if once:
+        return chat_reply(model, tokenizer, messages, settings, write)[1] != "interrupted"
+    note("chat: type a message and press Enter. Ctrl-C stops a reply, Ctrl-D ends the chat.")
+    while True:
+        try:
+            line = read_line()
+        except EOFError:
+            note("")
+            return True
+        except KeyboardInterrupt:
+            note("")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text, reason = chat_reply(model, tokenizer, messages, settings, write)
+        if reason == "interrupted":
+            note("[stopped]")
+        messages.append({"role": "assistant", "content": text})
+
+
 def run_samples(model: Transformer, tokenizer: Tokenizer, prompt_text: str, num_samples: int, settings: dict, write) -> bool:
     """Print num_samples continuations of the prompt. Returns False when Ctrl-C cut it short."""
     max_seq_len, max_new_tokens = model.config.max_seq_len, settings["max_new_tokens"]
@@ -298,6 +392,22 @@ def run_samples(model: Transformer, tokenizer: Tokenizer, prompt_text: str, num_
         if reason == "max_seq_len":
             note(f"[stopped early: the context window max_seq_len={max_seq_len} is full]")
     return True
+
+
+def chat_messages(args: argparse.Namespace, prompt_text: str, tokenizer: Tokenizer, ckpt_data: dict, path: str) -> list[dict]:
+    """The conversation --chat starts from: --system, --messages, then --start as a user message."""
+    if tokenizer.im_start_id is None:
+        raise SampleError(f"{path} has no chat tokens (<|im_start|>, <|im_end|>) in its tokenizer: it is a base model; "
+                          "fine-tune it on conversations first (prepare.py on conversation JSONL, then train.py config/sft.py --init_from=...)")
+    if ckpt_data.get("chat") is False:
+        note(f"note: {path} was trained on plain text, not on conversations; its replies will read like continued text")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages += read_messages(args.messages) if args.messages else []
+    if prompt_text:
+        messages.append({"role": "user", "content": prompt_text})
+    if (args.start or args.messages) and (not messages or messages[-1]["role"] != "user"):
+        raise UsageError("the conversation to reply to must end with a user message")
+    return messages
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -324,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 f"the tokenizer of {path} has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
                 "the tokenizer file next to the checkpoint is not the one it was trained with"
             )
-        step = ckpt.get("step", "?")
+        step, ckpt_data = ckpt.get("step", "?"), ckpt.get("data") or {}
         del ckpt  # the weights now live in the model
         compiled = ""
         if args.compile:
@@ -349,7 +459,11 @@ def main(argv: Optional[list[str]] = None) -> None:
              f"({dtype_why}){', ' + threads if threads else ''}")
         if compiled:
             note(compiled)
-        if args.interactive:
+        if args.chat:
+            messages = chat_messages(args, prompt_text, tokenizer, ckpt_data, path)
+            if not run_chat(model, tokenizer, messages, settings, write, once=bool(args.start or args.messages)):
+                sys.exit(130)
+        elif args.interactive:
             run_interactive(model, tokenizer, prompt_text, settings, write)
         elif not run_samples(model, tokenizer, prompt_text, args.num_samples, settings, write):
             sys.exit(130)  # Ctrl-C: the usual exit status of an interrupted program

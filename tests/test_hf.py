@@ -497,3 +497,100 @@ def test_import_reads_a_qwen25_config_and_reports_missing_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
     with pytest.raises(hflib.HFError, match="no weights"):
         hflib.load_hf_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+CHATS = [
+    [{"role": "user", "content": CYRILLIC}],
+    [{"role": "system", "content": "Отвечай кратко."}, {"role": "user", "content": "Привет!"},
+     {"role": "assistant", "content": "Здравствуйте! Чем помочь?"}, {"role": "user", "content": LATIN + "\n  и ещё  строка"}],
+]
+
+
+def chat_ready(name: str, tokenizer_dirs, tmp_path) -> tuple[str, dict]:
+    """A copy of tokenizer_dirs[name] whose record has the chat tokens, as prepare.py makes it:
+    sp-prepare reserves them already, the others get them appended."""
+    src, info = tokenizer_dirs[name]
+    dest = str(tmp_path / f"tok-{name}")
+    shutil.copytree(src, dest)
+    info, _ = toklib.add_chat_tokens(toklib.with_chat_tokens(info, toklib.load_tokenizer(info, dest)), dest)
+    return dest, info
+
+
+@pytest.mark.parametrize("tokenizer", ["sp-prepare", "sp-unigram", "tiktoken", "tiktoken-qwen"])
+def test_exported_chat_template_gives_the_ids_of_chat_ids(tmp_path, tokenizer_dirs, tokenizer):
+    tok_dir, info = chat_ready(tokenizer, tokenizer_dirs, tmp_path)
+    ours = toklib.load_tokenizer(info, tok_dir)
+    assert (ours.im_start_id, ours.im_end_id) == ((2, 3) if tokenizer == "sp-prepare" else (ours.vocab_size - 2, ours.vocab_size - 1))
+    cfg = ModelConfig(vocab_size=ours.vocab_size, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, max_seq_len=256)
+    dest = str(tmp_path / "hf")
+    export_hf.main(["--ckpt", save_checkpoint(random_model(cfg), info, tok_dir, str(tmp_path / "out")), "--to", dest])
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == toklib.CHATML_TEMPLATE
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.im_end_id, info["eot_id"]]
+    theirs = transformers.AutoTokenizer.from_pretrained(dest)
+    for messages in CHATS:
+        for prompt in (False, True):
+            ids = theirs.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+            assert ids == toklib.chat_ids(ours, messages, add_generation_prompt=prompt)[0]
+
+
+def test_transformers_chat_template_and_generate_equal_sample_chat_token_for_token(tmp_path, chat_run):
+    import subprocess
+    import sys
+
+    import sample
+    from checkpoint import find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
+
+    dest = str(tmp_path / "hf")
+    export_hf.main(["--out_dir", chat_run, "--to", dest])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dest).eval()
+    theirs = transformers.AutoTokenizer.from_pretrained(dest)
+    path = find_checkpoint(chat_run)
+    ckpt = load_checkpoint(path)
+    model, tok = model_from_checkpoint(ckpt, "cpu", torch.float32), load_checkpoint_tokenizer(ckpt, path)
+    for message in ["abc [honey] xyz", "q [cloud] w e r t y", "[brick]", "привет [grape] мир"]:
+        messages = [{"role": "user", "content": message}]
+        prompt = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert prompt == toklib.chat_ids(tok, messages, add_generation_prompt=True)[0]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+                              max_new_tokens=30, pad_token_id=tok.eot_id)[0, len(prompt):].tolist()
+        assert out[-1] == tok.im_end_id  # stopped at the end of the turn, by generation_config.json
+        ids, text, reason = sample.stream_sample(model, tok, prompt, lambda s: None, 30, temperature=0.0,
+                                                 eos_ids=[tok.im_end_id, tok.eot_id])
+        assert ids == out[:-1] and reason == "eos"
+        cli = subprocess.run([sys.executable, "sample.py", "--out_dir", chat_run, "--chat", "--start", message, "--temperature", "0",
+                              "--dtype", "float32", "--max_new_tokens", "30"], cwd=os.path.dirname(hflib.__file__), capture_output=True)
+        assert cli.stdout.decode("utf-8") == theirs.decode(out, skip_special_tokens=True) + "\n" == text + "\n"
+
+
+def test_importing_a_chat_model_keeps_it_chat_capable(tmp_path):
+    """A HF model whose tokenizer has Qwen's <|im_start|>/<|im_end|> imports with those ids as
+    its chat tokens: sample.py --chat works on it, and exporting it again writes the template."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _, hf_dir = tiny_hf_model(tmp_path, "llama", tie=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.save(os.path.join(hf_dir, "tokenizer.json"))
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    out = str(tmp_path / "imported")
+    export_hf.main(["--import_from", hf_dir, "--to", out])
+    record = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["tokenizer"]
+    assert record["chat_tokens"] == {"<|im_start|>": 1, "<|im_end|>": 2}
+    chat = subprocess.run([sys.executable, "sample.py", "--out_dir", out, "--chat", "--start", "Привет", "--max_new_tokens", "4",
+                           "--seed", "1"], cwd=os.path.dirname(hflib.__file__), capture_output=True)
+    assert chat.returncode == 0, chat.stderr.decode()
+    export_hf.main(["--out_dir", out, "--to", str(tmp_path / "again")])
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["chat_template"] == toklib.CHATML_TEMPLATE

@@ -569,3 +569,106 @@ def test_errors_in_a_real_process_print_no_traceback(tmp_path):
         assert cases[name][1] in stderr, (name, stderr)
         assert stdout == b"", name
     assert not (tmp_path / "pwned").exists()  # the exploit's command never ran
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def held_out(count: int) -> list[tuple[str, str]]:
+    """Copy-task messages (see conftest.copy_conversation) from a seed training never used."""
+    import random
+
+    from conftest import copy_conversation
+
+    rng = random.Random(99)
+    return [copy_conversation(rng) for _ in range(count)]
+
+
+def test_chat_start_gives_the_exact_reply_on_held_out_messages_and_stops_at_the_turns_end(chat_run):
+    for message, word in held_out(6):
+        result = run_cli("--out_dir", chat_run, "--chat", "--start", message, "--temperature", 0, "--dtype", "float32",
+                         "--max_new_tokens", 30)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout.decode("utf-8") == word + "\n"  # only the reply, ended at <|im_end|>
+    model, tok = load_run(chat_run)
+    message, word = held_out(1)[0]
+    written = []
+    text, reason = sample.chat_reply(model, tok, [{"role": "user", "content": message}],
+                                     dict(max_new_tokens=30, temperature=0.0), written.append)
+    assert (text, reason, "".join(written)) == (word, "eos", word + "\n")
+
+
+def test_chat_in_the_terminal_keeps_the_history_and_drops_the_oldest_turns(chat_run, monkeypatch, capsys):
+    model, tok = load_run(chat_run)
+    (first, w1), (second, w2), (third, w3) = held_out(3)
+    lines = iter([first, "", second, third])
+    contexts = []
+    real = sample.stream_sample
+
+    def stream_sample(model, tokenizer, context, write, *args, **kwargs):
+        contexts.append(context)
+        return real(model, tokenizer, context, write, *args, **kwargs)
+
+    def read_line():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(sample, "read_line", read_line)
+    monkeypatch.setattr(sample, "stream_sample", stream_sample)
+    messages = [{"role": "system", "content": "copy"}]
+    written = []
+    # max_seq_len 80 minus 10 new tokens: a conversation of two turns no longer fits.
+    sample.run_chat(model, tok, messages, dict(max_new_tokens=10, temperature=0.0), written.append, once=False)
+    assert "".join(written) == f"{w1}\n{w2}\n{w3}\n"  # the empty line asked for nothing
+    assert len(contexts) == 3 and all(len(c) <= 70 for c in contexts)
+    from tokenizer import chat_ids
+
+    history = [{"role": "system", "content": "copy"}, {"role": "user", "content": second}]
+    assert contexts[1] == chat_ids(tok, history, add_generation_prompt=True)[0]  # the first turn was dropped
+    assert messages == [{"role": "system", "content": "copy"}, {"role": "user", "content": third}, {"role": "assistant", "content": w3}]
+    assert capsys.readouterr().err.count("dropped its 2 oldest message(s)") == 2
+
+
+def test_chat_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_run, monkeypatch, capsys):
+    model, tok = load_run(chat_run)
+    interrupt_after(model, 3)
+    (first, w1), (second, w2) = held_out(2)
+    lines = iter([first, second])
+    monkeypatch.setattr(sample, "read_line", lambda: next(lines, None) or (_ for _ in ()).throw(EOFError()))
+    messages, written = [], []
+    sample.run_chat(model, tok, messages, dict(max_new_tokens=30, temperature=0.0), written.append, once=False)
+    assert "".join(written) == f"{w1[:2]}\n{w2}\n"  # two tokens of the first reply, then a whole second one
+    assert "[stopped]" in capsys.readouterr().err
+    assert messages[-1] == {"role": "assistant", "content": w2}
+
+
+def test_chat_system_and_messages_file(chat_run, tmp_path):
+    import json
+
+    (first, w1), (second, w2) = held_out(2)
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"role": "user", "content": first}, {"role": "assistant", "content": w1},
+                                   {"role": "user", "content": second}]), encoding="utf-8")
+    result = run_cli("--out_dir", chat_run, "--chat", "--messages", history, "--system", "copy", "--temperature", 0, "--dtype", "float32")
+    assert result.returncode == 0 and result.stdout.decode() == w2 + "\n", result.stderr.decode()
+    history.write_text(json.dumps([{"role": "user", "content": first}, {"role": "assistant", "content": w1}]), encoding="utf-8")
+    result = run_cli("--out_dir", chat_run, "--chat", "--messages", history)
+    assert result.returncode == 2 and "must end with a user message" in result.stderr.decode()
+    history.write_text(json.dumps({"role": "user"}), encoding="utf-8")
+    result = run_cli("--out_dir", chat_run, "--chat", "--messages", history)
+    assert result.returncode == 2 and "must hold a JSON list" in result.stderr.decode()
+
+
+def test_chat_needs_a_tokenizer_with_chat_tokens_and_its_own_flags(tmp_path, capsys):
+    out_dir, _ = make_run(tmp_path, "tiktoken")  # a base model: no <|im_start|>/<|im_end|>
+    result = run_cli("--out_dir", out_dir, "--chat", "--start", "Привет")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and err.count("\n") == 1 + err.count("step 100")  # one line besides the model's
+    assert "no chat tokens" in err and "fine-tune it on conversations first" in err and "Traceback" not in err
+    for flags in (["--system", "x"], ["--chat", "--interactive"], ["--chat", "--num_samples", "2"]):
+        with pytest.raises(SystemExit) as exit:
+            sample.main(["--out_dir", out_dir, *flags])
+        assert exit.value.code == 2
+    assert "--chat" in capsys.readouterr().err
