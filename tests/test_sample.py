@@ -399,6 +399,19 @@ def test_ids_beyond_the_tokenizer_are_never_sampled(tmp_path):
     assert text == tok.decode(ids)
 
 
+def typed(lines: list[str]):
+    """A stand-in for sample.read_line: these lines, then Ctrl-D (EOFError)."""
+    pending = iter(lines)
+
+    def read_line() -> str:
+        try:
+            return next(pending)
+        except StopIteration:
+            raise EOFError from None
+
+    return read_line
+
+
 def interrupt_after(model: Transformer, calls: int) -> None:
     """Make the model raise KeyboardInterrupt (as Ctrl-C would) on its calls-th forward."""
     original, count = model.forward_cached, [0]
@@ -428,15 +441,7 @@ def test_interactive_ctrl_c_returns_to_the_prompt(tmp_path, monkeypatch, capsys)
     out_dir, _ = make_run(tmp_path, "tiktoken")
     model, tok = load_run(out_dir)
     interrupt_after(model, 3)
-    lines = iter(["Привет", "мир"])
-
-    def read_line():
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr(sample, "read_line", read_line)
+    monkeypatch.setattr(sample, "read_line", typed(["Привет", "мир"]))
     settings = dict(max_new_tokens=10, generator=torch.Generator().manual_seed(0))
     written = []
     sample.run_interactive(model, tok, "", settings, written.append)
@@ -601,7 +606,6 @@ def test_chat_start_gives_the_exact_reply_on_held_out_messages_and_stops_at_the_
 def test_chat_in_the_terminal_keeps_the_history_and_drops_the_oldest_turns(chat_run, monkeypatch, capsys):
     model, tok = load_run(chat_run)
     (first, w1), (second, w2), (third, w3) = held_out(3)
-    lines = iter([first, "", second, third])
     contexts = []
     real = sample.stream_sample
 
@@ -609,13 +613,7 @@ def test_chat_in_the_terminal_keeps_the_history_and_drops_the_oldest_turns(chat_
         contexts.append(context)
         return real(model, tokenizer, context, write, *args, **kwargs)
 
-    def read_line():
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr(sample, "read_line", read_line)
+    monkeypatch.setattr(sample, "read_line", typed([first, "", second, third]))
     monkeypatch.setattr(sample, "stream_sample", stream_sample)
     messages = [{"role": "system", "content": "copy"}]
     written = []
@@ -635,8 +633,7 @@ def test_chat_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_run, monkeypatch, c
     model, tok = load_run(chat_run)
     interrupt_after(model, 3)
     (first, w1), (second, w2) = held_out(2)
-    lines = iter([first, second])
-    monkeypatch.setattr(sample, "read_line", lambda: next(lines, None) or (_ for _ in ()).throw(EOFError()))
+    monkeypatch.setattr(sample, "read_line", typed([first, second]))
     messages, written = [], []
     sample.run_chat(model, tok, messages, dict(max_new_tokens=30, temperature=0.0), written.append, once=False)
     assert "".join(written) == f"{w1[:2]}\n{w2}\n"  # two tokens of the first reply, then a whole second one
