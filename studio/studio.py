@@ -383,8 +383,15 @@ class Studio:
             "preset": (job.preset if job else None) or preset_of((status or {}).get("command")),
             "data_dir": train_cfg.get("data_dir"), "started": started, "updated": (status or {}).get("updated"),
             "pid": (status or {}).get("pid"), "host": (status or {}).get("host"), "world_size": (status or {}).get("world_size"),
-            "from_studio": job is not None, "files": files,
+            "from_studio": job is not None, "files": files, "chat": self.trained_on_chat(train_cfg.get("data_dir")),
         }
+
+    def trained_on_chat(self, data_dir: Any) -> bool:
+        """Whether a run's data are conversations (its meta.json has "chat"): the sample box then chats."""
+        if not isinstance(data_dir, str) or not data_dir:
+            return False
+        meta = read_json((self.root / data_dir if not os.path.isabs(data_dir) else Path(data_dir)) / "meta.json")
+        return bool(meta and meta.get("chat"))
 
     def runs(self) -> list[dict]:
         with self.lock:
@@ -556,8 +563,10 @@ class Studio:
         if not (0 <= temperature <= 10 and 0 <= top_k and 1 <= max_new_tokens <= 4096):
             raise RequestError(400, "error: need 0 <= temperature <= 10, top_k >= 0, 1 <= max_new_tokens <= 4096")
         # The prompt travels in a file (--start FILE:...): any text arrives exactly, even one
-        # that itself starts with "FILE:", is long, or holds characters argv cannot carry.
-        return [sys.executable, str(REPO / "sample.py"), "--out_dir", str(run_dir), "--start", f"FILE:{prompt_file}",
+        # that itself starts with "FILE:", is long, or holds characters argv cannot carry. A chat's
+        # history goes the same way, as --messages JSON; sample.py prints only the reply.
+        prompt = ["--chat", "--messages", prompt_file] if body.get("messages") is not None else ["--start", f"FILE:{prompt_file}"]
+        return [sys.executable, str(REPO / "sample.py"), "--out_dir", str(run_dir), *prompt,
                 "--temperature", str(temperature), "--top_k", str(top_k), "--max_new_tokens", str(max_new_tokens)]
 
 
@@ -705,18 +714,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def post_sample(self, body: dict) -> None:
         """Stream sample.py's output as JSON lines: {"text": ...} per chunk of whole UTF-8
-        characters, then {"done": true, "exit_code", "note", "error"}."""
+        characters, then {"done": true, "exit_code", "note", "error"}. With "messages" (a chat's
+        history, ending with the user's new message) the text is the model's reply."""
         run_dir = self.run_dir(body)
-        prompt = body.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise RequestError(400, "error: the prompt must be text")
+        prompt, messages = body.get("prompt", ""), body.get("messages")
+        if not isinstance(prompt, str) or not isinstance(messages, (list, type(None))):
+            raise RequestError(400, "error: the prompt must be text, and messages a list of {role, content}")
         if not self.studio.samplers.acquire(blocking=False):
             raise RequestError(429, f"error: {MAX_SAMPLERS} samples are already running; wait for one to finish")
         try:
             with tempfile.TemporaryDirectory(prefix="studio-prompt-") as tmp:
                 prompt_file = os.path.join(tmp, "prompt.txt")
                 with open(prompt_file, "w", encoding="utf-8", newline="") as f:
-                    f.write(prompt)
+                    f.write(prompt if messages is None else json.dumps(messages, ensure_ascii=False))
                 command = self.studio.sample_command(run_dir, body, prompt_file)
                 self.stream_process(command)
         finally:

@@ -309,6 +309,22 @@ def test_sample_streams_what_sample_py_prints(server, runs_dir):
     assert status == 400 and "no checkpoint" in body["error"]
 
 
+def test_a_chat_tuned_run_chats_with_its_history(server, runs_dir, chat_run):
+    shutil.copytree(chat_run, runs_dir / "chat-run")
+    try:
+        runs = {r["name"]: r for r in server.call("/api/runs")[1]["runs"]}
+        assert runs["chat-run"]["chat"] is True and runs["cli"]["chat"] is False
+        history = [{"role": "user", "content": "ab [flute] cd"}, {"role": "assistant", "content": "flute"},
+                   {"role": "user", "content": "xyz [eagle] q"}]
+        text, done = sample(server, {"run": "chat-run", "messages": history, "temperature": 0, "max_new_tokens": 20})
+        assert (text, done["exit_code"], done["error"]) == ("eagle\n", 0, None)  # only the reply, ended at <|im_end|>
+        text, done = sample(server, {"run": "chat-run", "messages": history[:2], "temperature": 0})
+        assert done["exit_code"] == 2 and "must end with a user message" in done["error"]
+        assert server.call("/api/sample", {"run": "chat-run", "messages": "hi"})[0] == 400
+    finally:
+        shutil.rmtree(runs_dir / "chat-run")
+
+
 def test_streamed_text_never_splits_a_character():
     text = "привет, мир 🙂 ok"
     read_fd, write_fd = os.pipe()
