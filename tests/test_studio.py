@@ -5,6 +5,7 @@ driving the page."""
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,7 +24,7 @@ import studio
 import train
 from configurator import TrainConfig
 from model import count_params
-from conftest import TINY
+from conftest import TINY, copy_conversation
 
 REPO = Path(__file__).resolve().parents[1]
 # A run that goes on until it is stopped; one log line per step.
@@ -314,10 +315,11 @@ def test_a_chat_tuned_run_chats_with_its_history(server, runs_dir, chat_run):
     try:
         runs = {r["name"]: r for r in server.call("/api/runs")[1]["runs"]}
         assert runs["chat-run"]["chat"] is True and runs["cli"]["chat"] is False
-        history = [{"role": "user", "content": "ab [flute] cd"}, {"role": "assistant", "content": "flute"},
-                   {"role": "user", "content": "xyz [eagle] q"}]
+        rng = random.Random(7)  # messages like the ones it was trained on (conftest.copy_conversation), never seen
+        (first, w1), (second, w2) = copy_conversation(rng), copy_conversation(rng)
+        history = [{"role": "user", "content": first}, {"role": "assistant", "content": w1}, {"role": "user", "content": second}]
         text, done = sample(server, {"run": "chat-run", "messages": history, "temperature": 0, "max_new_tokens": 20})
-        assert (text, done["exit_code"], done["error"]) == ("eagle\n", 0, None)  # only the reply, ended at <|im_end|>
+        assert (text, done["exit_code"], done["error"]) == (w2 + "\n", 0, None)  # only the reply, ended at <|im_end|>
         text, done = sample(server, {"run": "chat-run", "messages": history[:2], "temperature": 0})
         assert done["exit_code"] == 2 and "must end with a user message" in done["error"]
         assert server.call("/api/sample", {"run": "chat-run", "messages": "hi"})[0] == 400
@@ -475,3 +477,36 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.quit()
+
+
+def test_the_sample_box_chats_with_a_chat_tuned_run(server, runs_dir, chat_run, tmp_path):
+    webdriver, opts, service = chromium_driver()
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shutil.copytree(chat_run, runs_dir / "chat-ui")
+    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    browser = webdriver.Chrome(service=service, options=opts)
+    try:
+        browser.get(server.url)
+        wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+        wait.until(lambda b: "chat-ui" in b.find_element(By.ID, "runrows").text)
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="chat-ui"] .runname').click()
+        browser.find_element(By.CSS_SELECTOR, '[data-tab="sample"]').click()
+        wait.until(lambda b: b.find_element(By.ID, "samplebtn").text == "Send" and b.find_element(By.ID, "samplebtn").is_enabled())
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0")
+        rng = random.Random(8)
+        turns = [copy_conversation(rng), copy_conversation(rng)]
+        for message, word in turns:
+            browser.find_element(By.ID, "prompt").send_keys(message)
+            browser.find_element(By.ID, "samplebtn").click()
+            wait.until(lambda b: b.find_element(By.ID, "sampleout").text.endswith(f"model: {word}") and b.find_element(By.ID, "samplebtn").is_enabled())
+        # Both turns stay on screen: the second request carried the first exchange as history.
+        assert browser.find_element(By.ID, "sampleout").text == "\n".join(f"you: {m}\nmodel: {w}" for m, w in turns)
+        browser.find_element(By.ID, "newchat").click()
+        assert browser.find_element(By.ID, "sampleout").text == ""
+    finally:
+        browser.quit()
+        shutil.rmtree(runs_dir / "chat-ui")
