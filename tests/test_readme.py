@@ -1,4 +1,4 @@
-"""README.md promises commands; these tests keep the promises and CI in step with it."""
+"""README.md and docs/*.md promise commands; these tests keep the promises and CI in step with them."""
 
 import re
 import shlex
@@ -11,8 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))}
+PAGES = {"README.md": README, **DOCS}
 CI = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-SCRIPTS = ("prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py", "studio.py", "model.py")
+# Scripts as they are run from the repository root; each answers --help.
+ROLES = ("prepare.py", "train.py", "sample.py", "export_hf.py", "tools/bench.py", "studio/studio.py")
+SCRIPTS = ROLES + ("model.py", "tools/eval_split.py", "tools/split_heldout.py")
 
 
 def quick_start_commands() -> tuple[str, str]:
@@ -48,13 +52,31 @@ def help_text(script: str) -> str:
     return out.stdout
 
 
-def readme_invocations() -> list[tuple[str, list[str]]]:
-    """(script, flags) for every `python X.py ...` / `torchrun ... X.py ...` line in the README."""
+def shell_lines(block: str) -> list[str]:
+    """The command lines of a ```bash block: continuations joined, heredoc bodies left out."""
+    lines, heredoc_end = [], None
+    for line in block.replace("\\\n", " ").split("\n"):
+        if heredoc_end is not None:
+            if line.strip() == heredoc_end:
+                heredoc_end = None
+            continue
+        opened = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", line)
+        if opened:
+            heredoc_end = opened.group(1)
+        lines.append(line)
+    return lines
+
+
+def invocations(text: str) -> list[tuple[str, list[str]]]:
+    """(script, flags) for every `python X.py ...` / `torchrun ... X.py ...` in text's ```bash blocks."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
-        for command in block.replace("\\\n", " ").split("\n"):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in shell_lines(block):
             for part in command.split("&&"):
-                words = shlex.split(part.split("#")[0]) if part.strip() else []
+                try:
+                    words = shlex.split(part, comments=True)
+                except ValueError:  # a line inside a multi-line `python -c "..."` string
+                    continue
                 script = next((w for w in words if w in SCRIPTS), None)
                 if script:
                     flags = [w.split("=")[0] for w in words[words.index(script) + 1 :] if w.startswith("--") and w != "--help"]
@@ -62,13 +84,24 @@ def readme_invocations() -> list[tuple[str, list[str]]]:
     return found
 
 
+def documented_invocations() -> list[tuple[str, str, list[str]]]:
+    return [(page, script, flags) for page, text in PAGES.items() for script, flags in invocations(text)]
+
+
 def test_readme_has_commands_for_every_role():
-    assert {script for script, _ in readme_invocations()} >= {"prepare.py", "train.py", "sample.py", "export_hf.py", "bench.py", "studio.py"}
+    assert {script for script, _ in invocations(README)} >= set(ROLES)
 
 
-@pytest.mark.parametrize("script, flags", readme_invocations(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
-def test_every_flag_in_the_readme_exists(script, flags):
+def test_docs_run_the_extras_by_their_paths():
+    """bench.py and studio.py live in tools/ and studio/; a command without the folder fails."""
+    for page, text in PAGES.items():
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            assert not re.search(r"python (bench|studio)\.py", block), f"{page} runs bench.py or studio.py from the root"
+
+
+@pytest.mark.parametrize("page, script, flags", documented_invocations(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_every_flag_in_the_readme_exists(page, script, flags):
     text = help_text(script)
     assert text, f"{script} --help printed nothing"
     for flag in flags:
-        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"README uses {script} {flag}, which {script} does not accept"
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{page} uses {script} {flag}, which {script} does not accept"
