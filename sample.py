@@ -308,7 +308,8 @@ def read_messages(path: str) -> list[dict]:
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read --messages {path}: {getattr(err, 'strerror', None) or err}") from None
     ok = isinstance(messages, list) and all(
-        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str) for m in messages)
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        and not any(0xD800 <= ord(c) <= 0xDFFF for c in m["content"]) for m in messages)  # (JSON's "\ud800" is no text)
     if not ok:
         raise UsageError(f"--messages {path} must hold a JSON list of {{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -462,7 +462,7 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     log0(d, f"device: {device} {dtype} | parallel: {'fsdp' if fsdp else 'ddp' if d.enabled else 'none'} | compile: {use_compile} | grad checkpoint: {cfg.grad_checkpoint} | peak {peak_flops:.3g} FLOP/s ({peak_source})")
     if d.is_main:
         with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({"train": config_to_dict(cfg), "model": model_cfg.to_dict()}, f, indent=2)
+            json.dump({"train": config_to_dict(cfg), "model": model_cfg.to_dict(), "chat": bool(meta.get("chat"))}, f, indent=2)
         if tok_file:  # sample.py and export_hf.py then need only out_dir
             shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
