@@ -180,7 +180,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is None:
+        if start is None:  # a whole sequence (training, evaluation): the KV cache, if one is kept, is not involved
             y = self._attend(q, k, v, is_causal=True, dropout=self.dropout if self.training else 0.0)
         elif isinstance(start, torch.Tensor):
             y = self._decode_attention(q, k, v, start)
@@ -438,7 +438,7 @@ class Transformer(nn.Module):
             return
         for block in self.layers:
             block.attn.cache = KVCache(batch, self.config.n_kv_head, length, self.config.head_dim, p.dtype, p.device)
-            if self.compiled_decode is not None:
+            if self.compiled_decode is not None and p.is_cuda:
                 # Fixed addresses: a CUDA graph of the step may then write into the cache in
                 # place (Inductor does not capture steps that mutate other inputs).
                 torch._dynamo.mark_static_address(block.attn.cache.k)

@@ -550,6 +550,9 @@ def test_a_compiled_decode_keeps_its_cache_between_calls():
     assert m.layers[0].attn.cache is cache  # same size: the same buffers
     m.generate(torch.randint(0, 97, (3, 4)), 5, temperature=0)
     assert m.layers[0].attn.cache.k.shape[0] == 3  # another batch size: a new cache
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(m(idx), build(max_seq_len=64)(idx))  # a plain forward ignores the kept cache
 
 
 def test_bfloat16_generation_equals_float32_greedy_tokens():
