@@ -247,8 +247,9 @@ def expand_kv_for_sdpa(device: torch.device, dtype: torch.dtype, head_dim: int, 
     return device.type == "cuda" and not flash_attention_runs(dtype, cuda_capability(device), head_dim, training)
 
 
+@torch.compiler.assume_constant_result  # a compiled block asks once, while tracing, and keeps the answer
 def cuda_capability(device: torch.device) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(device)  # (torch.compile folds this into a constant)
+    props = torch.cuda.get_device_properties(device)
     return props.major, props.minor
 
 

@@ -299,7 +299,7 @@ def check_decode(setup: Setup, new_tokens: int = 256) -> Row:
     transformers.logging.set_verbosity_error()
     hf_dir = os.path.join(setup.work, "hf")
     export_hf(path, hf_dir, dtype=dtype, overwrite=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).to(device=device, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None  # run all new tokens, as ours does
     ones = torch.ones_like(prompt)
     with torch.no_grad():
