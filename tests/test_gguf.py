@@ -234,10 +234,12 @@ def test_outtypes_store_matrices_in_their_type(runs, outtype):
 
 
 def tiny_checkpoint(tmp_path, info: dict, ranks: dict[bytes, int], vocab_size: int) -> str:
-    """An untrained one-layer model with this tiktoken tokenizer, saved as train.py would."""
+    """An untrained one-layer model with this tokenizer (tiktoken ranks, or None when
+    out/tokenizer.model is already there), saved as train.py would."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    toklib.write_tiktoken_ranks(ranks, str(out / "tokenizer.tiktoken"))
+    if ranks is not None:
+        toklib.write_tiktoken_ranks(ranks, str(out / "tokenizer.tiktoken"))
     cfg = ModelConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, ffn_hidden=64, max_seq_len=64)
     torch.save({"model": Transformer(cfg).state_dict(), "model_config": cfg.to_dict(), "train_config": {}, "tokenizer": info,
                 "step": 1, "tokens_seen": 0}, out / "ckpt.pt")
@@ -293,6 +295,25 @@ def test_bpe_special_tokens_keep_their_ids_and_llama_cpp_splits_like_tiktoken(tm
     assert mismatches == []
     assert llm.tokenize(b"<|endoftext|>", add_bos=False, special=True) == [eot]
     assert llm.token_eos() == eot
+
+
+def test_sentencepiece_with_a_dummy_prefix_keeps_it_in_llama_cpp(tmp_path):
+    """A SentencePiece BPE that puts a space before the text (as Llama 2's does; sp:N does not)
+    is written with add_space_prefix=true and tokenizes as SentencePiece does."""
+    (tmp_path / "out").mkdir()
+    options = {**toklib.SENTENCEPIECE_TRAINER_OPTIONS, "add_dummy_prefix": True, "num_threads": 1}
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus(300)), model_prefix=str(tmp_path / "out" / "tokenizer"),
+                                   vocab_size=420, **options)
+    ours = toklib.load_sentencepiece(str(tmp_path / "out" / "tokenizer.model"))
+    info = dict(kind="sentencepiece", spec="test", file="tokenizer.model", name=None, pat_str=None, special_tokens={},
+                eot_id=ours.eot_id, bos_id=None)
+    dest = str(tmp_path / "model.gguf")
+    export_hf.main(["--ckpt", tiny_checkpoint(tmp_path, info, None, ours.vocab_size), "--gguf", dest])
+    assert field(gguf.GGUFReader(dest), "tokenizer.ggml.add_space_prefix") is True
+    require_llama_cpp()
+    llm = llama_cpp.Llama(dest, vocab_only=True, verbose=False)
+    assert ours.impl.id_to_piece(ours.encode("Привет")[0]).startswith("▁")  # the prefix space is really there
+    assert [t for t in PROBES if llm.tokenize(t.encode(), add_bos=False, special=False) != ours.encode(t)] == []
 
 
 def test_export_refuses_what_llama_cpp_would_tokenize_differently(tmp_path, capsys):
