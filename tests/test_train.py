@@ -348,6 +348,11 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     assert full["step"] == 12 and "optimizer" not in full and (tmp_path / "full" / "tokenizer.tiktoken").exists()
     sharded = checkpoint.load_checkpoint(str(out / "ckpt_000012"))
     assert all(torch.equal(full["model"][k], v) for k, v in sharded["model"].items())
+    # ... and writes a GGUF from the shards too, read on the CPU (no process group, no GPU).
+    import gguf  # requirements-dev.txt
+    export_hf.main(["--out_dir", str(out), "--gguf", str(tmp_path / "gguf" / "model.gguf"), "--outtype", "f32"])
+    embd = next(t for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors if t.name == "token_embd.weight")
+    assert np.array_equal(np.asarray(embd.data), sharded["model"]["embed.weight"].numpy())
 
 
 def test_async_checkpoint_writes_in_the_background_the_same_checkpoints(dataset, tmp_path):
