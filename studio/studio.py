@@ -29,24 +29,19 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import hashlib
 import hmac
 import json
 import math
 import os
-import re
 import secrets
 import shlex
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -58,21 +53,19 @@ REPO = Path(__file__).resolve().parents[1]  # the repository: train.py, sample.p
 sys.path.insert(0, str(REPO))  # run as `python studio/studio.py` from anywhere
 
 from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
-from checkpoint import numbered_checkpoints, sharded_checkpoints
 from dataset import DatasetError, load_meta
 from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
-from system import pid_alive, usable_cpus
+from run_files import (  # studio/run_files.py: what a run folder says
+    HOST, BadCursor, Job, Summary, find_runs, has_checkpoint, number, parse_records, preset_of, read_json, read_new_lines,
+    run_state, string, trains_here, whole,
+)
+from system import usable_cpus
 
 PAGE = Path(__file__).resolve().parent / "studio.html"
-RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")
-SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
 MAX_BODY_BYTES = 1 << 20
-MAX_READ_BYTES = 4 << 20  # per metrics request; the page asks again at once when there is more
 CONSOLE_TAIL_BYTES = 64 << 10  # a page opening a long console.log starts this far from its end
 MAX_SAMPLERS = 2  # sample.py processes at once
-HOST = socket.gethostname()
-CURSOR = re.compile(r"[0-9]{1,18}:[0-9a-f]{16}")  # what read_new_lines hands out: offset:fingerprint
 
 
 class RequestError(Exception):
@@ -83,7 +76,7 @@ class RequestError(Exception):
         self.status = status
 
 
-# ----------------------------------------------------------------------------- paths and files
+# ----------------------------------------------------------------------------- paths and processes
 
 
 def resolve_inside(root: Path, name: str, key: Optional[str] = None) -> Path:
@@ -107,101 +100,6 @@ def run_name(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix() if path != root else "."
 
 
-def open_regular(path: Path):
-    """path opened for binary reading, or OSError unless it is a regular file: a FIFO planted as
-    metrics.jsonl or status.json would block its reader (and the lock it holds) forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file")
-    return open(fd, "rb")
-
-
-def read_json(path: Path) -> Optional[dict]:
-    """A small JSON file as a dict, or None when it is missing, unreadable or half-written."""
-    try:
-        with open_regular(path) as f:
-            value = json.loads(f.read(MAX_BODY_BYTES))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def number(value: Any) -> Optional[float]:
-    """value if it is a finite int or float (not a bool), else None. What a run's files hold is
-    shown, never trusted: "yesterday", NaN or a list where a number belongs shows as nothing."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if isinstance(value, int) or math.isfinite(value) else None
-
-
-def whole(value: Any) -> Optional[int]:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def string(value: Any) -> Optional[str]:
-    return value if isinstance(value, str) else None
-
-
-def _fingerprint(f, offset: int) -> str:
-    f.seek(max(0, offset - 256))
-    return hashlib.sha1(f.read(min(offset, 256))).hexdigest()[:16]
-
-
-def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, tail: Optional[int] = None) -> tuple[list[str], str, bool, bool]:
-    """The complete lines appended to `path` since `cursor`: (lines, new cursor, reset, more).
-
-    A cursor is "offset:fingerprint", the fingerprint being a hash of the 256 bytes before the
-    offset. If the file is now shorter than the offset, or those bytes changed (the file was
-    rewritten, e.g. truncated on resume and written again), reading restarts at byte 0 and
-    `reset` says so; a cursor not of that form is a RequestError. A last line without its
-    newline is still being written: it is left for the next call. `tail` (a first read only)
-    starts that many bytes before the end."""
-    if cursor and not CURSOR.fullmatch(cursor):
-        raise RequestError(400, f"error: bad cursor {cursor[:40]!r}; pass the one the last answer gave, or none to read from the start")
-    try:
-        f = open_regular(path)
-    except OSError:  # missing, or not a file: nothing to read
-        return [], "", bool(cursor), False
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        offset, reset = 0, False
-        if cursor:
-            raw_offset, _, mark = cursor.partition(":")
-            offset = int(raw_offset)
-            if offset > size or _fingerprint(f, offset) != mark:
-                offset, reset = 0, True
-        if offset == 0 and tail is not None and size > tail:
-            f.seek(size - tail)
-            f.readline()  # start at a line boundary
-            offset = f.tell()
-        f.seek(offset)
-        data = f.read(limit)
-        end = data.rfind(b"\n") + 1
-        if end == 0 and len(data) == limit:
-            end = len(data)  # one enormous line: pass it on rather than stall forever
-        new_offset = offset + end
-        lines = data[:end].decode("utf-8", errors="replace").splitlines()
-        # more: only when the slice was full. A torn last line is not "more" (it is still being
-        # written): asking again at once would spin on it forever.
-        more = len(data) == limit and new_offset < size
-        return lines, f"{new_offset}:{_fingerprint(f, new_offset)}", reset, more
-
-
-def parse_records(lines: list[str]) -> list[dict]:
-    """metrics.jsonl lines as dicts of plain values: NaN/inf (an MFU without a known peak) become
-    null, which JSON can carry, and so does anything nested, which no chart draws."""
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue  # a damaged line costs that line, not the chart
-        if isinstance(record, dict) and whole(record.get("step")) is not None:
-            records.append({k: v if isinstance(v, (str, bool)) else number(v) for k, v in record.items()})
-    return records
-
-
 def utf8_chunks(fd: int) -> Iterator[str]:
     """Text read from fd as it arrives, each chunk whole UTF-8 characters: a character whose
     bytes straddle two reads waits for its last byte instead of turning into U+FFFD."""
@@ -213,161 +111,6 @@ def utf8_chunks(fd: int) -> Iterator[str]:
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
-
-
-def train_alive(pid: Any) -> bool:
-    """Whether pid is a live train.py process on this machine (its command line says so where
-    /proc exists, so a recycled pid does not keep a dead run "running")."""
-    return pid_alive(pid, command_contains=b"train.py")
-
-
-def trains_here(run_dir: Path, pid: Any) -> bool:
-    """Whether pid is the live train.py training run_dir: only then is the run "running" and may
-    Stop signal it, so a status.json naming any other process (planted, or stale with a
-    recycled pid) gets nobody signalled. train.py's rank 0 holds an exclusive flock on
-    out_dir/train.lock while it runs and writes "pid N on host H" into it: the lock must be
-    held (a non-blocking attempt of ours fails), name this pid and, where /proc exists, be
-    one of that process's open files (a link to another run's lock is not)."""
-    import fcntl  # POSIX only, as train.py's lock is
-
-    lock_path = run_dir / "train.lock"
-    if not train_alive(pid):
-        return False
-    try:
-        with open_regular(lock_path) as f:
-            holder = f.read(256).split()
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return False  # nobody holds it (closing the file lets go of ours)
-            except BlockingIOError:
-                pass
-    except OSError:
-        return False
-    if holder[:2] != [b"pid", str(pid).encode()]:
-        return False
-    return not os.path.isdir("/proc/self/fd") or str(lock_path) in open_files(pid)
-
-
-def open_files(pid: int) -> set[str]:
-    """The paths of the files a process has open (Linux /proc; empty when it cannot be read)."""
-    fd_dir = f"/proc/{pid}/fd"
-    paths = set()
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return paths
-    for name in names:
-        try:
-            paths.add(os.readlink(os.path.join(fd_dir, name)))
-        except OSError:
-            pass  # closed since the listing
-    return paths
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether run_dir holds any checkpoint train.py or sample.py would find: ckpt.pt, numbered
-    ckpt_STEP.pt copies or an FSDP run's sharded ckpt_STEP/ directories (listing only; nothing
-    is loaded)."""
-    try:
-        return (run_dir / "ckpt.pt").is_file() or bool(numbered_checkpoints(str(run_dir)) or sharded_checkpoints(str(run_dir)))
-    except OSError:
-        return False
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Summary:
-    """What the runs table shows from metrics.jsonl, updated from the new lines only."""
-
-    cursor: str = ""
-    step: Optional[int] = None
-    loss: Optional[float] = None
-    best_val_loss: Optional[float] = None
-    val_bpb: Optional[float] = None  # at the best val loss
-    tokens_per_s: Optional[float] = None
-    mfu: Optional[float] = None
-
-    def add(self, record: dict) -> None:
-        """One parse_records record; a value of the wrong type (`"val_loss": "bad"`) is skipped."""
-        self.step = max(self.step or 0, record["step"])
-        if number(record.get("loss")) is not None:
-            self.loss = record["loss"]
-        if number(record.get("tokens_per_s")) is not None:
-            self.tokens_per_s, self.mfu = record["tokens_per_s"], number(record.get("mfu"))
-        val = number(record.get("val_loss"))
-        if val is not None and (self.best_val_loss is None or val < self.best_val_loss):
-            self.best_val_loss, self.val_bpb = val, number(record.get("val_bpb"))
-
-
-@dataclass
-class Job:
-    """A train.py (or torchrun) child this studio started; its output goes to console.log."""
-
-    proc: subprocess.Popen
-    command: list[str]
-    preset: Optional[str]
-    started: float = field(default_factory=time.time)
-    stopping: bool = False
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
-    """Directories under root holding a run file; hidden and package directories and symlinks
-    are not entered, nor a run's own subdirectories, except root's: a run trained with
-    --out_dir=. right in --runs_dir must not hide the others."""
-    found = []
-
-    def visit(directory: Path, depth: int) -> None:
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            return
-        if any(e.name in RUN_FILES for e in entries):
-            found.append(directory)
-            if depth > 0:
-                return
-        if depth < max_depth:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP_DIRS:
-                    visit(Path(e.path), depth + 1)
-
-    visit(root, 0)
-    return found
-
-
-def preset_of(command: Any) -> Optional[str]:
-    """The config file in a train.py command line (status.json's `command`), if any."""
-    if isinstance(command, list):
-        files = [c for c in command[1:] if isinstance(c, str) and c.endswith(".py") and not c.startswith("-")]
-        return Path(files[0]).stem if files else None
-    return None
-
-
-def run_state(run_dir: Path, status: Optional[dict], job: Optional[Job], last_step: Optional[int], max_iters: Optional[int]) -> tuple[str, Optional[str]]:
-    """(state, reason): running / stopping / finished / stopped / crashed / unknown."""
-    if job is not None and job.alive:
-        if job.stopping:
-            return "stopping", "SIGTERM sent: finishing the step, then saving"
-        return "running", None if status else "starting: train.py has not written status.json yet"
-    state = status.get("state") if status else None
-    if state == "running":
-        if status.get("host") != HOST:
-            return "unknown", f"running on another host ({string(status.get('host'))}); cannot check its process"
-        if trains_here(run_dir, status.get("pid")):
-            return "running", None
-        return "crashed", f"process {whole(status.get('pid'))} ended without saving a final state (killed?)"
-    if state in ("finished", "stopped", "crashed"):
-        return state, string(status.get("reason"))
-    if job is not None:  # exited before writing any status: it failed at start
-        return "crashed", f"exited with status {job.proc.returncode} before training started; see the console"
-    if last_step is not None and max_iters is not None and last_step >= max_iters:
-        return "finished", "no status.json; metrics reach max_iters"
-    return "unknown", "no status.json (a run from before studio existed)"
 
 
 # ----------------------------------------------------------------------------- presets and estimates
@@ -467,6 +210,28 @@ def bounded(body: dict, key: str, default: Any, low: float, high: float, integer
         kind = "a whole number" if integer else "a number"
         raise RequestError(400, f"error: {key} must be {kind} from {low} to {high}, got {repr(value)[:40]}")
     return value
+
+
+def text_field(value: Any, what: str) -> str:
+    """value if it is text that a file can hold: JSON's "\\ud800" decodes to a lone surrogate."""
+    if not isinstance(value, str):
+        raise RequestError(400, f"error: {what} must be text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"error: {what} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def chat_history(messages: Any) -> list[dict]:
+    """A chat box's "messages", checked as sample.py --messages would, so a bad one is a 400
+    here rather than a failed sample.py: a list of {"role", "content"} ending with a user's."""
+    roles = ("system", "user", "assistant")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and m.get("role") in roles for m in messages):
+        raise RequestError(400, 'error: messages must be a list of {"role": "system"|"user"|"assistant", "content": "..."}')
+    if not messages or messages[-1]["role"] != "user":
+        raise RequestError(400, "error: the conversation to reply to must end with a user message")
+    return [{"role": m["role"], "content": text_field(m.get("content"), f"message {i}'s content")} for i, m in enumerate(messages)]
 
 
 # ----------------------------------------------------------------------------- the studio
@@ -724,7 +489,7 @@ class Studio:
         self.launch(run_dir, args, nproc, preset_of(status.get("command")))
         return {"run": name, "command": args}
 
-    def sample_command(self, run_dir: Path, body: dict, prompt_file: str) -> list[str]:
+    def sample_command(self, run_dir: Path, body: dict, prompt_file: str, chat: bool) -> list[str]:
         if not has_checkpoint(run_dir):
             raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no checkpoint yet")
         temperature = bounded(body, "temperature", 0.8, 0, 10)
@@ -733,7 +498,7 @@ class Studio:
         # The prompt travels in a file (--start FILE:...): any text arrives exactly, even one
         # that itself starts with "FILE:", is long, or holds characters argv cannot carry. A chat's
         # history goes the same way, as --messages JSON; sample.py prints only the reply.
-        prompt = ["--chat", "--messages", prompt_file] if body.get("messages") is not None else ["--start", f"FILE:{prompt_file}"]
+        prompt = ["--chat", "--messages", prompt_file] if chat else ["--start", f"FILE:{prompt_file}"]
         return [sys.executable, str(REPO / "sample.py"), "--out_dir", str(run_dir), *prompt,
                 "--temperature", str(temperature), "--top_k", str(top_k), "--max_new_tokens", str(max_new_tokens)]
 
@@ -861,12 +626,18 @@ class Handler(BaseHTTPRequestHandler):
                              "defaults": config_to_dict(TrainConfig()), "cpus": os.cpu_count(),
                              "max_nproc": max_processes()})
 
+    def read_lines(self, params: dict, name: str, tail: Optional[int] = None) -> tuple[list[str], str, bool, bool]:
+        try:
+            return read_new_lines(self.run_dir(params) / name, params.get("cursor", ""), tail=tail)
+        except BadCursor as err:
+            raise RequestError(400, str(err)) from None
+
     def get_metrics(self, params: dict) -> None:
-        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "metrics.jsonl", params.get("cursor", ""))
+        lines, cursor, reset, more = self.read_lines(params, "metrics.jsonl")
         self.send_json(200, {"records": parse_records(lines), "cursor": cursor, "reset": reset, "more": more})
 
     def get_console(self, params: dict) -> None:
-        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "console.log", params.get("cursor", ""), tail=CONSOLE_TAIL_BYTES)
+        lines, cursor, reset, more = self.read_lines(params, "console.log", tail=CONSOLE_TAIL_BYTES)
         self.send_json(200, {"text": "".join(line + "\n" for line in lines), "cursor": cursor, "reset": reset, "more": more})
 
     def post_estimate(self, body: dict) -> None:
@@ -888,21 +659,16 @@ class Handler(BaseHTTPRequestHandler):
         characters, then {"done": true, "exit_code", "note", "error"}. With "messages" (a chat's
         history, ending with the user's new message) the text is the model's reply."""
         run_dir = self.run_dir(body)
-        prompt, messages = body.get("prompt", ""), body.get("messages")
-        if not isinstance(prompt, str) or not isinstance(messages, (list, type(None))):
-            raise RequestError(400, "error: the prompt must be text, and messages a list of {role, content}")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:  # JSON's "\ud800" decodes to a lone surrogate, which no file can hold
-            raise RequestError(400, "error: the prompt is not valid Unicode text (it holds a lone surrogate)") from None
+        prompt = text_field(body.get("prompt", ""), "the prompt")
+        messages = chat_history(body["messages"]) if body.get("messages") is not None else None
         if not self.studio.samplers.acquire(blocking=False):
             raise RequestError(429, f"error: {MAX_SAMPLERS} samples are already running; wait for one to finish")
         try:
             with tempfile.TemporaryDirectory(prefix="studio-prompt-") as tmp:
                 prompt_file = os.path.join(tmp, "prompt.txt")
                 with open(prompt_file, "w", encoding="utf-8", newline="") as f:
-                    f.write(prompt if messages is None else json.dumps(messages))  # (ASCII: sample.py checks the text)
-                command = self.studio.sample_command(run_dir, body, prompt_file)
+                    f.write(prompt if messages is None else json.dumps(messages, ensure_ascii=False))
+                command = self.studio.sample_command(run_dir, body, prompt_file, chat=messages is not None)
                 self.stream_process(command)
         finally:
             self.studio.samplers.release()

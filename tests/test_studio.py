@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_files
 import studio
 import train
 from configurator import TrainConfig
@@ -101,7 +102,7 @@ class Server:
         # Children train in their own sessions and outlive the studio by design: end any a test left.
         for status_file in self.runs.glob("*/status.json"):
             s = json.loads(status_file.read_text())
-            if s.get("state") == "running" and studio.train_alive(s.get("pid")):
+            if s.get("state") == "running" and run_files.train_alive(s.get("pid")):
                 os.kill(s["pid"], signal.SIGKILL)
 
 
@@ -204,7 +205,7 @@ def test_read_new_lines_never_rereads_old_bytes(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(studio, "open", lambda *a, **k: CountingFile(open(*a, **k)), raising=False)
+    monkeypatch.setattr(run_files, "open", lambda *a, **k: CountingFile(open(*a, **k)), raising=False)
     with open(path, "a") as f:
         f.write('{"step": 1000, "loss": 0.5}\n')
     lines, cursor, _, _ = studio.read_new_lines(path, cursor)
@@ -322,12 +323,11 @@ def test_a_chat_tuned_run_chats_with_its_history(server, runs_dir, chat_run):
         assert runs["chat-run"]["chat"] is True and runs["cli"]["chat"] is False
         rng = random.Random(7)  # messages like the ones it was trained on (conftest.copy_conversation), never seen
         (first, w1), (second, w2) = copy_conversation(rng), copy_conversation(rng)
-        history = [{"role": "user", "content": first}, {"role": "assistant", "content": w1}, {"role": "user", "content": second}]
+        history = [{"role": "user", "content": f"ёж {first} «щи»"}, {"role": "assistant", "content": w1}, {"role": "user", "content": second}]
         text, done = sample(server, {"run": "chat-run", "messages": history, "temperature": 0, "max_new_tokens": 20})
         assert (text, done["exit_code"], done["error"]) == (w2 + "\n", 0, None)  # only the reply, ended at <|im_end|>
-        text, done = sample(server, {"run": "chat-run", "messages": history[:2], "temperature": 0})
-        assert done["exit_code"] == 2 and "must end with a user message" in done["error"]
-        assert server.call("/api/sample", {"run": "chat-run", "messages": "hi"})[0] == 400
+        status, body = server.call("/api/sample", {"run": "chat-run", "messages": history[:2], "temperature": 0})
+        assert status == 400 and "must end with a user message" in body["error"]
     finally:
         shutil.rmtree(runs_dir / "chat-run")
 
@@ -457,7 +457,12 @@ def test_malformed_fields_get_a_4xx_with_a_one_line_error(server, runs_dir):
     # Raw JSON: 1e400 is inf to Python's parser, "\ud800" a lone surrogate, NaN a float.
     sample_bodies = [b'{"run": "cli", "prompt": "x", "top_k": 1e400}', b'{"run": "cli", "prompt": "\\ud800"}',
                      b'{"run": "cli", "prompt": "x", "temperature": NaN}', b'{"run": "cli", "prompt": "x", "temperature": -Infinity}',
-                     b'{"run": "cli", "prompt": 5}', b'{"run": "\\ud800", "prompt": "x"}']
+                     b'{"run": "cli", "prompt": 5}', b'{"run": "\\ud800", "prompt": "x"}',
+                     b'{"run": "cli", "messages": [{"role": "user", "content": "\\ud800"}]}']
+    user = {"role": "user", "content": "x"}
+    for messages in ("hi", [], [{"role": "bot", "content": "x"}], [{"role": "user", "content": 5}], [user, {"role": "assistant", "content": "y"}],
+                     [user, "x"], [{"role": "user"}], {"role": "user", "content": "x"}, [[user]]):
+        sample_bodies.append(json.dumps({"run": "cli", "messages": messages}).encode())
     for key, values in {"temperature": ["0.5", True, [], 11, -1], "top_k": [-1, 2.5, "5", 1e30, 10**30],
                         "max_new_tokens": [0, 2.5, 1e400, 10**30, "5", None], "run": [5, None, [], "", "a" * 5000, "x\0y", "../.."]}.items():
         sample_bodies += [json.dumps({"run": "cli", "prompt": "x", key: v}).encode() for v in values]
