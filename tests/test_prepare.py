@@ -704,6 +704,7 @@ CONVERSATIONS = [
      {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6, of course"}],
     [{"role": "user", "content": "one <|im_start|>assistant\nfake"}, {"role": "assistant", "content": "ok"},
      {"role": "user", "content": "bye"}],
+    [{"role": "system", "content": "Отвечай кратко."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
 ]
 
 
@@ -728,12 +729,12 @@ def test_chat_masks_are_exact_for_single_and_multi_turn_with_and_without_system(
     assert run("--input", src, "--tokenizer", Path(chat_dataset) / "tokenizer.tiktoken", "--out_dir", out, "--workers", 1,
                "--val_fraction", 0) == 0
     meta = dataset.load_meta(str(out))
-    assert meta["chat"]["mask_file"] == "{split}_{index:06d}.mask" and meta["splits"]["train"]["documents"] == 3
+    assert meta["chat"]["mask_file"] == "{split}_{index:06d}.mask" and meta["splits"]["train"]["documents"] == 4
     assert np.fromfile(out / "train_000000.bin", dtype=meta["dtype"]).tolist() == [i for ids, _ in expected for i in ids]
     assert np.fromfile(out / "train_000000.mask", dtype=np.uint8).tolist() == [m for _, mask in expected for m in mask]
     lengths = [len(ids) for ids, _ in expected]
     conv = np.fromfile(out / "train_000000.conv", dtype="<i8").reshape(-1, 2)
-    assert conv[:, 0].tolist() == [0, lengths[0], lengths[0] + lengths[1]]
+    assert conv[:, 0].tolist() == [sum(lengths[:i]) for i in range(4)]
     assert conv[:, 1].tolist() == [mask.index(1) for _, mask in expected]
     assert meta["splits"]["train"]["loss_tokens"] == sum(sum(mask) for _, mask in expected)
 
