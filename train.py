@@ -586,12 +586,16 @@ def build_model(cfg: TrainConfig, meta: dict, d: Dist) -> tuple[Transformer, Mod
         if cfg.vocab_size and cfg.vocab_size != meta["vocab_size"]:
             log0(d, f"note: the config sets vocab_size={cfg.vocab_size} (a preset for another tokenizer, e.g. Qwen's), but the tokenizer of "
                  f"{cfg.data_dir} has {meta['vocab_size']} tokens: rows past it are never trained; --vocab_size=None sizes the model to the data")
-    elif cfg.init_from.startswith("hf:"):
-        model_cfg, init_state = load_hf_model(cfg.init_from[3:])
     else:
-        ckpt = load_init_checkpoint(cfg.init_from)
-        model_cfg, init_state = ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]
-        if model_cfg.vocab_size < meta["vocab_size"]:  # e.g. the chat tokens prepare.py added to the run's tokenizer
+        if cfg.init_from.startswith("hf:"):  # no tokenizer record: prepare.py read the directory's own tokenizer
+            model_cfg, init_state = load_hf_model(cfg.init_from[3:])
+            ckpt = {"model_config": model_cfg.to_dict(), "model": init_state}
+        else:
+            ckpt = load_init_checkpoint(cfg.init_from)
+            model_cfg, init_state = ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]
+        # Grow only by the chat tokens prepare.py appended to the model's tokenizer; any other
+        # shortfall means another tokenizer, refused below.
+        if 0 < meta["vocab_size"] - model_cfg.vocab_size <= meta["tokenizer"].get("chat_tokens_added", 0):
             model_cfg, init_state = grow_vocab(ckpt, meta["tokenizer"], meta["vocab_size"])
             log0(d, f"grew the vocabulary from {ckpt['model_config']['vocab_size']} to {model_cfg.vocab_size} tokens for the dataset's tokenizer: new embedding/output rows = mean of the old")
     if model_cfg.vocab_size < meta["vocab_size"]:

@@ -68,6 +68,24 @@ def corpus(lines: int = 1500, seed: int = 0) -> list[str]:
     return docs
 
 
+def byte_level_bpe(vocab_size: int, special_tokens: list[str], hf_dir: str | None = None):
+    """A byte-level BPE (GPT-2's pre-tokenizer) trained by the tokenizers library on corpus(), as
+    many HF models ship theirs; with hf_dir, saved there with <|endoftext|> as eos_token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    if hf_dir:
+        tok.save(os.path.join(hf_dir, "tokenizer.json"))
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": "<|endoftext|>"}, f)
+    return tok
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
@@ -294,11 +312,12 @@ def test_onig_pattern_keeps_tiktoken_semantics():
 # ----------------------------------------------------------------------------- import
 
 
-def tiny_hf_model(tmp_path, model_type: str, tie: bool, attention_bias: bool = False, o_bias: float = 0.0, storage: str = "single"):
+def tiny_hf_model(tmp_path, model_type: str, tie: bool, attention_bias: bool = False, o_bias: float = 0.0, storage: str = "single",
+                  vocab_size: int = 320):
     """A random transformers Llama/Qwen2 (GQA) saved with save_pretrained, as downloaded models are.
     attention_bias: a Llama whose o_proj bias is filled with o_bias. storage: one model.safetensors,
     "sharded" safetensors with an index, or an old-style pytorch_model.bin."""
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                   bos_token_id=None, eos_token_id=None)
     if model_type == "llama":
@@ -389,14 +408,7 @@ def test_import_sentencepiece_tokenizer_is_copied(tmp_path, tokenizer_dirs):
 def test_import_gpt2_style_tokenizer_json_made_by_tokenizers(tmp_path):
     """A byte-level BPE trained by the tokenizers library itself (ByteLevel pre-tokenizer, GPT-2's
     regex) converts to a tiktoken encoding that splits text identically."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
+    tok = byte_level_bpe(400, ["<|endoftext|>"])
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     tok.save(str(hf_dir / "tokenizer.json"))
@@ -412,20 +424,11 @@ def test_continue_pretraining_a_hf_model_prepare_then_train(tmp_path):
     """The README's flow: prepare --tokenizer hf:DIR tokenizes exactly as the HF tokenizer does,
     and train.py --init_from=hf:DIR starts from the HF weights (its first loss equals the loss
     transformers computes on the same window)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     import train
 
     hf, hf_dir = tiny_hf_model(tmp_path, "qwen2", tie=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
-    tok.save(os.path.join(hf_dir, "tokenizer.json"))
-    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>"}, f)
+    tok = byte_level_bpe(300, ["<|endoftext|>"], hf_dir)
     docs = corpus(200, seed=1)
     (tmp_path / "ru.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     data = tmp_path / "data"
@@ -440,13 +443,45 @@ def test_continue_pretraining_a_hf_model_prepare_then_train(tmp_path):
     out = tmp_path / "out"
     train.main([f"--data_dir={data}", f"--out_dir={out}", f"--init_from=hf:{hf_dir}", "--block_size=32", "--batch_size=2",
                 "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--learning_rate=1e-4",
-                "--device=cpu", "--compile=False"])
+                "--device=cpu", "--dtype=float32", "--compile=False"])  # compared with transformers' float32 loss
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     picks = train.TokenShards(str(data), meta, "train", 32).sample([1337, 0], 2)
     x, y = train.TokenShards(str(data), meta, "train", 32).read(picks, torch.device("cpu"))
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
     assert first["loss"] == pytest.approx(hf_loss, rel=1e-5)
+
+
+def test_sft_from_a_hf_model_grows_its_vocabulary_for_the_appended_chat_tokens(tmp_path, capsys):
+    """A HF model whose tokenizer has no chat tokens and no spare rows (vocab_size = the
+    tokenizer's size, as in most Llamas): prepare.py appends <|im_start|>/<|im_end|> to the
+    tokenizer for conversations, and train.py --init_from=hf:DIR grows the embedding and the
+    output head to match (new rows: the mean of the old), saying so, instead of refusing."""
+
+    import train
+
+    size = 300
+    hf, hf_dir = tiny_hf_model(tmp_path, "llama", tie=False, vocab_size=size)
+    assert byte_level_bpe(size, ["<|endoftext|>"], hf_dir).get_vocab_size() == size
+    chats = [{"messages": [{"role": "user", "content": d[:40]}, {"role": "assistant", "content": d[40:80] or "да"}]} for d in corpus(300, seed=2)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats), encoding="utf-8")
+    data = tmp_path / "data"
+    assert prepare.main(["--input", str(tmp_path / "chats.jsonl"), "--tokenizer", f"hf:{hf_dir}", "--out_dir", str(data),
+                         "--workers", "1", "--no_progress", "--block_size", "64"]) == 0
+    meta = dataset.load_meta(str(data))
+    assert meta["vocab_size"] == size + 2 and meta["tokenizer"]["chat_tokens"] == {"<|im_start|>": size, "<|im_end|>": size + 1}
+
+    out = tmp_path / "out"
+    capsys.readouterr()
+    train.main([f"--data_dir={data}", f"--out_dir={out}", f"--init_from=hf:{hf_dir}", "--block_size=64", "--batch_size=2",
+                "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--learning_rate=0", "--min_lr=0", "--warmup_iters=0",
+                "--device=cpu", "--dtype=float32", "--compile=False"])
+    assert f"grew the vocabulary from {size} to {size + 2} tokens" in capsys.readouterr().out
+    grown = torch.load(out / "ckpt.pt", weights_only=True)
+    assert grown["model_config"]["vocab_size"] == size + 2
+    for ours, theirs in (("embed.weight", hf.model.embed_tokens.weight), ("lm_head.weight", hf.lm_head.weight)):
+        assert torch.equal(grown["model"][ours][:size], theirs.detach())
+        assert torch.allclose(grown["model"][ours][size:], theirs.detach().mean(0).expand(2, -1))
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -584,18 +619,8 @@ def test_importing_a_chat_model_keeps_it_chat_capable(tmp_path):
     import subprocess
     import sys
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     _, hf_dir = tiny_hf_model(tmp_path, "llama", tie=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
-    tok.save(os.path.join(hf_dir, "tokenizer.json"))
-    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>"}, f)
+    byte_level_bpe(300, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], hf_dir)
     out = str(tmp_path / "imported")
     export_hf.main(["--import_from", hf_dir, "--to", out])
     record = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["tokenizer"]

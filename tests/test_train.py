@@ -314,7 +314,8 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     out = tmp_path / "fsdp"
     # eval_iters x batch_size = 3 x 3 = 9 validation windows: rank 0 takes 5, rank 1 takes 4 plus
     # one padding row, which must neither change the mean nor leave FSDP's collectives unmatched.
-    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3", "--batch_size=3"]
+    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3", "--batch_size=3",
+              "--dtype=float32"]  # compared across runs below
     fsdp = [*common, "--parallel=fsdp"]
     log = finish(torchrun([*fsdp, "--max_iters=4"]))
     assert "parallel: fsdp" in log
@@ -349,6 +350,12 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     assert full["step"] == 12 and "optimizer" not in full and (tmp_path / "full" / "tokenizer.tiktoken").exists()
     sharded = checkpoint.load_checkpoint(str(out / "ckpt_000012"))
     assert all(torch.equal(full["model"][k], v) for k, v in sharded["model"].items())
+    # ... and train.py --init_from starts from the shards (learning_rate 0 keeps the start visible).
+    run_inprocess([*common, f"--out_dir={tmp_path / 'warm'}", f"--init_from={out / 'ckpt_000012'}", "--max_iters=1", "--eval_interval=1",
+                   "--learning_rate=0", "--min_lr=0", "--warmup_iters=0"])
+    tuned = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=True)["model"]
+    assert torch.equal(tuned["embed.weight"], sharded["model"]["embed.weight"])
+    assert torch.equal(tuned["layers.0.attn.q_proj.weight"], sharded["model"]["layers.0.attn.q_proj.weight"])
     # ... and writes a GGUF from the shards too, read on the CPU (no process group, no GPU).
     import gguf  # requirements-dev.txt
     export_hf.main(["--out_dir", str(out), "--gguf", str(tmp_path / "gguf" / "model.gguf"), "--outtype", "f32"])
