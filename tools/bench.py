@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, REPO)  # run as `python tools/bench.py` from anywhere
 
 from configurator import TrainConfig, parse_args
-from corpus import find_input_files, iter_file_pieces, parse_piece
+from corpus import find_input_files, iter_file_pieces, read_piece
 from dataset import load_meta
 from hardware import compile_decode, configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from system import usable_cpus
@@ -247,8 +247,8 @@ def read_documents(paths: list[str], text_key: str = "text") -> list[str]:
     """Every document of the corpus files, in memory (corpus.py reads them as prepare.py does)."""
     docs = []
     for file in find_input_files(paths, "line", "train"):
-        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22):
-            docs.extend(parse_piece(file.kind, data, first_line, text_key).docs)
+        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22, text_key=text_key):
+            docs.extend(d for parsed in read_piece(file.kind, data, first_line, text_key) for d in parsed.docs)
     return docs
 
 
