@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -519,6 +520,13 @@ def optional_import(module: str, flag: str, package: str) -> Any:
         raise CheckpointError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
 
 
+def finite_or_null(record: dict) -> dict:
+    """A metrics record with NaN and inf, also inside per-source dicts, as None: JSON has no
+    NaN, and null is what every JSON reader accepts."""
+    return {k: finite_or_null(v) if isinstance(v, dict) else None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 class MetricSinks:
     """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
     Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
@@ -538,7 +546,11 @@ class MetricSinks:
         if not self.is_main:
             return
         step = record["step"]
-        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
+        # A dict of per-source values (source_tokens, source_val_loss, ...) becomes one scalar
+        # per source: "source_val_loss/data/ru_books".
+        flat = {f"{k}/{sub}" if isinstance(v, dict) else k: x for k, v in record.items()
+                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+        scalars = {k: v for k, v in flat.items() if k != "step" and v is not None}
         if self.wandb is not None:
             if self.wandb_run is None:
                 name = os.path.basename(os.path.abspath(self.cfg.out_dir))

@@ -459,3 +459,41 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.quit()
+
+
+def test_the_page_draws_a_mixtures_per_source_curves(tmp_path, dataset):
+    webdriver, opts, service = chromium_driver()
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    runs = tmp_path / "runs"
+    digits = tmp_path / "digits.txt"
+    digits.write_text("".join(" ".join(str(i * j % 997) for j in range(40)) + "\n" for i in range(300)))
+    import prepare
+
+    assert prepare.main(["--input", str(digits), "--tokenizer", os.path.join(dataset, "tokenizer.tiktoken"), "--out_dir",
+                         str(tmp_path / "digits"), "--val_fraction", "0.1", "--workers", "1", "--no_progress"]) == 0
+    train.main([*TINY, f"--data_dir={dataset}:0.75,{tmp_path / 'digits'}:0.25", f"--out_dir={runs / 'mix'}",
+                "--max_iters=6", "--eval_interval=2"])
+    records = [json.loads(line) for line in (runs / "mix" / "metrics.jsonl").read_text().splitlines()]
+    evals, steps = [r for r in records if "source_val_loss" in r], [r for r in records if "source_tokens" in r]
+    assert len(evals) == 3 and len(steps) == 6
+    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    srv = Server(runs)
+    browser = webdriver.Chrome(service=service, options=opts)
+    try:
+        browser.get(srv.url)
+        wait = WebDriverWait(browser, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname'))
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname').click()
+        card = lambda b: b.find_element(By.ID, "sources-card")  # noqa: E731
+        points = lambda b: int(b.find_element(By.ID, "chart-sources").get_attribute("data-points") or 0)  # noqa: E731
+        wait.until(lambda b: card(b).is_displayed() and points(b) == 2 * len(evals))  # val loss: a curve per source
+        legend = browser.find_element(By.ID, "legend-sources").text
+        assert f"mix {dataset}" in legend and f"mix {tmp_path / 'digits'}" in legend
+        Select(browser.find_element(By.ID, "sourcekey")).select_by_value("source_tokens")
+        wait.until(lambda b: points(b) == 2 * len(steps))
+    finally:
+        browser.quit()
+        srv.close()
