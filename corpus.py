@@ -115,6 +115,16 @@ def missing_package(package: str, suffix: str, path: str) -> str:
     return f"reading {suffix} files ({path}) needs the {package} package, which is not installed: pip install {package}"
 
 
+def preload_readers(files: list[InputFile]) -> None:
+    """Import the optional modules that reading `files` needs now: a worker process that does
+    this as it starts imports pyarrow (~0.1 s) while the main process reads the first footers,
+    instead of on its first task's clock."""
+    for suffix, module, package in OPTIONAL_PACKAGES:
+        needs = next((f.path for f in files if f.path.lower().endswith(suffix)), None)
+        if needs:
+            _optional(module, package, suffix, needs)
+
+
 def _optional(module: str, package: str, suffix: str, path: str) -> Any:
     """Import an optional reader's module, or a CorpusError that names the package to install."""
     try:
@@ -134,15 +144,17 @@ def _walk_files(root: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RowGroups:
-    """A piece of a parquet file: `rows` rows from row groups [start, stop) of `path` (fewer
-    rows than the groups hold only where --max_docs cuts the last piece). The worker that gets
-    it opens the file and reads the rows itself, one batch at a time."""
+    """A piece of a parquet file: `rows` rows of row groups [start, stop) of `path`, after the
+    first `skip` rows (a large row group is cut into several pieces; --max_docs may cut the last
+    piece short). The worker that gets it opens the file and reads the rows itself, one batch at
+    a time."""
 
     path: str
     start: int
     stop: int
     rows: int
-    nbytes: int  # uncompressed size of the text column in these groups: the piece's weight
+    nbytes: int  # uncompressed size of the piece's text: its weight
+    skip: int = 0
 
 
 # A piece's data: a block of whole lines (text files) or row groups (parquet).
@@ -229,21 +241,36 @@ class ZstdFrames(io.RawIOBase):
         return n
 
 
+_PARQUET_OPEN: dict[str, Any] = {}  # this process's last opened parquet file: a worker's next piece is most often of it
+
+
 def _parquet_file(path: str) -> Any:
     """An open pyarrow ParquetFile; a file that is not parquet (or is cut short) is a CorpusError.
     Column chunks are read through a 4 MB buffer rather than whole, so memory stays bounded
     however large a row group is."""
+    if path in _PARQUET_OPEN:
+        return _PARQUET_OPEN[path]
     pq = _optional("pyarrow.parquet", "pyarrow", ".parquet", path)
     try:
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
         raise CorpusError(f"{path} is not a readable parquet file ({e}); download it again.") from None
+    _PARQUET_OPEN.clear()  # (closes the previous file)
+    _PARQUET_OPEN[path] = pf
+    return pf
+
+
+# A row group of several pieces' worth of text is cut into up to this many pieces, so that more
+# than one worker reads it (a file written with pandas' defaults is one row group). A reader can
+# only reach a piece's rows by decoding the group's earlier rows too: with 8 pieces, the group is
+# decoded 4.5 times over, which costs ~5% of the tokenizer's time (docs/benchmarks.md).
+MAX_PIECES_PER_GROUP = 8
 
 
 def iter_parquet_pieces(path: str, piece_bytes: int, start: int, text_key: str) -> Iterator[tuple[int, RowGroups, int]]:
-    """Runs of consecutive row groups of about piece_bytes of text each (a larger group is a piece
-    of its own), as (first row number, RowGroups, disk bytes so far). Only the footer is read
-    here. start skips the row groups that lie before that fraction of the file."""
+    """Runs of consecutive row groups of about piece_bytes of text each (a large group is cut in
+    pieces, see MAX_PIECES_PER_GROUP), as (first row number, RowGroups, disk bytes so far). Only
+    the footer is read here. start skips the row groups that lie before that offset."""
     meta = _parquet_file(path).metadata
     size, total_rows = os.path.getsize(path), max(1, meta.num_rows)
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
@@ -259,7 +286,11 @@ def iter_parquet_pieces(path: str, piece_bytes: int, start: int, text_key: str) 
             rows += rg.num_rows
             nbytes += rg.column(column).total_uncompressed_size if column is not None else rg.total_byte_size
             stop += 1
-        yield row, RowGroups(path, group, stop, rows, nbytes), size * (row - 1 + rows) // total_rows
+        parts = min(MAX_PIECES_PER_GROUP, nbytes // piece_bytes) if stop == group + 1 else 1
+        for i in range(max(1, parts)):  # rows [skip, end) of the run
+            skip, end = rows * i // max(1, parts), rows * (i + 1) // max(1, parts)
+            piece = RowGroups(path, group, stop, end - skip, nbytes * (end - skip) // max(1, rows), skip)
+            yield row + skip, piece, size * (row - 1 + end) // total_rows
         group, row = stop, row + rows
 
 
@@ -339,11 +370,13 @@ class Parsed:
             self.examples.append((line, reason, detail))
 
 
-def read_piece(kind: str, data: PieceData, first_line: int, text_key: str) -> Iterator[Parsed]:
+def read_piece(kind: str, data: PieceData, first_line: int, text_key: str, as_bytes: bool = False) -> Iterator[Parsed]:
     """The documents of one piece: one Parsed for a block of lines; for parquet row groups one
-    per batch of about 1 MB of text, so a worker never holds a large row group's text at once."""
+    per batch of about 1 MB of text, so a worker never holds a large row group's text at once.
+    as_bytes: parquet documents may come as their UTF-8 bytes (checked), for a tokenizer that
+    takes bytes; documents of text files are always str."""
     if isinstance(data, RowGroups):
-        yield from read_row_groups(data, first_line, text_key)
+        yield from read_row_groups(data, first_line, text_key, as_bytes)
     else:
         yield parse_piece(kind, data, first_line, text_key)
 
@@ -411,7 +444,7 @@ def _add_text(out: Parsed, value: Any, line_no: int, text_key: str) -> None:
         out.skip(line_no, "empty_text", f"empty {text_key!r}")
 
 
-def read_row_groups(groups: RowGroups, first_row: int, text_key: str, batch_bytes: int = 1 << 20) -> Iterator[Parsed]:
+def read_row_groups(groups: RowGroups, first_row: int, text_key: str, as_bytes: bool = False, batch_bytes: int = 1 << 20) -> Iterator[Parsed]:
     """The text column of a run of parquet row groups, one batch of rows at a time. A file
     without the column counts all its rows as missing_text_key; a column that holds no strings
     (numbers, bytes, ...) counts them as text_not_string, and nulls as null_text."""
@@ -422,12 +455,16 @@ def read_row_groups(groups: RowGroups, first_row: int, text_key: str, batch_byte
         yield out
         return
     batch_rows = max(1, groups.rows * batch_bytes // max(1, groups.nbytes))
-    row, left = first_row, groups.rows
+    row, left, skip = first_row, groups.rows, groups.skip
     try:
         batches = pf.iter_batches(batch_size=batch_rows, row_groups=range(groups.start, groups.stop), columns=[text_key], use_threads=False)
         for batch in batches:
-            column = batch.column(0).slice(0, left)
-            yield _parse_column(column, row, text_key)
+            if skip >= len(batch):  # rows of the group that belong to an earlier piece
+                skip -= len(batch)
+                continue
+            column = batch.column(0).slice(skip, left)
+            skip = 0
+            yield _parse_column(column, row, text_key, as_bytes)
             row, left = row + len(column), left - len(column)
             if left <= 0:
                 return
@@ -437,20 +474,31 @@ def read_row_groups(groups: RowGroups, first_row: int, text_key: str, batch_byte
         raise CorpusError(f"{groups.path}: cannot read row groups {groups.start}-{groups.stop - 1} ({e}); the file is corrupt: download it again.") from None
 
 
-def _parse_column(column: Any, first_row: int, text_key: str) -> Parsed:
+def _parse_column(column: Any, first_row: int, text_key: str, as_bytes: bool) -> Parsed:
+    import pyarrow as pa
+
     out = Parsed()
+    text_type = str
+    utf8 = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
     try:
-        values = column.to_pylist()  # str for string columns, None for nulls
-    except UnicodeDecodeError:  # parquet readers do not check UTF-8: decode row by row, as text files
+        column.validate(full=True)  # parquet readers do not check UTF-8; this does, in C++
+        if as_bytes and utf8:  # the bytes as stored: no str to build, and none to encode again
+            values, text_type = column.cast(binary).to_pylist(), bytes
+        else:
+            values = column.to_pylist()  # str for string columns, None for nulls
+    except pa.ArrowInvalid:  # invalid UTF-8: decode row by row with replacement, as text files
         values = []
-        for raw in column.cast("binary").to_pylist():
+        for raw in column.cast(binary).to_pylist():
             text, bad = _decode(raw) if raw is not None else (None, 0)
             out.invalid_utf8 += bad
             values.append(text)
-    if all(isinstance(v, str) and v for v in values):  # the common case: every row is a document
+    if all(isinstance(v, text_type) and v for v in values):  # the common case: every row is a document
         out.docs = values
         return out
     for offset, value in enumerate(values):
+        if isinstance(value, bytes) and text_type is bytes:
+            value = value.decode()  # a row beside nulls or empty ones: rare, str is simpler
         _add_text(out, value, first_row + offset, text_key)
     return out
 

@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from corpus import (
-    COMPRESSED, PARQUET_SUFFIXES, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, read_piece,
-    sample_documents,
+    COMPRESSED, PARQUET_SUFFIXES, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, preload_readers,
+    read_piece, sample_documents,
     utf8_document, val_threshold,
 )
 from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
@@ -235,7 +235,7 @@ def process_task(pieces: list[Piece]) -> TaskResult:
     for file_index, first_line, data in pieces:
         file = setup.files[file_index]
         # A parquet piece comes in batches of rows: each is tokenized before the next is read.
-        for parsed in read_piece(file.kind, data, first_line, setup.text_key):
+        for parsed in read_piece(file.kind, data, first_line, setup.text_key, as_bytes):
             result.invalid_utf8 += parsed.invalid_utf8
             for reason, count in parsed.skipped.items():
                 result.skipped[reason] = result.skipped.get(reason, 0) + count
@@ -243,7 +243,8 @@ def process_task(pieces: list[Piece]) -> TaskResult:
             result.examples += [(file_index, line, reason, detail) for line, reason, detail in parsed.examples[:room]]
             texts: dict[str, list[Any]] = {"train": [], "val": []}
             for text in parsed.docs:
-                b, text, bad = utf8_document(text)
+                # parquet hands SentencePiece its documents as checked UTF-8 bytes already
+                b, text, bad = (text, "", 0) if isinstance(text, bytes) else utf8_document(text)
                 result.invalid_utf8 += bad
                 to_val = file.split == "val" or (file.split == "auto" and is_val_document(b, setup.threshold))
                 texts["val" if to_val else "train"].append(b if as_bytes else text)
@@ -659,6 +660,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _init_pool_worker(setup: WorkerSetup) -> None:
     _default_sigint()
     init_worker(setup)
+    preload_readers(setup.files)
 
 
 def _run_pool(

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import corpus as corpus_module
 import dataset
 import prepare
 import tokenizer
@@ -245,14 +246,20 @@ def write_parquet_corpus(root: Path) -> tuple[list[str], dict[str, int], list]:
     pq.write_table(pa.table({"text": bad}), src / "b.parquet", row_group_size=4)
     pq.write_table(pa.table({"text": [1, None, 3]}), src / "c_numbers.parquet")
     pq.write_table(pa.table({"content": ["no text column", "here"]}), src / "d_other_column.parquet")
-    good = docs + docs[:5] + ["bad \ufffd byte"]
-    nulls, empties = sum(r is None for r in rows), sum(r == "" for r in rows)
+    # e: one row group (pandas' default), which several workers still share, a piece each
+    many = make_docs(80, seed=9)
+    pq.write_table(pa.table({"text": many[:40] + [None] + many[40:]}), src / "e_one_group.parquet")
+    good = docs + docs[:5] + ["bad \ufffd byte"] + many
+    nulls, empties = sum(r is None for r in rows) + 1, sum(r == "" for r in rows)
     return good, {"empty_text": empties, "missing_text_key": 2, "null_text": nulls + 1, "text_not_string": 2}, rows
 
 
 def test_parquet_row_groups_and_files_round_trip_count_bad_rows_and_ignore_workers(sp_dataset, tmp_path):
     good, skipped, rows = write_parquet_corpus(tmp_path)
     tok = sp_dataset / "tokenizer.model"
+    one_group = corpus_module.find_input_files([str(tmp_path / "pq" / "e_one_group.parquet")], "line", "auto")
+    pieces = [p for task, _ in corpus_module.iter_tasks(one_group, 1000, None) for _, _, p in task]
+    assert len(pieces) == corpus_module.MAX_PIECES_PER_GROUP and sum(p.rows for p in pieces) == 81
     outs = []
     for workers in (1, 2):  # tiny tasks: two workers read row groups of one file out of order
         out = tmp_path / f"w{workers}"
