@@ -314,7 +314,9 @@ class PrepareConfig:
 def mp_context() -> Any:
     """Process start method for our pools. On Linux we fork: workers start in ~0.1 s instead of
     re-importing everything (~0.5 s each, a visible share of a small corpus). That is safe because
-    we only fork while this process runs no other threads (see _prepare_into). Elsewhere: spawn."""
+    we only fork while this process runs no threads of ours (see _prepare_into); the threads that
+    importing pyarrow starts (for parquet input) are fork-safe: Arrow and its allocator re-create
+    them in a child, as every fork-based data loader over parquet relies on. Elsewhere: spawn."""
     import multiprocessing
 
     return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -524,6 +526,7 @@ def _prepare_into(
     all_files = files + val_files
     setup = WorkerSetup(info, tmp_dir, all_files, cfg.text_key, threshold, dtype)
     use_tokenizer_in_workers(tok, setup)  # workers=1 runs here; forked workers inherit it
+    preload_readers(all_files)  # pyarrow too: imported once here rather than in every worker
     writers = {s: ShardWriter(tmp_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     totals = {s: {"documents": 0, "bytes": 0} for s in ("train", "val")}
     skipped: dict[str, int] = {}
@@ -660,7 +663,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _init_pool_worker(setup: WorkerSetup) -> None:
     _default_sigint()
     init_worker(setup)
-    preload_readers(setup.files)
 
 
 def _run_pool(
@@ -678,9 +680,6 @@ def _run_pool(
     # the queue does not leave the other workers idle), and consume results strictly in order.
     pending: deque[tuple[Any, int]] = deque()
     try:
-        # Fork every worker now, before the first task is read: reading a parquet footer imports
-        # pyarrow, which starts threads, and we fork only while this process has none.
-        pool.submit(int).result()
         for pieces, disk in tasks:
             pending.append((pool.submit(process_task, pieces), disk))
             if len(pending) >= 3 * workers:
