@@ -44,7 +44,8 @@ def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
 
 
 def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    # One word, e.g. Union[str,list]: --help prints a column of them
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace(", ", ",")
 
 
 def _convert(value: object, tp: Any) -> object:
