@@ -190,7 +190,8 @@ def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, ta
 
 def parse_records(lines: list[str]) -> list[dict]:
     """metrics.jsonl lines as dicts of plain values: NaN/inf (an MFU without a known peak) become
-    null, which JSON can carry, and so does anything nested, which no chart draws."""
+    null, which JSON can carry, and so does anything nested, which no chart draws, except a
+    mixture's per-dataset numbers ({"source_val_loss": {"data/a": 2.1, ...}})."""
     records = []
     for line in lines:
         try:
@@ -198,8 +199,18 @@ def parse_records(lines: list[str]) -> list[dict]:
         except (ValueError, RecursionError):
             continue  # a damaged line costs that line, not the chart
         if isinstance(record, dict) and whole(record.get("step")) is not None:
-            records.append({k: v if isinstance(v, (str, bool)) else number(v) for k, v in record.items()})
+            records.append({k: plain_value(k, v) for k, v in record.items()})
     return records
+
+
+def plain_value(key: str, value: Any) -> Any:
+    """A metrics field as the page may draw it: a string, a bool, a number or None, or for a
+    source_* key (train.py's per-dataset numbers of a mixture) a dict of numbers or None."""
+    if isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, dict) and key.startswith("source_"):
+        return {str(k): number(v) for k, v in value.items()}
+    return number(value)
 
 
 def utf8_chunks(fd: int) -> Iterator[str]:

@@ -737,6 +737,19 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         browser.quit()
 
 
+def test_a_mixtures_per_source_numbers_reach_the_page_and_other_nesting_does_not():
+    """The studio's record cleaning once turned source_val_loss into null, so the per-source
+    chart never showed."""
+    lines = ['{"step": 4, "loss": 2.5, "source_tokens": {"data/a": 96, "data/b": 32}}',
+             '{"step": 5, "source_val_loss": {"data/a": 2.25, "data/b": NaN}, "source_val_bpb": {"data/a": "x", "data/b": [1]}, '
+             '"tokens_per_s": {"a": 1}, "source_deep": 3, "mfu": {"source_x": 1}}']
+    assert studio.parse_records(lines) == [
+        {"step": 4, "loss": 2.5, "source_tokens": {"data/a": 96, "data/b": 32}},
+        {"step": 5, "source_val_loss": {"data/a": 2.25, "data/b": None}, "source_val_bpb": {"data/a": None, "data/b": None},
+         "tokens_per_s": None, "source_deep": 3, "mfu": None},
+    ]
+
+
 def test_the_page_draws_a_mixtures_per_source_curves(tmp_path, dataset):
     webdriver, opts, service = chromium_driver()
     from selenium.common.exceptions import StaleElementReferenceException
