@@ -294,9 +294,10 @@ class TrainConfig:
     dtype: str = _key("auto", "auto | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
     compile: Optional[bool] = _key(None, "torch.compile each block; None: on for CUDA, off elsewhere")
     grad_checkpoint: bool = _key(False, "recompute block activations in backward to save memory")
-    parallel: str = _key("ddp", "ddp | fsdp (multi-process only)", choices=("ddp", "fsdp"))
+    parallel: str = _key("ddp", "ddp | fsdp (over torchrun's ranks; in one process only with fsdp_cpu_offload)", choices=("ddp", "fsdp"))
     fsdp_reshard_after_forward: bool = _key(True, "True: ZeRO-3-like; False: keep gathered params until backward (ZeRO-2-like)")
-    fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory")
+    fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory (needs parallel=fsdp; works on one GPU too)")
+    fsdp_reduce_every_micro_step: Optional[bool] = _key(None, "FSDP with gradient accumulation: True reduce-scatters gradients after every micro-step (only sharded gradients kept), False once per step (the whole model's fp32 gradients kept between micro-steps); None: True only when the memory plan does not fit otherwise")
     async_checkpoint: bool = _key(False, "FSDP runs: write the periodic sharded checkpoints in a background thread while training goes on (DCP async_save; costs a CPU copy of the rank's shards)")
     dist_timeout_min: float = _key(10.0, "a collective waiting longer than this ends the job")
     seed: int = _key(1337, "seeds the initial weights and which windows each step trains on")
@@ -339,6 +340,8 @@ class TrainConfig:
         sources = parse_data_mixture(self.data_dir)
         if not isinstance(self.data_dir, str):
             self.data_dir = sources[0][0] if len(sources) == 1 else ",".join(f"{path}:{weight!r}" for path, weight in sources)
+        if self.fsdp_cpu_offload and self.parallel != "fsdp":
+            raise ValueError("fsdp_cpu_offload=True offloads FSDP's shards; pass --parallel=fsdp too (it runs in one process as well)")
         if self.resume not in ("auto", "never") and not self.resume.endswith(".pt"):
             raise ValueError(f"resume={self.resume!r} must be auto, never or a path to a .pt checkpoint")
         # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even

@@ -17,7 +17,7 @@ PAGES = {"README.md": README, **DOCS}
 CI = (REPO / ".ci" / "run").read_text(encoding="utf-8")
 # Scripts as they are run from the repository root; each answers --help.
 ROLES = ("prepare.py", "train.py", "sample.py", "export_hf.py", "tools/bench.py", "studio/studio.py")
-SCRIPTS = ROLES + ("model.py", "tools/eval_split.py", "tools/split_heldout.py")
+SCRIPTS = ROLES + ("model.py", "tools/eval_split.py", "tools/split_heldout.py", "tools/gpu_check.py")
 README_MAX_BYTES = 20_000
 MAP_BEFORE = 6_000  # characters: "Read the code" must be on the first screens
 
