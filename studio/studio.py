@@ -53,7 +53,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]  # the repository: train.py, sample.py, config/
 sys.path.insert(0, str(REPO))  # run as `python studio/studio.py` from anywhere
 
-from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
+from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, parse_data_mixture, read_config_file
 from dataset import DatasetError, load_meta
 from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
@@ -140,22 +140,25 @@ def split_overrides(overrides: Any) -> list[str]:
     return args
 
 
-def config_paths(values: dict) -> dict[str, str]:
-    """The files and directories a train config's values name, by key: every *_dir (data_dir,
-    out_dir, tensorboard_dir), init_from (a checkpoint, a run or sharded ckpt_STEP/ directory,
-    or hf:DIR) and resume=PATH. The studio resolves each inside --runs_dir before it launches
-    anything: a request, a preset or a planted config.json must not make train.py read a
-    checkpoint from, or write anywhere, elsewhere on the disk."""
+def config_paths(values: dict) -> dict[str, list[str]]:
+    """The files and directories a train config's values name, by key: every *_dir (data_dir:
+    each dataset of a mixture, "data/a:0.8,data/b:0.2"; out_dir, tensorboard_dir), init_from (a
+    checkpoint, a run or sharded ckpt_STEP/ directory, or hf:DIR) and resume=PATH. The studio
+    resolves each inside --runs_dir before it launches anything: a request, a preset or a
+    planted config.json must not make train.py read a checkpoint or a dataset from, or write
+    anywhere, elsewhere on the disk. A bad data_dir mixture is a ValueError."""
     paths = {}
     for key, value in values.items():
         if not isinstance(value, str):
             continue
-        if key == "init_from" and value != "scratch":
-            paths[key] = value.removeprefix("hf:")
+        if key == "data_dir":
+            paths[key] = [path for path, _ in parse_data_mixture(value)]
+        elif key == "init_from" and value != "scratch":
+            paths[key] = [value.removeprefix("hf:")]
         elif key == "resume" and value not in ("auto", "never"):
-            paths[key] = value
+            paths[key] = [value]
         elif key.endswith(("_dir", "_path", "_file")):
-            paths[key] = value
+            paths[key] = [value]
     return paths
 
 
@@ -303,8 +306,10 @@ class Studio:
 
     def check_paths(self, cfg: TrainConfig) -> dict[str, Path]:
         """Every path cfg names (config_paths), resolved as train.py will see it (its cwd is
-        runs_dir); a 403 for the first one outside --runs_dir."""
-        return {key: resolve_inside(self.root, value, key) for key, value in config_paths(config_to_dict(cfg)).items()}
+        runs_dir); a 403 for the first one outside --runs_dir. One path per key: of a mixture,
+        the first dataset (they share one tokenizer)."""
+        return {key: [resolve_inside(self.root, path, key) for path in paths][0]
+                for key, paths in config_paths(config_to_dict(cfg)).items()}
 
     def build(self, body: dict, need_out_dir: bool) -> tuple[TrainConfig, list[str], dict]:
         """The form as train.py arguments, validated by configurator.py exactly as train.py's
@@ -421,11 +426,17 @@ class Studio:
         defaults = config_to_dict(TrainConfig())
         args = []
         for key, value in config["train"].items():
-            path = config_paths({key: value}).get(key)
-            if key in ("out_dir", "resume", "dry_run") or (path is None and defaults.get(key, object()) == value):
+            try:
+                paths = config_paths({key: value}).get(key)
+            except ValueError as err:
+                raise RequestError(400, f"error: invalid config.json of {name}: {err}") from None
+            if key in ("out_dir", "resume", "dry_run") or (paths is None and defaults.get(key, object()) == value):
                 continue
-            if path is not None:  # written relative to the run's own cwd; train.py will run in runs_dir
-                value = value[: len(value) - len(path)] + str(base / path)  # keeps init_from's "hf:"
+            # Paths are written relative to the run's own cwd; train.py will run in runs_dir.
+            if key == "data_dir" and paths is not None:  # every dataset of a mixture, as (path, weight) pairs
+                value = [(str(base / path), weight) for path, weight in parse_data_mixture(value)]
+            elif paths is not None:
+                value = value[: len(value) - len(paths[0])] + str(base / paths[0])  # keeps init_from's "hf:"
             args.append(f"--{key}={value!r}")  # a literal, so "None" or "123" in a text key stays text
         args += [f"--out_dir={run_dir}", "--resume=auto"]
         try:

@@ -576,8 +576,10 @@ def test_every_path_valued_train_key_is_checked():
     paths = studio.config_paths({key: "x/y" for key in text_keys})
     assert set(text_keys) - set(paths) == {"device", "dtype", "optimizer", "parallel", "wandb_project"}
     assert {"data_dir", "out_dir", "tensorboard_dir", "init_from", "resume"} <= set(paths)
-    assert studio.config_paths({"init_from": "hf:models/q", "resume": "auto", "tensorboard_dir": None}) == {"init_from": "models/q"}
+    assert studio.config_paths({"init_from": "hf:models/q", "resume": "auto", "tensorboard_dir": None}) == {"init_from": ["models/q"]}
     assert studio.config_paths({"init_from": "scratch", "resume": "never"}) == {}
+    # a mixture names every dataset in it
+    assert studio.config_paths({"data_dir": "data/a:0.8, /elsewhere/b:0.2"}) == {"data_dir": ["data/a", "/elsewhere/b"]}
 
 
 def test_every_path_a_start_or_resume_names_stays_inside_runs_dir(server, runs_dir, tmp_path):
@@ -590,16 +592,20 @@ def test_every_path_a_start_or_resume_names_stays_inside_runs_dir(server, runs_d
         for override, key in ((f"--tensorboard_dir={outside}", "tensorboard_dir"), ("--tensorboard_dir=../tb", "tensorboard_dir"),
                               (f"--init_from={outside / 'ckpt.pt'}", "init_from"), (f"--init_from={outside}", "init_from"),
                               (f"--init_from=hf:{outside}", "init_from"), ("--init_from=escape/ckpt.pt", "init_from"),
-                              (f"--resume={outside / 'ckpt.pt'}", "resume"), (f"--data_dir={outside}", "data_dir")):
+                              (f"--resume={outside / 'ckpt.pt'}", "resume"), (f"--data_dir={outside}", "data_dir"),
+                              (f"--data_dir=data/tiny:0.9,{outside}:0.1", "data_dir"), ("--data_dir=data/tiny,../data", "data_dir")):
             for path in ("/api/estimate", "/api/start"):
                 status, body = server.call(path, {**form, "overrides": override})
                 assert status == 403 and f"{key}=" in body["error"] and "outside --runs_dir" in body["error"], (path, override, body)
-        for override in ("--init_from=cli/ckpt.pt", "--init_from=cli", "--init_from=hf:models/q", "--tensorboard_dir=tb"):
+        for override in ("--init_from=cli/ckpt.pt", "--init_from=cli", "--init_from=hf:models/q", "--tensorboard_dir=tb",
+                         "--data_dir=data/tiny:0.9,cli:0.1"):
             assert server.call("/api/estimate", {**form, "overrides": override})[0] == 200, override
         assert not (runs_dir / "never").exists()
         # Resume re-reads config.json (and status.json's cwd): planted ones get the same checks.
         for name, planted, cwd in (("tb", {"tensorboard_dir": str(outside)}, str(runs_dir)), ("init", {"init_from": f"hf:{outside}"}, str(runs_dir)),
-                                 ("rel", {"tensorboard_dir": "../../tb"}, str(runs_dir / "x")), ("cwd", {"data_dir": "data"}, str(outside))):
+                                 ("rel", {"tensorboard_dir": "../../tb"}, str(runs_dir / "x")), ("cwd", {"data_dir": "data"}, str(outside)),
+                                 ("mix", {"data_dir": f"data/tiny:1,{outside}:1"}, str(runs_dir)),
+                                 ("mixcwd", {"data_dir": f"{runs_dir / 'data' / 'tiny'}:1,cli:1"}, str(outside))):  # cli: outside/cli
             run = plant_run(runs_dir, f"planted-{name}", status={"state": "stopped", "cwd": cwd}, config=cli_config(runs_dir, **planted), ckpt=True)
             status, body = server.call("/api/resume", {"run": run.name})
             assert status == 403 and "outside --runs_dir" in body["error"] and not (run / "console.log").exists(), (name, body)
