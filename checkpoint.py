@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from configurator import config_to_dict
+from configurator import config_to_dict, parse_data_mixture
 from dataset import file_sha256
 from model import ModelConfig, Transformer, count_params
 from system import pid_alive
@@ -226,7 +226,11 @@ def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
     name = info.get("file") or ""
     here = os.path.dirname(os.path.abspath(ckpt_path))
     data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
-    for base_dir in (here, data_dir):
+    try:  # a mixture's datasets ("data/a:0.8,data/b:0.2") share the tokenizer
+        data_dirs = [path for path, _ in parse_data_mixture(data_dir)] if isinstance(data_dir, str) and data_dir else []
+    except ValueError:
+        data_dirs = [data_dir]
+    for base_dir in (here, *data_dirs):
         if base_dir and name and os.path.isfile(os.path.join(base_dir, name)):
             return os.path.join(base_dir, name)
     raise CheckpointError(
