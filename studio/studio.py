@@ -9,7 +9,8 @@ whether the studio started it or a terminal did: everything shown is read from t
 gone crashed). Runs are started as child processes, `python train.py ...` or `torchrun`,
 from an argument list, never a shell string; their console output goes to out_dir/console.log,
 so they keep training when the studio exits. Stop is SIGTERM, which train.py answers by
-finishing the step and saving. Sampling runs sample.py and streams what it prints.
+finishing the step and saving. Sampling runs sample.py and streams what it prints. Reading run
+folders (finding them, their files, their state) is runs.py.
 
 The page (studio.html) polls small JSON endpoints. Files are read incrementally: a cursor
 (byte offset + fingerprint of the bytes before it) returns only the complete lines written
@@ -52,13 +53,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]  # the repository: train.py, sample.py, config/
 sys.path.insert(0, str(REPO))  # run as `python studio/studio.py` from anywhere
 
-from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
+from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, parse_data_mixture, read_config_file
 from dataset import DatasetError, load_meta
 from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
-from run_files import (  # studio/run_files.py: what a run folder says
-    HOST, BadCursor, Job, Summary, find_runs, has_checkpoint, number, parse_records, preset_of, read_json, read_new_lines,
-    run_state, string, trains_here, whole,
+from runs import (
+    HOST, Job, RequestError, Summary, find_runs, has_checkpoint, number, parse_records, preset_of, read_json, read_new_lines,
+    resolve_inside, run_name, run_state, string, trains_here, whole,
 )
 from system import usable_cpus
 
@@ -66,38 +67,6 @@ PAGE = Path(__file__).resolve().parent / "studio.html"
 MAX_BODY_BYTES = 1 << 20
 CONSOLE_TAIL_BYTES = 64 << 10  # a page opening a long console.log starts this far from its end
 MAX_SAMPLERS = 2  # sample.py processes at once
-
-
-class RequestError(Exception):
-    """A request the studio refuses: HTTP status and a one-line message for the page."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-# ----------------------------------------------------------------------------- paths and processes
-
-
-def resolve_inside(root: Path, name: str, key: Optional[str] = None) -> Path:
-    """root/name with every symlink resolved, refused unless the result stays inside root, so
-    neither `../` nor a symlink can reach the rest of the disk. `root` is already resolved;
-    key: the config key that named the path, for the message."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise RequestError(400, "a run or path name is required")
-    try:
-        path = (root / name).resolve()
-        path.exists()  # raises for what no later check should meet: a name too long, no permission
-    except (OSError, ValueError, RuntimeError) as err:  # ... a lone surrogate, a symlink loop
-        raise RequestError(400, f"{name!r} is not a usable path ({type(err).__name__})") from None
-    if path != root and root not in path.parents:
-        named = f"{key}={name!r}" if key else repr(name)
-        raise RequestError(403, f"error: {named} is outside --runs_dir ({root}); run names and paths must stay inside it")
-    return path
-
-
-def run_name(root: Path, path: Path) -> str:
-    return path.relative_to(root).as_posix() if path != root else "."
 
 
 def utf8_chunks(fd: int) -> Iterator[str]:
@@ -111,6 +80,7 @@ def utf8_chunks(fd: int) -> Iterator[str]:
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
+
 
 
 # ----------------------------------------------------------------------------- presets and estimates
@@ -170,22 +140,25 @@ def split_overrides(overrides: Any) -> list[str]:
     return args
 
 
-def config_paths(values: dict) -> dict[str, str]:
-    """The files and directories a train config's values name, by key: every *_dir (data_dir,
-    out_dir, tensorboard_dir), init_from (a checkpoint, a run or sharded ckpt_STEP/ directory,
-    or hf:DIR) and resume=PATH. The studio resolves each inside --runs_dir before it launches
-    anything: a request, a preset or a planted config.json must not make train.py read a
-    checkpoint from, or write anywhere, elsewhere on the disk."""
+def config_paths(values: dict) -> dict[str, list[str]]:
+    """The files and directories a train config's values name, by key: every *_dir (data_dir:
+    each dataset of a mixture, "data/a:0.8,data/b:0.2"; out_dir, tensorboard_dir), init_from (a
+    checkpoint, a run or sharded ckpt_STEP/ directory, or hf:DIR) and resume=PATH. The studio
+    resolves each inside --runs_dir before it launches anything: a request, a preset or a
+    planted config.json must not make train.py read a checkpoint or a dataset from, or write
+    anywhere, elsewhere on the disk. A bad data_dir mixture is a ValueError."""
     paths = {}
     for key, value in values.items():
         if not isinstance(value, str):
             continue
-        if key == "init_from" and value != "scratch":
-            paths[key] = value.removeprefix("hf:")
+        if key == "data_dir":
+            paths[key] = [path for path, _ in parse_data_mixture(value)]
+        elif key == "init_from" and value != "scratch":
+            paths[key] = [value.removeprefix("hf:")]
         elif key == "resume" and value not in ("auto", "never"):
-            paths[key] = value
+            paths[key] = [value]
         elif key.endswith(("_dir", "_path", "_file")):
-            paths[key] = value
+            paths[key] = [value]
     return paths
 
 
@@ -356,8 +329,10 @@ class Studio:
 
     def check_paths(self, cfg: TrainConfig) -> dict[str, Path]:
         """Every path cfg names (config_paths), resolved as train.py will see it (its cwd is
-        runs_dir); a 403 for the first one outside --runs_dir."""
-        return {key: resolve_inside(self.root, value, key) for key, value in config_paths(config_to_dict(cfg)).items()}
+        runs_dir); a 403 for the first one outside --runs_dir. One path per key: of a mixture,
+        the first dataset (they share one tokenizer)."""
+        return {key: [resolve_inside(self.root, path, key) for path in paths][0]
+                for key, paths in config_paths(config_to_dict(cfg)).items()}
 
     def build(self, body: dict, need_out_dir: bool) -> tuple[TrainConfig, list[str], dict]:
         """The form as train.py arguments, validated by configurator.py exactly as train.py's
@@ -474,11 +449,17 @@ class Studio:
         defaults = config_to_dict(TrainConfig())
         args = []
         for key, value in config["train"].items():
-            path = config_paths({key: value}).get(key)
-            if key in ("out_dir", "resume", "dry_run") or (path is None and defaults.get(key, object()) == value):
+            try:
+                paths = config_paths({key: value}).get(key)
+            except ValueError as err:
+                raise RequestError(400, f"error: invalid config.json of {name}: {err}") from None
+            if key in ("out_dir", "resume", "dry_run") or (paths is None and defaults.get(key, object()) == value):
                 continue
-            if path is not None:  # written relative to the run's own cwd; train.py will run in runs_dir
-                value = value[: len(value) - len(path)] + str(base / path)  # keeps init_from's "hf:"
+            # Paths are written relative to the run's own cwd; train.py will run in runs_dir.
+            if key == "data_dir" and paths is not None:  # every dataset of a mixture, as (path, weight) pairs
+                value = [(str(base / path), weight) for path, weight in parse_data_mixture(value)]
+            elif paths is not None:
+                value = value[: len(value) - len(paths[0])] + str(base / paths[0])  # keeps init_from's "hf:"
             args.append(f"--{key}={value!r}")  # a literal, so "None" or "123" in a text key stays text
         args += [f"--out_dir={run_dir}", "--resume=auto"]
         try:
@@ -626,18 +607,12 @@ class Handler(BaseHTTPRequestHandler):
                              "defaults": config_to_dict(TrainConfig()), "cpus": os.cpu_count(),
                              "max_nproc": max_processes()})
 
-    def read_lines(self, params: dict, name: str, tail: Optional[int] = None) -> tuple[list[str], str, bool, bool]:
-        try:
-            return read_new_lines(self.run_dir(params) / name, params.get("cursor", ""), tail=tail)
-        except BadCursor as err:
-            raise RequestError(400, str(err)) from None
-
     def get_metrics(self, params: dict) -> None:
-        lines, cursor, reset, more = self.read_lines(params, "metrics.jsonl")
+        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "metrics.jsonl", params.get("cursor", ""))
         self.send_json(200, {"records": parse_records(lines), "cursor": cursor, "reset": reset, "more": more})
 
     def get_console(self, params: dict) -> None:
-        lines, cursor, reset, more = self.read_lines(params, "console.log", tail=CONSOLE_TAIL_BYTES)
+        lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "console.log", params.get("cursor", ""), tail=CONSOLE_TAIL_BYTES)
         self.send_json(200, {"text": "".join(line + "\n" for line in lines), "cursor": cursor, "reset": reset, "more": more})
 
     def post_estimate(self, body: dict) -> None:

@@ -1,11 +1,11 @@
-"""What a run folder says, for the studio: its files read incrementally and type-checked, and
-whether the process writing it is alive.
+"""A run folder as the studio reads it: finding runs under --runs_dir, their files read
+without trusting them (metrics.jsonl incrementally, status.json, config.json), and the state a
+run is in. Nothing here starts or signals a process; studio.py does (a Job records one it
+started).
 
-A run folder may have been downloaded or hand-edited, so nothing in it is trusted: JSON files
-are read only when they are regular files (a FIFO would block the reader), every value is
-type-checked before use (number, whole, string), metrics.jsonl and console.log are read from a
-cursor that notices a rewritten file, and a run is "running" only while a live train.py holds
-its train.lock (trains_here).
+A run folder may be downloaded or hand-edited, so every value is type-checked before it is
+shown or used, no read blocks (a FIFO named metrics.jsonl is refused), and a path a request
+names must resolve inside --runs_dir (resolve_inside).
 """
 
 from __future__ import annotations
@@ -26,19 +26,44 @@ from typing import Any, Optional
 from checkpoint import numbered_checkpoints, sharded_checkpoints
 from system import pid_alive
 
-RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")  # a directory holding one of these is a run
+RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")
 SKIP_DIRS = {"node_modules", "__pycache__", "site-packages"}
-MAX_JSON_BYTES = 1 << 20  # status.json and config.json are a few KB
+MAX_JSON_BYTES = 1 << 20  # status.json and config.json are far smaller
 MAX_READ_BYTES = 4 << 20  # per metrics request; the page asks again at once when there is more
 HOST = socket.gethostname()
 CURSOR = re.compile(r"[0-9]{1,18}:[0-9a-f]{16}")  # what read_new_lines hands out: offset:fingerprint
 
 
-class BadCursor(ValueError):
-    """A read_new_lines cursor that it never handed out."""
+class RequestError(Exception):
+    """A request the studio refuses: HTTP status and a one-line message for the page."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- paths and files
+
+
+def resolve_inside(root: Path, name: str, key: Optional[str] = None) -> Path:
+    """root/name with every symlink resolved, refused unless the result stays inside root, so
+    neither `../` nor a symlink can reach the rest of the disk. `root` is already resolved;
+    key: the config key that named the path, for the message."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise RequestError(400, "a run or path name is required")
+    try:
+        path = (root / name).resolve()
+        path.exists()  # raises for what no later check should meet: a name too long, no permission
+    except (OSError, ValueError, RuntimeError) as err:  # ... a lone surrogate, a symlink loop
+        raise RequestError(400, f"{name!r} is not a usable path ({type(err).__name__})") from None
+    if path != root and root not in path.parents:
+        named = f"{key}={name!r}" if key else repr(name)
+        raise RequestError(403, f"error: {named} is outside --runs_dir ({root}); run names and paths must stay inside it")
+    return path
+
+
+def run_name(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
 
 
 def open_regular(path: Path):
@@ -88,11 +113,11 @@ def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, ta
     A cursor is "offset:fingerprint", the fingerprint being a hash of the 256 bytes before the
     offset. If the file is now shorter than the offset, or those bytes changed (the file was
     rewritten, e.g. truncated on resume and written again), reading restarts at byte 0 and
-    `reset` says so; a cursor not of that form is a BadCursor. A last line without its
+    `reset` says so; a cursor not of that form is a RequestError. A last line without its
     newline is still being written: it is left for the next call. `tail` (a first read only)
     starts that many bytes before the end."""
     if cursor and not CURSOR.fullmatch(cursor):
-        raise BadCursor(f"error: bad cursor {cursor[:40]!r}; pass the one the last answer gave, or none to read from the start")
+        raise RequestError(400, f"error: bad cursor {cursor[:40]!r}; pass the one the last answer gave, or none to read from the start")
     try:
         f = open_regular(path)
     except OSError:  # missing, or not a file: nothing to read
@@ -124,7 +149,8 @@ def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, ta
 
 def parse_records(lines: list[str]) -> list[dict]:
     """metrics.jsonl lines as dicts of plain values: NaN/inf (an MFU without a known peak) become
-    null, which JSON can carry, and so does anything nested, which no chart draws."""
+    null, which JSON can carry, and so does anything nested, which no chart draws, except a
+    mixture's per-dataset numbers ({"source_val_loss": {"data/a": 2.1, ...}})."""
     records = []
     for line in lines:
         try:
@@ -132,8 +158,18 @@ def parse_records(lines: list[str]) -> list[dict]:
         except (ValueError, RecursionError):
             continue  # a damaged line costs that line, not the chart
         if isinstance(record, dict) and whole(record.get("step")) is not None:
-            records.append({k: v if isinstance(v, (str, bool)) else number(v) for k, v in record.items()})
+            records.append({k: plain_value(k, v) for k, v in record.items()})
     return records
+
+
+def plain_value(key: str, value: Any) -> Any:
+    """A metrics field as the page may draw it: a string, a bool, a number or None, or for a
+    source_* key (train.py's per-dataset numbers of a mixture) a dict of numbers or None."""
+    if isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, dict) and key.startswith("source_"):
+        return {str(k): number(v) for k, v in value.items()}
+    return number(value)
 
 
 def train_alive(pid: Any) -> bool:
@@ -195,7 +231,7 @@ def has_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- a run's state
+# ----------------------------------------------------------------------------- runs
 
 
 @dataclass
