@@ -26,8 +26,8 @@ import torch
 
 from checkpoint import CheckpointError, checkpoint_tokenizer_path, expected_shapes, load_checkpoint
 from model import ModelConfig
-from tokenizer import (DEFAULT_TIKTOKEN_PATTERN, GPT2_PAT_STR, QWEN2_PAT_STR, SP_UNKNOWN, SP_UNUSED,
-                       TokenizerError, byte_level_merges, bytes_to_unicode, read_sentencepiece, read_tiktoken_ranks)
+from tokenizer import (CHATML_TEMPLATE, DEFAULT_TIKTOKEN_PATTERN, GPT2_PAT_STR, IM_END, IM_START, QWEN2_PAT_STR, SP_UNKNOWN,
+                       SP_UNUSED, TokenizerError, byte_level_merges, bytes_to_unicode, read_sentencepiece, read_tiktoken_ranks)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # A tiktoken regex (as tiktoken or a tokenizer.json spells it) -> the llama.cpp pre-tokenizer that
@@ -142,6 +142,9 @@ def bpe_vocab(info: dict, path: str, n_rows: int) -> GGUFVocab:
     for content, token_id in special.items():
         tokens[token_id], types[token_id] = content, int(gguf.TokenType.CONTROL)
     merges = [f"{text(left)} {text(right)}" for left, right in byte_level_merges(ranks)]
+    if not merges:  # the gguf package writes no empty array, and llama.cpp refuses a BPE without the key
+        raise GGUFError("the tokenizer has no merges (every token is a single byte), which llama.cpp's BPE cannot load; "
+                        "prepare the data with a tokenizer that has some (sp:N, cl100k_base, a .tiktoken with multi-byte tokens)")
     return GGUFVocab(model="gpt2", tokens=tokens, types=types, merges=merges, pre=pre)
 
 
@@ -246,7 +249,18 @@ def add_model_metadata(writer, cfg: ModelConfig, name: str, outtype: str) -> Non
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
 
 
-def add_tokenizer_metadata(writer, vocab: GGUFVocab, info: dict) -> None:
+def chat_tokens(ckpt: dict) -> Optional[dict]:
+    """{"<|im_start|>": id, "<|im_end|>": id} for a model that talks in turns: its tokenizer has
+    the chat tokens and it was not trained on plain text alone (an sp:N base model reserves the
+    tokens too; a model imported from Hugging Face has no record of its data and keeps its
+    template). None for a base model: its GGUF continues text, as sample.py does."""
+    tokens = (ckpt.get("tokenizer") or {}).get("chat_tokens")
+    if not tokens or (ckpt.get("data") or {}).get("chat") is False:
+        return None
+    return tokens
+
+
+def add_tokenizer_metadata(writer, vocab: GGUFVocab, info: dict, chat: Optional[dict] = None) -> None:
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
@@ -257,7 +271,14 @@ def add_tokenizer_metadata(writer, vocab: GGUFVocab, info: dict) -> None:
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
     eot_id = info["eot_id"]
-    writer.add_eos_token_id(eot_id)
+    if chat:
+        # A chat model's turn ends at <|im_end|>: as eos and end of turn, llama.cpp and Ollama stop
+        # generating there, and the chat template is the one sample.py --chat and the HF export use.
+        writer.add_eos_token_id(chat[IM_END])
+        writer.add_eot_token_id(chat[IM_END])
+        writer.add_chat_template(CHATML_TEMPLATE)
+    else:
+        writer.add_eos_token_id(eot_id)
     # GGUF cannot say "no BOS": without the key llama.cpp picks id 1 or 11, an arbitrary token.
     # The end-of-text token stands in (GPT-2's convention); add_bos_token=false never adds it.
     writer.add_bos_token_id(info["bos_id"] if info.get("bos_id") is not None else eot_id)
@@ -296,6 +317,7 @@ def write_gguf(ckpt_path: str, dest: str, outtype: str = "f16", overwrite: bool 
     if not isinstance(info, dict):
         raise GGUFError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
     vocab = gguf_vocab(info, checkpoint_tokenizer_path(ckpt, ckpt_path), cfg.vocab_size)
+    chat = chat_tokens(ckpt)
     arch = "qwen2" if cfg.qkv_bias else "llama"  # llama.cpp's qwen2 is llama with q/k/v biases and RoPE on halves
     name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
 
@@ -304,7 +326,7 @@ def write_gguf(ckpt_path: str, dest: str, outtype: str = "f16", overwrite: bool 
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         add_model_metadata(writer, cfg, name, outtype)
-        add_tokenizer_metadata(writer, vocab, info)
+        add_tokenizer_metadata(writer, vocab, info, chat)
         for gguf_tensor_name, tensor in gguf_tensors(state, cfg, arch):
             qtype = tensor_type(tensor.shape, outtype)
             block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
@@ -323,19 +345,30 @@ def write_gguf(ckpt_path: str, dest: str, outtype: str = "f16", overwrite: bool 
             os.remove(tmp)
         raise
     with open(modelfile, "w", encoding="utf-8") as f:
-        f.write(ollama_modelfile(os.path.basename(dest), cfg, info))
+        f.write(ollama_modelfile(os.path.basename(dest), cfg, chat is not None))
     return modelfile
 
 
-def ollama_modelfile(gguf_name: str, cfg: ModelConfig, info: dict) -> str:
-    """An Ollama Modelfile for the GGUF: `ollama create NAME -f Modelfile`. The prompt goes in as
-    it is (a base model continues text), the context is the one the model was trained for (a
-    longer one would put positions it has never seen into RoPE), and sampling is sample.py's."""
+# ChatML in Ollama's Go template language: every message of the conversation (Ollama puts the
+# Modelfile's SYSTEM and a lone prompt into .Messages too), then the prompt for the reply; the
+# same text as tokenizer.CHATML_TEMPLATE with add_generation_prompt.
+OLLAMA_CHATML_TEMPLATE = (
+    "{{- range .Messages }}" + IM_START + "{{ .Role }}\n{{ .Content }}" + IM_END + "\n{{ end }}" + IM_START + "assistant\n"
+)
+
+
+def ollama_modelfile(gguf_name: str, cfg: ModelConfig, chat: bool = False) -> str:
+    """An Ollama Modelfile for the GGUF: `ollama create NAME -f Modelfile`. A base model gets the
+    prompt as it is (it continues text); a chat model the ChatML template and <|im_end|> as a
+    stop. The context is the one the model was trained for (a longer one would put positions it
+    has never seen into RoPE), and sampling is sample.py's."""
+    template = OLLAMA_CHATML_TEMPLATE if chat else "{{ .Prompt }}"
     return (
         "# Ollama: `ollama create NAME -f Modelfile`, then `ollama run NAME`\n"
         f"FROM ./{gguf_name}\n"
-        'TEMPLATE """{{ .Prompt }}"""\n'
-        f"PARAMETER num_ctx {cfg.max_seq_len}\n"
+        f'TEMPLATE """{template}"""\n'
+        + (f'PARAMETER stop "{IM_END}"\n' if chat else "")
+        + f"PARAMETER num_ctx {cfg.max_seq_len}\n"
         "PARAMETER temperature 0.8\n"
         "PARAMETER top_k 200\n"
         "PARAMETER top_p 1\n"

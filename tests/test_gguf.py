@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import os
 import random
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -27,9 +28,10 @@ import prepare
 import tokenizer as toklib
 import train
 from checkpoint import load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
-from conftest import TINY, learn_bpe_ranks
+from conftest import CHAT_TINY, TINY, copy_conversation, learn_bpe_ranks, write_copy_conversations
 from model import ModelConfig, Transformer
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
 
 try:
@@ -329,6 +331,13 @@ def test_export_refuses_what_llama_cpp_would_tokenize_differently(tmp_path, caps
     assert err.startswith("error: llama.cpp has no pre-tokenizer that splits text with this tokenizer's regex")
     assert not (tmp_path / "model.gguf").exists() and not (tmp_path / "model.gguf.tmp").exists() and not (tmp_path / "Modelfile").exists()
 
+    # Bytes alone: no merges, which llama.cpp's BPE cannot load (the file would not open).
+    bytes_only = tmp_path / "bytes.tiktoken"
+    toklib.write_tiktoken_ranks({bytes([b]): b for b in range(256)}, str(bytes_only))
+    info = dict(info, pat_str=toklib.DEFAULT_TIKTOKEN_PATTERN, special_tokens={"<|endoftext|>": 256}, eot_id=256)
+    with pytest.raises(gguf_export.GGUFError, match=r"no merges \(every token is a single byte\)"):
+        gguf_export.gguf_vocab(info, str(bytes_only), 257)
+
     # A SentencePiece unigram model with SentencePiece's default normalization (NFKC).
     sp_dir = tmp_path / "sp"
     sp_dir.mkdir()
@@ -412,3 +421,75 @@ def test_outtypes_are_byte_for_byte_what_llama_cpp_quantize_writes(runs, tmp_pat
     for tensor_name, t in ours.items():
         assert t.tensor_type == theirs[tensor_name].tensor_type, tensor_name
         assert np.asarray(t.data).tobytes() == np.asarray(theirs[tensor_name].data).tobytes(), tensor_name
+
+
+# ----------------------------------------------------------------------------- chat models
+
+
+@pytest.fixture(scope="module")
+def sp_chat_run(tmp_path_factory) -> str:
+    """A tiny model trained on conftest's copy-task conversations with an sp:N tokenizer (the
+    default, its chat tokens control pieces): its out_dir."""
+    root = tmp_path_factory.mktemp("sp-chat")
+    write_copy_conversations(root / "chats.jsonl", 3000, seed=0)
+    assert prepare.main(["--input", str(root / "chats.jsonl"), "--tokenizer", "sp:300", "--out_dir", str(root / "data"),
+                         "--val_fraction", "0.05", "--workers", "1", "--no_progress", "--block_size", "80"]) == 0
+    train.main([*CHAT_TINY, f"--data_dir={root / 'data'}", f"--out_dir={root / 'out'}", "--max_iters=400", "--eval_interval=400"])
+    return str(root / "out")
+
+
+def test_a_chat_models_gguf_chats_in_llama_cpp_as_sample_py_does(sp_chat_run, tmp_path):
+    """A model trained on conversations (conftest's copy task) carries ChatML as
+    tokenizer.chat_template and <|im_end|> as eos and end of turn: the prompt llama.cpp builds
+    from the GGUF's own template is sample.py --chat's, token for token, and llama.cpp's greedy
+    reply is sample.py's, ending at <|im_end|>. The Modelfile chats too."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    dest = tmp_path / "chat.gguf"
+    export_hf.main(["--out_dir", sp_chat_run, "--gguf", str(dest), "--outtype", "f32"])
+    ckpt_path = os.path.join(sp_chat_run, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    tok = load_checkpoint_tokenizer(ckpt, ckpt_path)
+    im_end = ckpt["tokenizer"]["chat_tokens"]["<|im_end|>"]
+    reader = gguf.GGUFReader(dest)
+    assert field(reader, "tokenizer.chat_template") == toklib.CHATML_TEMPLATE
+    assert field(reader, "tokenizer.ggml.eos_token_id") == field(reader, "tokenizer.ggml.eot_token_id") == im_end
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile.splitlines()
+    assert ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""'
+            in modelfile)
+
+    require_llama_cpp()
+    llm = llama_cpp.Llama(str(dest), n_ctx=256, n_threads=2, verbose=False)
+    assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm._model.model), im_end)
+    chat_format = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="")
+    rng = random.Random(123)  # messages the model never saw
+    for i in range(3):
+        message, word = copy_conversation(rng)
+        messages = ([{"role": "system", "content": "copy"}] if i == 0 else []) + [{"role": "user", "content": message}]
+        ours, _ = toklib.chat_ids(tok, messages, add_generation_prompt=True)
+        prompt = chat_format(messages=messages).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ours
+        # llama.cpp's own chat path: it reads the template from the GGUF and stops at <|im_end|>.
+        llm.reset()
+        theirs = llm.create_chat_completion(messages, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=30)["choices"][0]
+        system = ["--system", "copy"] if i == 0 else []
+        cli = subprocess.run([sys.executable, "sample.py", "--out_dir", sp_chat_run, "--chat", *system, "--start", message, "--temperature", "0",
+                              "--dtype", "float32", "--max_new_tokens", "30"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert theirs["message"]["content"] == cli.stdout.rstrip("\n") == word and theirs["finish_reason"] == "stop"
+        # ... and the token llama.cpp stopped at is <|im_end|> itself.
+        llm.reset()
+        reply = list(itertools.islice(llm.generate(ours, top_k=1, temp=0.0, repeat_penalty=1.0), 30))
+        assert tok.decode(reply[: reply.index(im_end)]) == word
+
+
+def test_a_base_models_gguf_has_no_chat_template(runs):
+    """The sp:N base model's tokenizer reserves the chat tokens, but it was trained on text: its
+    GGUF and Modelfile continue text, ending at end-of-text."""
+    run = runs["sp"]
+    assert run.info.get("chat_tokens")
+    reader = gguf.GGUFReader(run.gguf("f16"))
+    assert "tokenizer.chat_template" not in reader.fields and "tokenizer.ggml.eot_token_id" not in reader.fields
+    assert field(reader, "tokenizer.ggml.eos_token_id") == run.info["eot_id"]
+    assert "PARAMETER stop" not in open(os.path.join(run.out_dir, "export", "Modelfile"), encoding="utf-8").read()
