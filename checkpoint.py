@@ -24,6 +24,7 @@ import pickle
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -39,6 +40,10 @@ from system import pid_alive
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 CHECKPOINT_FORMAT = 1
+
+
+def print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class CheckpointError(RuntimeError):
@@ -124,12 +129,13 @@ def remove_stale_temp_files(out_dir: str) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None) -> str:
+def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None, log: Callable[[str], None] = print_stderr) -> str:
     """The checkpoint to load: `ckpt` when given, else the newest in out_dir (see
-    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs.
+    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs;
+    a damaged ckpt_STEP/ is passed over with a note through `log`.
     out_dir None: the run in the current directory that saved most recently (newest_run)."""
     if ckpt:
-        if not os.path.isfile(ckpt) and not is_sharded(ckpt):
+        if not os.path.exists(ckpt):
             raise CheckpointError(f"checkpoint {ckpt} does not exist")
         return ckpt
     if out_dir is None:
@@ -140,7 +146,15 @@ def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None) -> str:
     if not candidates:
         raise CheckpointError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (nor a numbered or sharded ckpt_STEP one); "
                               "run train.py first (it writes them into --out_dir) or pass --ckpt PATH")
-    return candidates[0]
+    for path in candidates[:-1]:
+        if is_sharded(path):
+            try:
+                load_train_state(path)  # its records and index: cheap, no weights
+            except CheckpointError as err:
+                log(f"note: passing over {path}: {err}")
+                continue
+        return path
+    return candidates[-1]  # loading it says what is wrong
 
 
 def newest_run(root: str) -> str:
@@ -203,17 +217,7 @@ def load_checkpoint_file(path: str) -> object:
             # read, so the optimizer state in a training checkpoint costs no memory here.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:
-        # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
-        # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
-        culprit = re.search(r"GLOBAL (\S+)", str(err))
-        if isinstance(err, pickle.UnpicklingError) and culprit:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
-                "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
-            ) from None
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
+        raise unreadable(path, err) from None
 
 
 def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
@@ -368,39 +372,48 @@ def truncate_metrics(path: str, step: int) -> None:
 
 def find_resume_checkpoint(out_dir: str, resume: str, log: Callable[[str], None], is_main: bool = True) -> tuple[Optional[str], Optional[dict]]:
     """The checkpoint to continue from, loaded: (path, ckpt), or (None, None) to start fresh.
-    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True).
+    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True), but
+    checked to be whole (load_train_state).
 
     --resume=auto takes the newest checkpoint that loads (ckpt.pt, a numbered copy, or an FSDP
-    run's ckpt_STEP/), saying so when it had to pass over a newer one. It never starts over on
-    top of checkpoints it cannot read: that would rotate them away. --resume=never moves an
-    earlier run's checkpoints and metrics into a subdirectory first, so starting over loses
-    nothing. log: how notes reach the user (train.py's prints on rank 0 only)."""
+    run's ckpt_STEP/), saying so when it had to pass over newer ones; those are moved into
+    unloadable-TIME/, since the run will reach their steps again and must not write over them.
+    It never starts over on top of checkpoints it cannot read: that would rotate them away.
+    --resume=never moves an earlier run's checkpoints, metrics, config and tokenizer into
+    previous-run-TIME/ first, so starting over loses nothing and the old run can still be
+    sampled there. --resume=PATH: that checkpoint (a .pt file or a ckpt_STEP/ directory).
+    log: how notes reach the user (train.py's prints on rank 0 only)."""
     def load(path: str) -> dict:
         return load_train_state(path) if is_sharded(path) else load_checkpoint(path)
 
     if resume not in ("auto", "never"):
+        if not os.path.exists(resume):
+            raise CheckpointError(f"--resume={resume}: no such checkpoint; --resume takes auto, never, or the path of a .pt file or ckpt_STEP/ directory")
         return resume, load(resume)
     candidates = checkpoint_candidates(out_dir) if os.path.isdir(out_dir) else []
     if resume == "never":
         if candidates and is_main:
-            archive = os.path.join(out_dir, time.strftime("previous-run-%Y%m%d-%H%M%S"))
-            os.makedirs(archive)
-            for name in os.listdir(out_dir):
-                if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
-                    os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
-            log(f"--resume=never: moved the earlier run's checkpoints and metrics to {archive}")
+            names = [name for name in os.listdir(out_dir) if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in RUN_RECORDS]
+            archive = move_aside(out_dir, "previous-run-", names)
+            for name in TOKENIZER_FILES & set(os.listdir(out_dir)):  # copied: the new run needs its own
+                shutil.copyfile(os.path.join(out_dir, name), os.path.join(archive, name))
+            log(f"--resume=never: moved the earlier run's checkpoints, metrics and config to {archive}")
         return None, None
-    problems = []
+    problems, passed_over = [], []
     for path in candidates:
         try:
             ckpt = load(path)
         except CheckpointError as err:
             problems.append(str(err))
+            passed_over.append(os.path.basename(path))
             log(f"warning: cannot resume from {path}: {err}")
             continue
         latest = os.path.join(out_dir, "ckpt.pt")
         if NUMBERED.fullmatch(os.path.basename(path)) and not os.path.exists(latest):
             log(f"note: {latest} is missing; resuming from the newest numbered copy that loads, {path}")
+        if passed_over and is_main:
+            aside = move_aside(out_dir, "unloadable-", passed_over)
+            log(f"note: moved {', '.join(passed_over)} to {aside}: this run goes on from {path} and must not write over them")
         return path, ckpt
     if problems:
         raise CheckpointError(
@@ -408,6 +421,21 @@ def find_resume_checkpoint(out_dir: str, resume: str, log: Callable[[str], None]
             "--resume=never to start over (the old files are moved aside), or another --out_dir"
         )
     return None, None
+
+
+RUN_RECORDS = ("ckpt.pt", "metrics.jsonl", "config.json", "status.json")
+TOKENIZER_FILES = {"tokenizer.model", "tokenizer.tiktoken"}  # the names prepare.py gives a dataset's tokenizer
+
+
+def move_aside(out_dir: str, prefix: str, names: list[str]) -> str:
+    """Move out_dir/NAME for each name into a new out_dir/PREFIX<time>/; returns its path."""
+    aside = os.path.join(out_dir, time.strftime(f"{prefix}%Y%m%d-%H%M%S"))
+    while os.path.exists(aside):  # twice in one second
+        aside += "-"
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
 
 
 def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: int, global_batch: int, tokenizer_sha256: str,
@@ -564,16 +592,21 @@ TRAIN_STATE = "train_state.pt"
 
 
 def is_sharded(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+    """A checkpoint that is a directory is a sharded one (whole or not: loading says)."""
+    return os.path.isdir(path)
 
 
-def sharded_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete ckpt_STEP/ directories in out_dir, oldest first."""
+def sharded_checkpoints(out_dir: str, complete: bool = False) -> list[tuple[int, str]]:
+    """(step, path) of the ckpt_STEP/ directories in out_dir, oldest first; complete=True:
+    only those holding both .metadata and train_state.pt, the ones rotation may remove. An
+    incomplete one (a copy cut short, a file deleted by hand) still holds weights: it is
+    listed, so that resuming passes over it with a word instead of starting over on top."""
     found = []
     for name in os.listdir(out_dir):
-        m = SHARDED.fullmatch(name)
-        if m and is_sharded(os.path.join(out_dir, name)) and os.path.isfile(os.path.join(out_dir, name, TRAIN_STATE)):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+        path = os.path.join(out_dir, name)
+        if (m := SHARDED.fullmatch(name)) and os.path.isdir(path):
+            if not complete or (os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, TRAIN_STATE))):
+                found.append((int(m.group(1)), path))
     return sorted(found)
 
 
@@ -676,7 +709,7 @@ def _publish_sharded(tmp: str, final: str, old: str, out_dir: str, keep: int, st
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    for _, stale in sharded_checkpoints(out_dir)[: -max(1, keep)]:
+    for _, stale in sharded_checkpoints(out_dir, complete=True)[: -max(1, keep)]:
         shutil.rmtree(stale)
 
 
@@ -699,20 +732,32 @@ def _sharded_save_advice(out_dir: str):
 def load_sharded(path: str, shards: dict) -> None:
     """Fill `shards` (state dicts of the current model and optimizer, sharded or not) from the
     sharded checkpoint at path. DCP reshards as needed: 2 ranks may load what 4 wrote, and a
-    single process (no process group) may load it too."""
+    single process (no process group) may load it too. Nothing in the directory can run code:
+    the index is read by read_sharded_index, the byte entries (an optimizer's param-group
+    settings) are unpickled with weights_only=True (_safe_load_planner)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(shards, storage_reader=_SafeReader(path), no_dist=not dist.is_initialized())
+    read_sharded_index(path)  # its problems as one clear line, before DCP wraps them
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(shards, storage_reader=_SafeReader(path), planner=_safe_load_planner(), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # (a BaseException): every rank's failures, gathered
+        raise unreadable(path, err, "sharded checkpoint") from None
 
 
 def load_train_state(path: str) -> dict:
-    """The non-tensor part of a sharded checkpoint (config, step, RNG, tokenizer, ...)."""
+    """The non-tensor part of a sharded checkpoint (config, step, RNG, tokenizer, ...), once
+    the directory is checked to be whole (read_sharded_index): a damaged one is reported here,
+    where resuming can still pass over it to an older one."""
+    if not os.path.isfile(os.path.join(path, TRAIN_STATE)):
+        raise CheckpointError(f"{path} is incomplete: it has no {TRAIN_STATE} (the step, RNG and tokenizer records); it cannot be resumed or sampled")
     state = load_checkpoint_file(os.path.join(path, TRAIN_STATE))
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}/{TRAIN_STATE} is not a HomeLLM training state")
+    read_sharded_index(path)
     return {**state, "sharded": True}
 
 
@@ -721,14 +766,78 @@ def load_sharded_weights(path: str) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     state = load_train_state(path)
-    try:
-        index = _SafeReader(path).read_metadata().state_dict_metadata
-        model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-                 for key, meta in index.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-        load_sharded(path, {"model": model})
-    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    index = read_sharded_index(path).state_dict_metadata
+    model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in index.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    load_sharded(path, {"model": model})
     return {**state, "model": model}
+
+
+def read_sharded_index(path: str) -> Any:
+    """DCP's index (.metadata) of a sharded checkpoint, checked against the directory: every
+    shard file it names is a plain file of this directory, present and long enough for the
+    bytes it should hold. The index is unpickled with an allow-list (_MetadataUnpickler):
+    DCP's own reader runs pickle.load on it, and a directory from a stranger must not run code."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is incomplete: it has no .metadata (the index of its shards)") from None
+    except Exception as err:  # anything a torn or foreign pickle raises
+        raise unreadable(os.path.join(path, ".metadata"), err, "sharded checkpoint index") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path}/.metadata is not a sharded checkpoint index")
+    sizes: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = str(getattr(info, "relative_path", ""))
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise CheckpointError(f"{path}/.metadata names {name!r} as a shard, which is not a file of this directory")
+        if name not in sizes:
+            try:
+                sizes[name] = os.path.getsize(os.path.join(path, name))
+            except OSError:
+                raise CheckpointError(f"{path} is damaged: its shard {name} is missing; resume from an older checkpoint") from None
+        if sizes[name] < info.offset + info.length:
+            raise CheckpointError(f"{path} is damaged: its shard {name} is truncated ({sizes[name]:,} bytes, the index needs "
+                                  f"{info.offset + info.length:,}); resume from an older checkpoint")
+    return metadata
+
+
+def unreadable(path: str, err: BaseException, what: str = "PyTorch checkpoint") -> CheckpointError:
+    """The one-line error for a file that would not load. A pickle that names a global the
+    safe unpickler refuses ("GLOBAL posix.system") wants to build arbitrary objects, i.e.
+    possibly run code: that is said plainly."""
+    culprit = re.search(r"GLOBAL (\S+)", str(err))
+    if culprit:
+        return CheckpointError(
+            f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
+            "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
+        )
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
+    return CheckpointError(f"{path} is not a readable {what} ({type(err).__name__}: {detail.strip()[:300]})")
+
+
+def _safe_load_planner():
+    """DCP's default load planner, except that byte entries (the non-tensor values of a state
+    dict) are unpickled with weights_only=True; DCP's own planner uses weights_only=False."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
+            if not self.flatten_state_dict:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+                return
+            *parents, last = self.mappings[read_item.dest_index.fqn]
+            node = self.original_state_dict
+            for key in parents:  # the path exists: only keys of the state dict being filled are read
+                node = node[key]
+            node[last] = loaded
+
+    return SafeLoadPlanner()
 
 
 def _safe_reader_class():
@@ -736,12 +845,10 @@ def _safe_reader_class():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
-        """DCP's reader, but its index (.metadata) is unpickled with a whitelist: the stock
-        reader runs pickle.load on it, and a directory from a stranger must not run code."""
+        """DCP's reader, but its index is read by read_sharded_index."""
 
         def read_metadata(self, *args, **kwargs):
-            with open(os.path.join(self.path, ".metadata"), "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+            metadata = read_sharded_index(str(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -755,15 +862,28 @@ def _SafeReader(path: str):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-               ("collections", "OrderedDict")}
+    """Unpickles DCP's index (.metadata) allowing only the exact (module, name) pairs such an
+    index holds: DCP's metadata records, torch.Size, dtypes, layouts and paths. The pair is
+    checked before anything is imported or looked up, and names are plain attributes: with
+    pickle protocol 4 a name may be dotted ("os.system" under an allowed module), which
+    resolves through that module's own imports to anything at all."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
 
     def find_class(self, module: str, name: str):
-        value = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or isinstance(value, torch.dtype):
-            return value
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
+        if name not in self.ALLOWED.get(module, ()):  # a dotted name is in no list
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
+        return getattr(importlib.import_module(module), name)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

@@ -247,7 +247,7 @@ class TrainConfig:
     data_dir: str = _key("data/demo", "a directory made by prepare.py")
     out_dir: str = _key("out", "checkpoints, config.json, metrics.jsonl")
     init_from: str = _key("scratch", "scratch | path/to/ckpt.pt (weights only) | hf:DIR (local HF Llama/Qwen2)")
-    resume: str = _key("auto", "auto (continue if out_dir has ckpt.pt) | never | path/to/ckpt.pt")
+    resume: str = _key("auto", "auto (continue from out_dir's newest checkpoint that loads) | never | PATH (a .pt file or an FSDP run's ckpt_STEP/ directory)")
     keep_checkpoints: int = _key(2, "numbered ckpt_STEP.pt copies to keep besides ckpt.pt (0: none)")
     # model
     vocab_size: Optional[int] = _key(None, "embedding rows; None: the dataset tokenizer's vocabulary size")
@@ -330,8 +330,8 @@ class TrainConfig:
             raise ValueError("out_dir is empty; name a directory for checkpoints and logs, e.g. --out_dir=out")
         if not self.data_dir.strip():
             raise ValueError("data_dir is empty; pass the directory prepare.py wrote, e.g. --data_dir=data/demo")
-        if self.resume not in ("auto", "never") and not self.resume.endswith(".pt"):
-            raise ValueError(f"resume={self.resume!r} must be auto, never or a path to a .pt checkpoint")
+        if not self.resume.strip():
+            raise ValueError("resume is empty; it takes auto, never, or a checkpoint's path (a .pt file or an FSDP run's ckpt_STEP/ directory)")
         # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even
         # head_dim, dropout in [0, 1)) live in ModelConfig; run them now, not after data loading.
         self.model_config(self.vocab_size or 1)

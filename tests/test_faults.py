@@ -25,7 +25,7 @@ import prepare
 import sample
 import system
 import train
-from conftest import TINY, write_byte_tokenizer
+from conftest import TINY, pickle_calling, shard_checkpoint, write_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,9 +140,104 @@ def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
 
     (evil / ".metadata").write_bytes(pickle.dumps(Exploit()))
     torch.save({"step": 1, "model_config": {}, "tokenizer": {}}, evil / "train_state.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable sharded checkpoint.*not allowed"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"refusing to load .*ckpt_000001/.metadata: it holds Python objects \(posix.system\)"):
         checkpoint.load_checkpoint(str(evil))
     assert not marker.exists()
+
+
+def plant_sharded(out: Path, name: str, metadata: bytes) -> Path:
+    """out/NAME/: a sharded checkpoint directory with a real train_state.pt (from out/ckpt.pt)
+    and the given index bytes."""
+    planted = out / name
+    planted.mkdir()
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    del state["model"], state["optimizer"]
+    torch.save(state, planted / "train_state.pt")
+    (planted / ".metadata").write_bytes(metadata)
+    return planted
+
+
+def test_s1_a_planted_index_with_a_dotted_global_runs_nothing(dataset, tmp_path, capsys):
+    # Protocol 4 lets a pickle name ("torch.distributed.checkpoint.filesystem", "os.system"):
+    # an allowed module, and a dotted name that walks to os.system through its imports.
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    marker = tmp_path / "pwned"
+    plant_sharded(out, "ckpt_999999", pickle_calling("torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"))
+    refusal = "refusing to load"
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert "passing over" in err and "ckpt_999999" in err and refusal in err and "ckpt.pt: step 4" in err
+    export_hf.main(["--out_dir", str(out), "--to", str(tmp_path / "hf")])
+    assert refusal in capsys.readouterr().err and (tmp_path / "hf" / "model.safetensors").exists()
+    log = run_to_step(dataset, out, 6, "--eval_interval=2", capsys=capsys)
+    assert f"cannot resume from {out / 'ckpt_999999'}: {refusal}" in log and "at step 4" in log
+    assert not marker.exists()
+    [aside] = out.glob("unloadable-*")  # moved out of the way: the run must not write over it
+    assert (aside / "ckpt_999999" / ".metadata").exists()
+
+
+def test_s2_a_sharded_checkpoints_byte_entries_cannot_run_code(dataset, tmp_path, capsys):
+    # DCP's own load planner unpickles non-tensor values with weights_only=False.
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    shard_checkpoint(out / "ckpt.pt", out / "ckpt_000004", weight_decay=Exploit())
+    os.remove(out / "ckpt.pt")
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=6"], capsys)
+    assert code == 1 and "refusing to load" in one_line_error(err) and "posix.system" in err
+    assert not marker.exists()
+
+
+def sharded_run(dataset, out, capsys) -> None:
+    """out/ as an FSDP run leaves it after step 8: ckpt_000004/ and ckpt_000008/, no .pt files."""
+    run_to_step(dataset, out, 8, "--eval_interval=4", capsys=capsys)
+    for step in (4, 8):
+        shard_checkpoint(out / f"ckpt_{step:06d}.pt", out / f"ckpt_{step:06d}")
+    for path in out.glob("*.pt"):
+        os.remove(path)
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("train_state.pt", "incomplete: it has no train_state.pt"),  # D1
+    ("__0_0.distcp", "its shard __0_0.distcp is missing"),  # T1
+    ("truncate", "its shard __0_0.distcp is truncated"),  # T1
+])
+def test_d1_t1_a_damaged_sharded_checkpoint_is_passed_over_and_never_written_over(dataset, tmp_path, capsys, damage, phrase):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)
+    newest = out / "ckpt_000008"
+    if damage == "truncate":
+        os.truncate(newest / "__0_0.distcp", 1000)
+    else:
+        os.remove(newest / damage)
+    kept = {p.name: p.read_bytes() for p in newest.iterdir()}
+    with pytest.raises(SystemExit) as exit_:  # named explicitly: one line, no traceback
+        sample.main(["--ckpt", str(newest)])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])  # the newest whole one
+    assert f"passing over {newest}" in capsys.readouterr().err
+    log = run_to_step(dataset, out, 12, "--eval_interval=4", capsys=capsys)
+    assert f"cannot resume from {newest}: " in log and phrase in log and "at step 4" in log
+    [aside] = out.glob("unloadable-*")
+    assert {p.name: p.read_bytes() for p in (aside / "ckpt_000008").iterdir()} == kept
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+def test_d1_a_run_whose_sharded_checkpoints_all_lack_their_state_is_refused_untouched(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)
+    for step in (4, 8):
+        os.remove(out / f"ckpt_{step:06d}" / "train_state.pt")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=12", "--eval_interval=4"], capsys)
+    assert code == 1 and "none of them loads" in one_line_error(err) and "no train_state.pt" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
 
 # ----------------------------------------------------------------------------- silent wrong results
