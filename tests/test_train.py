@@ -24,7 +24,7 @@ import system
 import train
 from configurator import TrainConfig
 from dataset import TokenShards
-from conftest import TINY
+from conftest import TINY, shard_checkpoint
 from train import get_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +207,20 @@ def test_resume_refuses_another_model_config(dataset, tmp_path, capsys):
     assert "the model config differs: n_layer=2 (checkpoint) vs 3 (now)" in err and "--init_from=" in err
 
 
+def test_resume_takes_the_path_of_a_sharded_checkpoint_directory(dataset, tmp_path, capsys):
+    # --resume=PATH names any checkpoint, an FSDP run's ckpt_STEP/ directory included.
+    out = tmp_path / "run"
+    args = [*TINY, f"--data_dir={dataset}", "--eval_interval=4"]
+    run_inprocess([*args, f"--out_dir={out}", "--max_iters=4"])
+    shard_checkpoint(out / "ckpt.pt", tmp_path / "ckpt_000004")
+    run_inprocess([*args, f"--out_dir={tmp_path / 'more'}", "--max_iters=8", f"--resume={tmp_path / 'ckpt_000004'}"])
+    assert f"resumed from {tmp_path / 'ckpt_000004'} at step 4" in capsys.readouterr().out
+    assert sorted(train_losses(tmp_path / "more")) == [5, 6, 7, 8]
+    with pytest.raises(SystemExit):
+        run_inprocess([*args, f"--out_dir={tmp_path / 'typo'}", "--max_iters=8", "--resume=nevr"])
+    assert "--resume=nevr: no such checkpoint; --resume takes auto, never, or the path of" in capsys.readouterr().err
+
+
 def test_init_from_a_checkpoint_warm_starts_the_weights(dataset, tmp_path):
     run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'a'}", "--max_iters=20", "--eval_interval=20"])
     run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'b'}", "--max_iters=1", "--eval_interval=1",
@@ -313,7 +327,9 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     out = tmp_path / "fsdp"
     # eval_iters x batch_size = 3 x 3 = 9 validation windows: rank 0 takes 5, rank 1 takes 4 plus
     # one padding row, which must neither change the mean nor leave FSDP's collectives unmatched.
-    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3", "--batch_size=3"]
+    # float32: the losses are compared across layouts at fp32 tolerances (--dtype auto may pick bf16).
+    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3",
+              "--batch_size=3", "--dtype=float32"]
     fsdp = [*common, "--parallel=fsdp"]
     log = finish(torchrun([*fsdp, "--max_iters=4"]))
     assert "parallel: fsdp" in log
