@@ -467,10 +467,13 @@ def _commit(tmp_dir: str, out_dir: str) -> None:
             os.remove(os.path.join(old, "dataset", name))
     try:
         os.rmdir(os.path.join(old, "dataset"))
+    except OSError:  # something we did not write appeared meanwhile: keep it, and disown the
+        # folder, or a later run would remove it as the leftover of a killed one
         os.remove(os.path.join(old, OWNER_FILE))
-        os.rmdir(old)
-    except OSError:  # something we did not write appeared meanwhile: keep it
         _log(f"note: {out_dir} was replaced; files prepare.py did not write were kept in {old}/dataset")
+        return
+    os.remove(os.path.join(old, OWNER_FILE))
+    os.rmdir(old)
 
 
 # A hidden working directory (.NAME.tmp-*, .NAME.old-*) carries the pid and host of the run that

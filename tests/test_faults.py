@@ -111,6 +111,10 @@ def test_2_resume_never_moves_the_earlier_run_aside(dataset, tmp_path, capsys):
     [archive] = out.glob("previous-run-*")
     assert str(archive) in log
     assert (archive / "ckpt.pt").read_bytes() == old and (archive / "ckpt_000010.pt").exists() and (archive / "metrics.jsonl").exists()
+    # D3: the archived run keeps its tokenizer and config, so it can be sampled once data_dir is gone
+    ckpt = checkpoint.load_checkpoint(str(archive / "ckpt.pt"))
+    assert checkpoint.checkpoint_tokenizer_path(ckpt, str(archive / "ckpt.pt")) == str(archive / "tokenizer.tiktoken")
+    assert (archive / "config.json").exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
@@ -537,6 +541,29 @@ def test_14_stale_work_dirs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_p
     assert prepare.main(["--input", str(corpus), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "ds"), "--workers", "1", "--val_fraction", "0"]) == 0
     assert not stale.exists() and live.exists() and foreign.exists()
     assert not (tmp_path / "ds" / ".owner").exists()
+
+
+def test_d2_files_kept_from_a_replaced_dataset_are_never_cleaned_up_later(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"строка {i}\n" for i in range(100)), encoding="utf-8")
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    args = ["--input", str(corpus), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "ds"), "--workers", "1", "--val_fraction", "0"]
+    assert prepare.main(args) == 0
+    check = prepare._check_out_dir
+
+    def user_adds_a_file_meanwhile(out_dir, overwrite):
+        check(out_dir, overwrite)
+        (tmp_path / "ds" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(prepare, "_check_out_dir", user_adds_a_file_meanwhile)
+    assert prepare.main([*args, "--overwrite"]) == 0
+    [kept] = tmp_path.glob(".ds.old-*")
+    assert f"kept in {kept}/dataset" in capsys.readouterr().err
+    assert (kept / "dataset" / "notes.txt").read_text() == "mine" and not (kept / ".owner").exists()  # no longer ours to remove
+    monkeypatch.setattr(prepare, "_check_out_dir", check)
+    assert prepare.main([*args, "--overwrite"]) == 0
+    assert (kept / "dataset" / "notes.txt").read_text() == "mine"
 
 
 def test_15_stale_save_temp_files_are_removed(dataset, tmp_path, capsys):
