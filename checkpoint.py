@@ -886,6 +886,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
+def holds_training_state(path: str) -> bool:
+    """Whether the .pt file at path is a checkpoint train.py can resume (it has optimizer state)."""
+    try:
+        ckpt = load_checkpoint_file(path)  # mmapped: the optimizer state is not read
+    except CheckpointError:
+        return False
+    return isinstance(ckpt, dict) and "optimizer" in ckpt
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Shapes of our state dict, taken from model.py itself (on the meta device: no memory)."""
     with torch.device("meta"):
@@ -899,6 +908,9 @@ def consolidate(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, 
     copied next to it, so sample.py --ckpt dest works anywhere."""
     if os.path.exists(dest) and not overwrite:
         raise CheckpointError(f"{dest} exists; pass --overwrite to replace it, or choose another --to")
+    if os.path.isdir(dest) or (os.path.isfile(dest) and holds_training_state(dest)):
+        raise CheckpointError(f"{dest} is {'a directory' if os.path.isdir(dest) else 'a training checkpoint'}; --overwrite replaces "
+                              "only a file an export wrote: choose another --to")
     ckpt = load_checkpoint(ckpt_path)
     tokenizer_src = checkpoint_tokenizer_path(ckpt, ckpt_path)
     state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "sharded")}

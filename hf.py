@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 
@@ -288,16 +289,31 @@ def hf_config(cfg: ModelConfig, qwen: bool, bos_id: Optional[int], eos_id: Optio
     return config
 
 
-def prepare_dest(dest: str, overwrite: bool) -> None:
-    """Refuse to write into a non-empty directory unless asked; then clear only our own files."""
+IMPORT_FILES = ("ckpt.pt", "tokenizer.model", "tokenizer.tiktoken")  # what an import writes
+
+
+def is_export_file(name: str) -> bool:
+    return name in HF_FILES or (name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin")))
+
+
+def prepare_dest(dest: str, overwrite: bool, ours: Callable[[str], bool] = is_export_file) -> None:
+    """Refuse to write into a non-empty directory unless asked. Asked, still refuse a training
+    run, a prepared dataset, or any directory holding files this writer does not write (ours
+    says which): their config.json or tokenizer file share our names, and replacing them would
+    break the run or dataset. Then clear only our own files."""
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise HFError(f"--to {dest} is a file, not a directory; choose another --to")
-    if os.path.isdir(dest) and os.listdir(dest):
-        if not overwrite:
-            raise HFError(f"{dest} is not empty; pass --overwrite to replace its files, or choose another --to")
-        for name in os.listdir(dest):
-            if name in HF_FILES or (name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin"))):
-                os.remove(os.path.join(dest, name))
+    names = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
+    if names and not overwrite:
+        raise HFError(f"{dest} is not empty; pass --overwrite to replace its files, or choose another --to")
+    foreign = [name for name in names if not ours(name)]
+    if foreign:
+        run = {"train.lock", "metrics.jsonl", "status.json"} & set(names) or any(re.fullmatch(r"ckpt_\d+(\.pt)?", n) for n in names)
+        kind = "a training run" if run else "a prepared dataset" if "meta.json" in names else "a directory holding files this command did not write"
+        raise HFError(f"{dest} is {kind} ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so --overwrite will not "
+                      "write into it; choose another --to")
+    for name in names:
+        os.remove(os.path.join(dest, name))
     os.makedirs(dest, exist_ok=True)
 
 
@@ -367,7 +383,7 @@ def import_hf(path: str, dest: str, dtype: Optional[torch.dtype] = None, overwri
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]  # one tensor again, as in the model
     created = not os.path.exists(dest)
-    prepare_dest(dest, overwrite)
+    prepare_dest(dest, overwrite, lambda name: name in IMPORT_FILES)
     ckpt_path = os.path.join(dest, "ckpt.pt")
     try:
         info = import_hf_tokenizer(path, dest)

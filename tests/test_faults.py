@@ -244,6 +244,30 @@ def test_d1_a_run_whose_sharded_checkpoints_all_lack_their_state_is_refused_unto
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
 
+def test_d4_export_overwrite_refuses_runs_and_datasets(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)  # an FSDP run: config.json and the tokenizer sit among its ckpt_STEP/
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    targets = {out: "is a training run", ds: "is a prepared dataset"}
+    before = {target: {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} for target in targets}
+    for target, phrase in targets.items():
+        with pytest.raises(SystemExit) as exit_:
+            export_hf.main(["--ckpt", str(out / "ckpt_000008"), "--to", str(target), "--overwrite"])
+        assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+        assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before[target]
+    export_hf.main(["--ckpt", str(out / "ckpt_000008"), "--to", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit):  # import, too, would have replaced the run's tokenizer
+        export_hf.main(["--import_from", str(tmp_path / "hf"), "--to", str(out), "--overwrite"])
+    assert "is a training run" in one_line_error(capsys.readouterr().err)
+    single = tmp_path / "single"
+    run_to_step(dataset, single, 2, "--eval_interval=2", capsys=capsys)
+    kept = (single / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit):  # --to FILE.pt over a run's own checkpoint
+        export_hf.main(["--out_dir", str(single), "--to", str(single / "ckpt.pt"), "--overwrite"])
+    assert "is a training checkpoint" in one_line_error(capsys.readouterr().err) and (single / "ckpt.pt").read_bytes() == kept
+
+
 # ----------------------------------------------------------------------------- silent wrong results
 
 
