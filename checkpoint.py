@@ -886,6 +886,25 @@ class _MetadataUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
+def count_nonfinite(model: torch.nn.Module) -> int:
+    """How many parameters hold a NaN or an infinity (for a sharded model, in this rank's part),
+    summed over the ranks when a process group is up: then a collective, every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    count = torch.tensor([sum(not bool(torch.isfinite(p).all()) for p in params)], device=params[0].device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    return int(count.item())
+
+
+def nonfinite_advice(last_saved: Optional[int]) -> str:
+    """What a run stopped by non-finite numbers tells the user: its checkpoint is from before."""
+    saved = f"the last checkpoint (step {last_saved}) is from before them" if last_saved is not None else "no checkpoint was saved"
+    return f"{saved}; lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
+
+
 def holds_training_state(path: str) -> bool:
     """Whether the .pt file at path is a checkpoint train.py can resume (it has optimizer state)."""
     try:

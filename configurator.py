@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import os
 import re
 import runpy
@@ -239,6 +240,10 @@ def _key(default: Any, help: str, **metadata: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+MAX_DIST_TIMEOUT_MIN = 525_600
+MAX_SEED = 2**62
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every key train.py accepts, with nanoGPT's names where nanoGPT has one."""
@@ -300,6 +305,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that could only fail later (or silently do nothing), with the fix."""
+        for f in dataclasses.fields(self):  # e.g. --learning_rate=1e999 parses as inf
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be a finite number")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                     "eval_interval", "eval_iters", "log_interval", "nonfinite_patience")
         for name in positive:
@@ -324,6 +333,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name}={value} must be positive")
+        if self.dist_timeout_min > MAX_DIST_TIMEOUT_MIN:  # longer overflows the nanoseconds torch.distributed counts in
+            raise ValueError(f"dist_timeout_min={self.dist_timeout_min:g} must be at most {MAX_DIST_TIMEOUT_MIN} (a year)")
+        if not 0 <= self.seed <= MAX_SEED:  # torch and numpy seeds are unsigned, at most 64 bits; ranks add their rank
+            raise ValueError(f"seed={self.seed} must be between 0 and {MAX_SEED} (2**62)")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if not self.out_dir.strip():

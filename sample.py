@@ -217,6 +217,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top_p={args.top_p} must be in (0, 1]")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed={args.seed} must be between 0 and 2**64 - 1")
 
 
 def note(message: str) -> None:

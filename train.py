@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, find_resume_checkpoint, load_checkpoint,
-    materialize, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint, truncate_metrics, write_status,
+    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, load_checkpoint,
+    materialize, nonfinite_advice, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint, truncate_metrics, write_status,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
 from dataset import DatasetError, TokenShards, bits_per_byte, load_meta, tokenizer_fingerprint, val_split_warning, verify_shards
@@ -168,13 +168,9 @@ def update(run: Run, step: int, loss: float, grad_norm: float) -> bool:
     else:
         run.nonfinite_steps += 1
         patience = run.cfg.nonfinite_patience
-        log0(run.d, f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped ({run.nonfinite_steps}/{patience})")
+        log0(run.d, f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped ({run.nonfinite_steps}/{patience})")
         if run.nonfinite_steps >= patience:
-            saved = f"the last checkpoint (step {run.last_saved}) is from before them" if run.last_saved is not None else "no checkpoint was saved"
-            raise TrainError(
-                f"the loss was non-finite for {run.nonfinite_steps} steps in a row (last at step {step}); {saved}; "
-                "lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
-            )
+            raise TrainError(f"the loss was non-finite for {run.nonfinite_steps} steps in a row (last at step {step + 1}); {nonfinite_advice(run.last_saved)}")
     run.scaler.update()
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
@@ -324,7 +320,8 @@ def checkpoint_state(run: Run, progress: Progress) -> dict:
 
 def eval_and_save(run: Run, progress: Progress, reason: str, background: bool = False) -> None:
     """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part.
-    During a streak of non-finite steps nothing is saved: the weights may already be wrecked,
+    Non-finite weights are never saved (the run stops), nor is anything during a streak of
+    non-finite steps or after a non-finite evaluation: the weights may already be wrecked,
     and the last checkpoint must stay one from before.
     background: a sharded checkpoint may be written while training goes on (--async_checkpoint);
     the last save of a run is always waited for."""
@@ -333,8 +330,11 @@ def eval_and_save(run: Run, progress: Progress, reason: str, background: bool = 
         progress.best_val_loss = min(progress.best_val_loss, result["val_loss"])
         log0(run.d, f"step {progress.step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.4f}")
         write_metrics(run, {"step": progress.step, **result})
-    if run.nonfinite_steps:
-        log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {run.nonfinite_steps} step(s) were non-finite")
+    if count_nonfinite(run.raw_model):  # no later step can repair them: stop, and never save them
+        raise TrainError(f"step {progress.step}: the weights hold NaN or inf values; {nonfinite_advice(run.last_saved)}")
+    if run.nonfinite_steps or (result is not None and not math.isfinite(result["val_loss"])):
+        log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {run.nonfinite_steps} step(s) were non-finite"
+             if run.nonfinite_steps else f"step {progress.step}: not saving a checkpoint ({reason}): the validation loss is not finite")
         return
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

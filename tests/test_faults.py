@@ -132,6 +132,37 @@ def test_3_no_checkpoint_is_written_during_a_nonfinite_streak(dataset, tmp_path,
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_w1_nonfinite_weights_or_evaluation_are_never_saved(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    # Step 5's loss is finite, but its update leaves a NaN in the weights (as --learning_rate
+    # =1e999 did, now refused as a setting): the evaluation after it must neither save them
+    # nor claim an older checkpoint that is not there.
+    real_update = train.update
+
+    def update_that_wrecks(run, step, loss, grad_norm):
+        finite = real_update(run, step, loss, grad_norm)
+        if step + 1 == 5:
+            with torch.no_grad():
+                run.raw_model.norm.weight[0] = float("nan")
+        return finite
+
+    monkeypatch.setattr(train, "update", update_that_wrecks)
+    wreck = [*TINY, f"--data_dir={dataset}", "--max_iters=30", "--eval_interval=1"]
+    code, _, err = train_exit([*wreck, f"--out_dir={out}"], capsys)
+    assert code == 1 and "step 5: the weights hold NaN or inf values; the last checkpoint (step 4) is from before them" in one_line_error(err)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt.pt", "ckpt_000004.pt"]
+    code, _, err = train_exit([*wreck, f"--out_dir={tmp_path / 'fresh'}", "--eval_interval=5"], capsys)
+    assert code == 1 and "no checkpoint was saved" in one_line_error(err) and not list((tmp_path / "fresh").glob("ckpt*"))
+    # An evaluation that is not finite counts as non-finite too.
+    monkeypatch.setattr(train, "evaluate", lambda run: {"val_loss": float("nan"), "val_ppl": float("nan"), "val_bpb": float("nan")})
+    log = run_to_step(dataset, tmp_path / "nan_eval", 2, "--eval_interval=1", capsys=capsys)
+    assert "step 2: not saving a checkpoint (end of training): the validation loss is not finite" in log
+    assert not list((tmp_path / "nan_eval").glob("ckpt*"))
+
+
 def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
     # DCP's own reader unpickles .metadata with pickle.load; ours allows only DCP's index classes.
     marker = tmp_path / "pwned"
@@ -390,6 +421,9 @@ def test_9_a_demo_rerun_over_a_corrupt_meta_json_is_one_line(tmp_path, capsys):
     ("--block_size=0", "block_size=0"), ("--learning_rate=-0.1", "learning_rate=-0.1 must not be negative"),
     ("--dropout=1.0", "dropout=1.0 must be in [0, 1)"), ("--device=tpu", "device='tpu' is not one of"),
     ("--out_dir=", "out_dir is empty"), ("--max_iters=-5", "max_iters=-5 must be a positive integer"),
+    ("--seed=-1", "seed=-1 must be between 0 and"), ("--seed=" + "9" * 30, "must be between 0 and"),  # T3
+    ("--dist_timeout_min=1e12", "dist_timeout_min=1e+12 must be at most 525600"),  # T5: a 128-line C++ trace
+    ("--learning_rate=1e999", "learning_rate=inf must be a finite number"), ("--max_time_min=1e999", "max_time_min=inf must be a finite"),
 ])
 def test_10_out_of_range_values_are_usage_errors(dataset, tmp_path, capsys, flag, phrase):
     code, out, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", flag], capsys)
@@ -447,6 +481,14 @@ def test_12_sample_refuses_bad_bytes_and_nan_temperature_and_survives_a_tiny_one
     tiny = capsys.readouterr().out
     sample.main(["--out_dir", str(out), "--start", "кот", "--temperature", "0", "--max_new_tokens", "8"])
     assert tiny == capsys.readouterr().out  # a vanishing temperature is greedy, not nan
+
+
+@pytest.mark.parametrize("seed", ["-1", "1" + "0" * 30])
+def test_t3_sample_refuses_a_seed_out_of_range_in_one_line(dataset, tmp_path, capsys, seed):
+    out = make_sample_run(dataset, tmp_path, capsys)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--out_dir", str(out), "--seed", seed])
+    assert exit_.value.code == 2 and "--seed=" in one_line_error(capsys.readouterr().err)
 
 
 def test_12_an_absurd_model_config_is_refused_before_allocating(dataset, tmp_path, capsys):

@@ -181,6 +181,8 @@ def test_nonfinite_loss_skips_then_stops_without_touching_the_checkpoint(dataset
     assert (out / "ckpt.pt").read_bytes() == before
     skipped = [r for r in metrics(out) if r.get("loss", 0) is None]
     assert skipped and all(r["step"] > 4 for r in skipped)  # recorded as null, never NaN
+    # the skipped step is numbered as its log line and metrics record are
+    assert int(re.search(r"step (\d+): non-finite loss", captured.out).group(1)) == skipped[0]["step"]
 
 
 def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
