@@ -222,16 +222,28 @@ def load_checkpoint_file(path: str) -> object:
 
 def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
     """The tokenizer file of a checkpoint: train.py copies it next to ckpt.pt; a checkpoint moved
-    without it falls back to the data directory it was trained on."""
+    without it falls back to the data directory it was trained on. A file whose SHA-256 is not
+    the one the checkpoint recorded is not its tokenizer, whatever its name and size: another
+    tokenizer maps the same ids to other text, and would turn every sample into garbage."""
     info = ckpt.get("tokenizer")
     if not isinstance(info, dict):
         raise CheckpointError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
     name = info.get("file") or ""
     here = os.path.dirname(os.path.abspath(ckpt_path))
     data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
+    trained_with = ckpt.get("tokenizer_sha256")
+    foreign = []
     for base_dir in (here, data_dir):
-        if base_dir and name and os.path.isfile(os.path.join(base_dir, name)):
-            return os.path.join(base_dir, name)
+        path = os.path.join(base_dir, name) if base_dir and name else ""
+        if path and os.path.isfile(path):
+            if not trained_with or file_sha256(path) == trained_with:
+                return path
+            foreign.append(path)
+    if foreign:
+        raise CheckpointError(
+            f"the tokenizer file {foreign[0]} is not the one {ckpt_path} was trained with (its sha256 differs from the "
+            f"recorded {trained_with[:12]}); copy {name} from the dataset it was trained on into {here}"
+        )
     raise CheckpointError(
         f"the tokenizer file {name or '(none recorded)'} of {ckpt_path} is neither next to it nor in its "
         f"data_dir {data_dir}; copy {name or 'it'} from the prepared dataset into {here}"

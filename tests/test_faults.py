@@ -163,6 +163,27 @@ def test_w1_nonfinite_weights_or_evaluation_are_never_saved(dataset, tmp_path, c
     assert not list((tmp_path / "nan_eval").glob("ckpt*"))
 
 
+def test_w2_sample_and_export_refuse_a_tokenizer_the_checkpoint_was_not_trained_with(dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    out = tmp_path / "run"
+    run_to_step(data, out, 2, "--eval_interval=2", capsys=capsys)
+    # Same size, other text: bytes 0x61 "a" and 0x62 "b" trade ids.
+    lines = (out / "tokenizer.tiktoken").read_text().splitlines()
+    lines[0x61], lines[0x62] = lines[0x62].split()[0] + " 97", lines[0x61].split()[0] + " 98"
+    (out / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])  # data_dir still has the right one
+    capsys.readouterr()
+    shutil.rmtree(data)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])
+    phrase = f"the tokenizer file {out / 'tokenizer.tiktoken'} is not the one {out / 'ckpt.pt'} was trained with"
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:
+        export_hf.main(["--out_dir", str(out), "--to", str(tmp_path / "hf")])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err) and not (tmp_path / "hf").exists()
+
+
 def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
     # DCP's own reader unpickles .metadata with pickle.load; ours allows only DCP's index classes.
     marker = tmp_path / "pwned"
