@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     run.model.train()
     run.speed_mark = (time.perf_counter(), progress.tokens_seen)
     batches = read_step(run, progress.step)
-    while cfg.max_iters is None or progress.step < cfg.max_iters:
+    while (cfg.max_iters is None or progress.step < cfg.max_iters) and not clock.out_of_time:
         step = progress.step
         lr = clock.lr(step)
         for group in (g for opt in run.optimizers for g in opt.param_groups):
@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         batches = read_step(run, step + 1) if not clock.last_step and step + 1 != cfg.max_iters else []
         grad_norm = clip_gradients(run)
         loss, grad_norm, stop_asked, elapsed_s = step_statistics(run, loss_sum, grad_norm, stop, clock)
-        clock.step_done(elapsed_s)
+        elapsed_s = clock.step_done(elapsed_s)
         finite = update(run, step, loss, grad_norm)
         progress.step, progress.tokens_seen, progress.elapsed_s = step + 1, progress.tokens_seen + run.tokens_per_step, elapsed_s
 
@@ -239,7 +239,7 @@ class TimeBudget:
         self.step_s: Optional[float] = None  # a step's duration, erring long
         self.paused = True  # the next step's time includes start-up or an evaluation: not a step's
         self.last_step = False
-        self.out_of_time = False
+        self.out_of_time = self.budget_s is not None and elapsed_s >= self.budget_s  # a finished run: nothing to do
 
     def lr(self, step: int) -> float:
         """The learning rate of `step`; also decides whether it is the budget's last step."""
@@ -256,12 +256,14 @@ class TimeBudget:
         """Seconds since the run began, on this process's clock (only rank 0's counts)."""
         return time.perf_counter() - self.started
 
-    def step_done(self, elapsed_s: float) -> None:
-        """Rank 0's reading at the end of a step."""
+    def step_done(self, elapsed_s: float) -> float:
+        """Rank 0's reading at the end of a step; returns the clock to record, which reads the
+        whole budget once it is spent: a finished run, run again, then has nothing left to do."""
         if not self.paused:
             self.step_s = max(elapsed_s - self.elapsed_s, 0.8 * (self.step_s or 0.0))
         self.elapsed_s, self.paused = elapsed_s, False
         self.out_of_time = self.budget_s is not None and (self.last_step or elapsed_s >= self.budget_s)
+        return max(elapsed_s, self.budget_s) if self.out_of_time else elapsed_s
 
 
 # ----------------------------------------------------------------------------- evaluation and checkpoints

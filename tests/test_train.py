@@ -583,6 +583,20 @@ def test_a_time_budgeted_run_resumes_on_its_own_clock(dataset, tmp_path):
     assert records[-1]["lr"] == pytest.approx(3e-4) and records[-1]["elapsed_s"] <= 0.2 * 60 + 2
 
 
+def test_a_finished_time_budgeted_run_run_again_does_nothing(dataset, tmp_path, capsys):
+    # As with max_iters: it used to train one more step per re-run and rotate checkpoints away.
+    out = tmp_path / "timed"
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=None", "--max_time_min=0.05", "--eval_interval=3"]
+    run_inprocess(args)
+    files = {p.name: p.read_bytes() for p in out.glob("ckpt*")}
+    records = metrics(out)
+    capsys.readouterr()
+    run_inprocess(args)
+    assert f"done: step {records[-1]['step']}," in capsys.readouterr().out
+    assert metrics(out) == records and {p.name: p.read_bytes() for p in out.glob("ckpt*")} == files
+    assert json.loads((out / "status.json").read_text())["reason"] == "time budget"
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(dataset, tmp_path):
     import model as model_lib
     from model import ModelConfig, Transformer, make_optimizer
