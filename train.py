@@ -412,8 +412,10 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     threads = configure_cpu_threads(max(1, usable_cpus() // local_ranks)) if device.type == "cpu" else ""
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
 
-    raw_model, model_cfg, init_state = build_model(cfg, meta)  # on the meta device
-    check_memory_fits(cfg, model_cfg, d.world_size, device, dtype)
+    model_cfg, init_state = initial_weights(cfg, meta)
+    check_memory_fits(cfg, model_cfg, d.world_size, device, dtype)  # before building anything: refused in seconds
+    with torch.device("meta"):  # shapes only; parallelism applies to it, then each rank allocates its part (materialize)
+        raw_model = Transformer(model_cfg)
     lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held as long as the Run lives
     resume_path, ckpt = find_resume_checkpoint(cfg.out_dir, cfg.resume, lambda line: log0(d, line), d.is_main)
     tok_file = meta["tokenizer"].get("file") or ""
@@ -589,10 +591,9 @@ def apply_ddp(model: Transformer, device: torch.device) -> nn.Module:
 # ----------------------------------------------------------------------------- the model's weights
 
 
-def build_model(cfg: TrainConfig, meta: dict) -> tuple[Transformer, ModelConfig, Optional[dict]]:
-    """The plain model on the meta device (shapes only, no memory yet), and the weights to load
-    into it from --init_from (None: a fresh init). Parallelism is applied to the meta model,
-    then each rank allocates only its own part (see materialize)."""
+def initial_weights(cfg: TrainConfig, meta: dict) -> tuple[ModelConfig, Optional[dict]]:
+    """The model's config and the weights to start from: --init_from's (a checkpoint or a HF
+    directory), or None for a fresh init."""
     init_state = None
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
@@ -606,15 +607,11 @@ def build_model(cfg: TrainConfig, meta: dict) -> tuple[Transformer, ModelConfig,
         ckpt = load_checkpoint(cfg.init_from)
         model_cfg, init_state = ModelConfig.from_dict(ckpt["model_config"]), ckpt["model"]
     if model_cfg.vocab_size < meta["vocab_size"]:
-        raise TrainError(
-            f"the model's vocab_size={model_cfg.vocab_size} is smaller than the dataset tokenizer's "
-            f"vocab_size={meta['vocab_size']}; leave vocab_size unset or prepare the data with the model's tokenizer"
-        )
+        raise TrainError(f"the model's vocab_size={model_cfg.vocab_size} is smaller than the dataset tokenizer's "
+                         f"vocab_size={meta['vocab_size']}; leave vocab_size unset or prepare the data with the model's tokenizer")
     if model_cfg.max_seq_len < cfg.block_size:
         raise TrainError(f"block_size={cfg.block_size} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}")
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    return model, model_cfg, init_state
+    return model_cfg, init_state
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -649,11 +646,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda" and cfg.parallel == "fsdp" and cfg.fsdp_cpu_offload:
             backend = "cuda:nccl,cpu:gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
-            device_id=device if device.type == "cuda" else None,
-        )
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
+                                device_id=device if device.type == "cuda" else None)
     return d, device
 
 

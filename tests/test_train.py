@@ -158,6 +158,17 @@ def test_a_model_too_big_for_this_machine_is_refused_in_seconds(dataset, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_the_memory_check_comes_before_the_model_is_built(dataset, tmp_path, capsys, monkeypatch):
+    # --n_layer=100000 used to build 100000 blocks (on the meta device, for minutes) first.
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the memory check")
+
+    monkeypatch.setattr(train, "Transformer", built)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, "--n_layer=100000", "--n_embd=512", "--n_head=8", f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}"])
+    assert exit_.value.code == 1 and "error: this run needs about" in capsys.readouterr().err
+
+
 def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train.main([f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
