@@ -451,9 +451,9 @@ def move_aside(out_dir: str, prefix: str, names: list[str]) -> str:
 
 
 def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: int, global_batch: int, tokenizer_sha256: str,
-                    out_dir_tokenizer: str, log: Callable[[str], None]) -> None:
+                    out_dir_tokenizer: str, log: Callable[[str], None], optimizer: str = "adamw") -> None:
     """Refuse to resume from a checkpoint that holds no training state or belongs to another
-    model or tokenizer; say what changes when the number of ranks did."""
+    model, optimizer or tokenizer; say what changes when the number of ranks did."""
     if ("optimizer" not in ckpt and not ckpt.get("sharded")) or "world_size" not in ckpt:
         raise CheckpointError(
             f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
@@ -465,6 +465,12 @@ def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: i
         raise CheckpointError(
             f"cannot resume from {path}: the model config differs: {', '.join(diffs)}; use the same settings, "
             f"or start a new out_dir with --init_from={path} to warm-start from its weights"
+        )
+    trained_with_optimizer = (ckpt.get("train_config") or {}).get("optimizer", "adamw")
+    if trained_with_optimizer != optimizer:  # its state has other entries (Muon: momentum only)
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with --optimizer={trained_with_optimizer}, this run asks for {optimizer}; "
+            f"use --optimizer={trained_with_optimizer}, or start a new out_dir with --init_from={path} to switch with its weights"
         )
     if ckpt["world_size"] != world_size:
         # Weights and optimizer state reshard to any number of ranks. Which windows a step reads
@@ -505,19 +511,23 @@ def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizers
     did not have keep their fresh seed."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
 
-    if ckpt.get("sharded"):
-        model_state, optim_state = get_state_dict(model, optimizers)
-        shards = {"model": model_state, "optimizer": optim_state}
-        load_sharded(path, shards)
-        set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
-    elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
-        optimizers[-1].load_state_dict(ckpt["optimizer"])
-    else:  # keyed by parameter name: each rank of a sharded model keeps its part
-        set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if rank < len(ckpt["rng"]):
-        set_rng_state(ckpt["rng"][rank], device)
+    try:
+        if ckpt.get("sharded"):
+            model_state, optim_state = get_state_dict(model, optimizers)
+            shards = {"model": model_state, "optimizer": optim_state}
+            load_sharded(path, shards)
+            set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
+            optimizers[-1].load_state_dict(ckpt["optimizer"])
+        else:  # keyed by parameter name: each rank of a sharded model keeps its part
+            set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][rank], device)
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # a state that does not fit this run's optimizer
+        raise CheckpointError(f"cannot restore the training state of {path} ({type(err).__name__}: {str(err)[:200]}); it does not "
+                              f"fit this run's model and optimizer: start a new out_dir with --init_from={path}") from None
 
 
 # ----------------------------------------------------------------------------- what others watch: status.json, metric mirrors

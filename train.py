@@ -422,7 +422,7 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     if ckpt is not None:
         global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
         check_resumable(ckpt, resume_path, model_cfg, d.world_size, global_batch, tokenizer_sha256,
-                        os.path.join(cfg.out_dir, tok_file), lambda line: log0(d, line))
+                        os.path.join(cfg.out_dir, tok_file), lambda line: log0(d, line), cfg.optimizer)
         init_state = None if ckpt.get("sharded") else ckpt["model"]
 
     model: nn.Module = raw_model

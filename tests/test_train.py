@@ -218,6 +218,10 @@ def test_resume_refuses_another_model_config(dataset, tmp_path, capsys):
         run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--n_layer=3"])
     err = capsys.readouterr().err
     assert "the model config differs: n_layer=2 (checkpoint) vs 3 (now)" in err and "--init_from=" in err
+    with pytest.raises(SystemExit):  # T2: Muon's state has other entries than AdamW's (a KeyError deep in torch)
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--optimizer=muon"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it was trained with --optimizer=adamw, this run asks for muon; use --optimizer=adamw" in err
 
 
 def test_resume_takes_the_path_of_a_sharded_checkpoint_directory(dataset, tmp_path, capsys):
