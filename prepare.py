@@ -23,7 +23,6 @@ against the bare tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -48,7 +47,7 @@ from corpus import (
     utf8_document, val_threshold,
 )
 from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
-from system import die_with_parent, pid_alive, usable_cpus
+from system import OneLineParser, die_with_parent, pid_alive, usable_cpus
 from tokenizer import (
     DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, load_tokenizer, normalizes_text,
     resolve_tokenizer, save_tokenizer, train_sentencepiece,
@@ -345,7 +344,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     if cfg.val_inputs:
         val_fraction = 0.0
-    if cfg.shard_tokens < 1 or cfg.chunk_mb <= 0 or cfg.sp_sample_mb <= 0:
+    if cfg.shard_tokens < 1 or not 0 < cfg.chunk_mb < float("inf") or not 0 < cfg.sp_sample_mb < float("inf"):
         raise PrepareError("--shard_tokens, --chunk_mb and --sp_sample_mb must be positive.")
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise PrepareError("--max_docs must be at least 1.")
@@ -694,8 +693,8 @@ def _run_pool(
 
 
 def parse_args(argv: list[str]) -> PrepareConfig:
-    p = argparse.ArgumentParser(
-        prog="prepare.py",
+    p = OneLineParser(
+        prog="prepare.py", error_prefix="prepare.py: error: ",
         description="Tokenize a .jsonl/.txt(.gz/.xz) corpus into uint16/uint32 token shards for train.py. "
         "With no --input, builds the demo dataset from the Russian literature shipped in demo/.",
     )
@@ -736,6 +735,11 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     a = p.parse_args(argv)
     if a.workers < 0:
         p.error("--workers must be >= 0")
+    for flag in ("chunk_mb", "sp_sample_mb"):  # float() also takes nan and inf
+        if not 0 < getattr(a, flag) < float("inf"):
+            p.error(f"--{flag} must be a positive number of MB, got {getattr(a, flag)}")
+    if a.shard_tokens < 1:
+        p.error(f"--shard_tokens must be positive, got {a.shard_tokens}")
     return PrepareConfig(
         inputs=a.input, demo=a.demo, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
         txt_mode=a.txt_mode, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,

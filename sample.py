@@ -26,6 +26,7 @@ import torch
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
 from hardware import DeviceError, choose_dtype, compile_decode, configure_cpu_threads, resolve_device
 from model import Transformer
+from system import OneLineParser
 from tokenizer import Tokenizer
 
 SEPARATOR = "-" * 40  # printed on its own line between samples
@@ -184,7 +185,7 @@ def stream_sample(
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.",
+    p = OneLineParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default=None, help="where train.py wrote its checkpoints; None: the run here that saved last")
     p.add_argument("--ckpt", default=None, help="an explicit checkpoint file (overrides --out_dir)")

@@ -1,5 +1,6 @@
 """What the operating system says about this process and others: the CPUs it may use, whether
-another process is alive, dying with the parent, and signals asking a run to stop.
+another process is alive, dying with the parent, signals asking a run to stop, and the
+command-line parser whose errors are one line with exit status 2.
 
 No torch here: prepare.py, which never needs torch, shares these with train.py, checkpoint.py
 and the studio.
@@ -7,6 +8,7 @@ and the studio.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -86,3 +88,15 @@ class StopFlag:
             return
         self.requested = True
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage block) and exits 2: `error_prefix`
+    + argparse's message, e.g. "error: argument --top_k: invalid int value: 'x'"."""
+
+    def __init__(self, *args, error_prefix: str = "error: ", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+
+    def error(self, message: str):
+        self.exit(2, f"{self.error_prefix}{' '.join(message.split())} (--help lists the options)\n")

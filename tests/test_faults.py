@@ -452,6 +452,19 @@ def test_10_out_of_range_values_are_usage_errors(dataset, tmp_path, capsys, flag
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("script, args, phrase", [
+    ("prepare.py", ["--chunk_mb", "nan"], "prepare.py: error: --chunk_mb must be a positive number of MB, got nan"),  # T4
+    ("prepare.py", ["--sp_sample_mb", "inf"], "prepare.py: error: --sp_sample_mb must be a positive number of MB, got inf"),
+    ("prepare.py", ["--workers", "x"], "prepare.py: error: argument --workers: invalid int value: 'x'"),
+    ("sample.py", ["--top_k", "x"], "error: argument --top_k: invalid int value: 'x'"),
+    ("export_hf.py", ["--out_dir", "x"], "error: the following arguments are required: --to"),
+])
+def test_bad_flags_are_one_line_without_the_usage_block(script, args, phrase):
+    result = run_py(script, *args)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.count("\n") == 1 and err.startswith(phrase) and "usage:" not in err, err
+
+
 def test_10_an_out_dir_that_is_a_file_is_a_usage_error(dataset, tmp_path, capsys):
     (tmp_path / "f").write_text("not a directory")
     code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'f'}"], capsys)
