@@ -94,6 +94,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             refuse(field, rope, "RoPE rotates the whole head")
         rope_theta = rope.get("rope_theta", rope_theta)
+    for field, value in (("rope_theta", rope_theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)), ("initializer_range", hf.get("initializer_range", 0.02))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HFError(f"config.json has {field}={json.dumps(value)}, which is not a number")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(field), int):
             raise HFError(f"config.json has no integer {field}; it is not a complete {model_type} config")
@@ -149,7 +152,11 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             header_size = struct.unpack("<Q", f.read(8))[0]
+            if header_size > os.path.getsize(path) - 8:  # read blindly, a forged size asks for terabytes
+                raise ValueError(f"the header claims {header_size:,} bytes of a {os.path.getsize(path):,}-byte file")
             header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, never written back
         start = 8 + header_size
         tensors = {}
@@ -173,7 +180,10 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+                raise HFError(f"{index} has no weight_map from tensor names to file names in its directory; it is not a Hugging Face weight index")
+            files = sorted(set(weight_map.values()))
             break
         if os.path.isfile(os.path.join(path, single)):
             files = [single]
@@ -203,7 +213,10 @@ def load_hf_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not os.path.isfile(config_path):
         raise HFError(f"{path} is not a Hugging Face model directory (no config.json)")
     hf_config = read_json(config_path)
-    cfg = model_config_from_hf(hf_config)
+    try:
+        cfg = model_config_from_hf(hf_config)
+    except (TypeError, AttributeError) as err:  # a field of an unexpected JSON type, e.g. a list for a number
+        raise HFError(f"{config_path} is malformed: a field has the wrong JSON type ({err})") from None
     hf_state = read_hf_weights(path)
     if hf_config["model_type"] == "llama" and cfg.qkv_bias:
         for i in range(cfg.n_layer):

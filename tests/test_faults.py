@@ -562,6 +562,23 @@ def test_13_import_refuses_odd_configs_in_one_line(tmp_path, capsys, config, phr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config, files, phrase", [  # T6: each was a traceback (MemoryError for the header)
+    ({**LLAMA, "rope_theta": [1, 2]}, {}, "rope_theta=[1, 2], which is not a number"),
+    ({**LLAMA, "layer_types": 5}, {}, "a field has the wrong JSON type"),
+    (LLAMA, {"model.safetensors": (2**45).to_bytes(8, "little") + b"{}"}, "the header claims 35,184,372,088,832 bytes of a 10-byte file"),
+    (LLAMA, {"model.safetensors.index.json": b'{"weight_map": [1, 2]}'}, "has no weight_map from tensor names to file names"),
+    (LLAMA, {"model.safetensors.index.json": b'{"weight_map": {"a": "../../secret"}}'}, "has no weight_map from tensor names"),
+])
+def test_t6_malformed_hf_folders_are_one_line(tmp_path, capsys, config, files, phrase):
+    path = hf_dir(tmp_path, config)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    with pytest.raises(SystemExit) as exit_:
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "out")])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_13_import_of_a_corrupt_safetensors_file_leaves_nothing_behind(tmp_path, capsys):
     path = hf_dir(tmp_path, LLAMA)
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header")
