@@ -370,6 +370,21 @@ def test_6_shards_are_checked_against_meta_json(dataset, tmp_path, capsys, damag
     assert code == 1 and phrase in one_line_error(err)
 
 
+def test_t7_an_out_of_vocabulary_id_anywhere_in_a_big_shard_is_refused_at_start(dataset, tmp_path, capsys):
+    # 3M tokens: a check that samples blocks of the shard (1M tokens in all) misses most of it,
+    # and the run then dies with an IndexError whenever a window reaches the bad id.
+    broken = tmp_path / "ds"
+    shutil.copytree(dataset, broken)
+    tokens = np.resize(np.fromfile(broken / "train_000000.bin", dtype=np.uint16), 3_000_000)
+    tokens[200_000] = 60000
+    tokens.tofile(broken / "train_000000.bin")
+    meta = json.loads((broken / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["tokens"] = len(tokens)
+    (broken / "meta.json").write_text(json.dumps(meta))
+    code, _, err = train_exit([*TINY, f"--data_dir={broken}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2"], capsys)
+    assert code == 1 and "train_000000.bin holds token id 60000 but the tokenizer has vocab_size=257" in one_line_error(err)
+
+
 def test_6_a_vocab_size_below_the_tokenizers_is_refused_at_start(dataset, tmp_path, capsys):
     code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'run'}", "--vocab_size=100"], capsys)
     assert code == 1 and "is smaller than the dataset tokenizer's vocab_size=257" in one_line_error(err)
