@@ -626,6 +626,27 @@ def test_13_import_refuses_a_file_as_destination(tmp_path, capsys):
 # ----------------------------------------------------------------------------- leftovers
 
 
+def test_h4_symlink_loops_and_fifos_in_the_inputs_do_not_hang(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "a" / "b").mkdir(parents=True)
+    (corpus / "a" / "one.jsonl").write_text(json.dumps({"text": "первый документ"}) + "\n", encoding="utf-8")
+    (corpus / "a" / "b" / "two.jsonl").write_text(json.dumps({"text": "второй документ"}) + "\n", encoding="utf-8")
+    os.symlink("..", corpus / "a" / "up")  # two loops: glob's ** walked 2^depth paths
+    os.symlink("../..", corpus / "a" / "b" / "top")
+    os.mkfifo(corpus / "a" / "pipe.jsonl")  # opening it for reading would wait for a writer forever
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    args = ["--tokenizer", str(tok), "--workers", "1", "--val_fraction", "0", "--no_progress"]
+    for i, pattern in enumerate([f"{corpus}/**/*.jsonl", str(corpus)]):
+        assert prepare.main(["--input", pattern, "--out_dir", str(tmp_path / f"ds{i}"), *args]) == 0
+        err = capsys.readouterr().err
+        assert "ignoring 1 file(s)" in err and "pipe.jsonl" in err
+        meta = json.loads((tmp_path / f"ds{i}" / "meta.json").read_text())
+        assert meta["splits"]["train"]["documents"] == 2  # each file once, however many links lead to it
+    assert prepare.main(["--input", str(corpus / "a" / "pipe.jsonl"), "--out_dir", str(tmp_path / "ds9"), *args]) == 1
+    assert "is not a regular file" in capsys.readouterr().err
+
+
 def test_14_pool_workers_die_with_a_killed_parent(tmp_path):
     # The parent starts prepare.py's pool exactly as prepare.py does, reports the workers' pids,
     # then is killed with SIGKILL: no cleanup code of its own can run.
