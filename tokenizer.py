@@ -88,6 +88,49 @@ class Tokenizer:
         return self.impl.decode(ids, errors="replace")
 
 
+LONG_TEXT = 1 << 20  # characters (or UTF-8 bytes): longer texts are encoded piece by piece
+
+
+def pieces_for_encoding(text: Any, encode: Any, piece_len: int = LONG_TEXT, window: int = 256) -> Iterator[tuple[Any, bool]]:
+    """text (str, or UTF-8 bytes) in pieces of at most about piece_len, for encoding one at a
+    time: a tokenizer's memory grows many times faster than its input (a 1 GB document made
+    SentencePiece fail with bad_alloc). Each cut is placed where encoding the two sides apart
+    gives the tokens of encoding them together, checked on a window around it (tokenizers
+    decide tokens locally: pre-split pieces, whitespace runs): after a newline, else a space,
+    in the last eighth of the piece. Yields (piece, clean); clean is False after a cut where
+    no such place was found and the piece was cut at its end anyway (at a character boundary)."""
+    newline, space = ("\n", " ") if isinstance(text, str) else (b"\n", b" ")
+
+    def boundary(pos: int, step: int) -> int:  # the nearest UTF-8 character boundary
+        while isinstance(text, bytes) and 0 < pos < len(text) and text[pos] & 0xC0 == 0x80:
+            pos += step
+        return pos
+
+    def clean_cut(cut: int) -> bool:
+        left, right = boundary(max(0, cut - window), 1), boundary(min(len(text), cut + window), -1)
+        return list(encode(text[left:right])) == list(encode(text[left:cut])) + list(encode(text[cut:right]))
+
+    start = 0
+    while len(text) - start > piece_len:
+        end, cut = start + piece_len, None
+        for sep in (newline, space):
+            pos = end
+            for _ in range(16):  # candidates from the end back
+                pos = text.rfind(sep, end - piece_len // 8, pos)
+                if pos < 0:
+                    break
+                if clean_cut(pos + 1):
+                    cut = pos + 1
+                    break
+            if cut is not None:
+                break
+        clean = cut is not None
+        cut = cut if clean else boundary(end, -1)
+        yield text[start:cut], clean
+        start = cut
+    yield text[start:], True
+
+
 def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
     """Load the tokenizer described by meta["tokenizer"] from the dataset directory base_dir."""
     kind = info.get("kind")
