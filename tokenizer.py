@@ -385,6 +385,7 @@ def save_tokenizer(plan: TokenizerPlan, out_dir: str) -> tuple[dict, Tokenizer]:
     if plan.kind == "sentencepiece":
         target = os.path.join(out_dir, "tokenizer.model")
         if plan.train_vocab is None:
+            load_sentencepiece(plan.path)  # a bad file is named as the user gave it, not as our temp copy
             shutil.copyfile(plan.path, target)
         tok = load_sentencepiece(target)
         info = dict(kind="sentencepiece", spec=plan.spec, file="tokenizer.model", name=None, pat_str=None,

@@ -381,6 +381,10 @@ def test_tokenizer_spec_errors(corpus, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and no_leftovers(tmp_path)
+    (tmp_path / "bad.model").write_text("not a model")  # named as given, not as the temp copy (.x.tmp-*/tokenizer.model)
+    assert run("--input", path, "--tokenizer", tmp_path / "bad.model", "--out_dir", tmp_path / "x", "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert f"Cannot load SentencePiece model {tmp_path / 'bad.model'} (" in err and ".tmp-" not in err
     with pytest.raises(tokenizer.TokenizerError, match="missing"):
         tokenizer.load_tokenizer({"kind": "sentencepiece", "file": "tokenizer.model"}, str(tmp_path))
 
