@@ -71,6 +71,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def stop_when_the_launcher_dies() -> None:
+    """Under torchrun: SIGTERM this rank when the launcher process dies, however it dies (kill -9
+    included). StopFlag then has the ranks finish the step, save and exit, which releases the
+    run's train.lock; without it the orphaned ranks would train on, holding it."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(signal.SIGTERM)
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to finish the current step, save and exit 0."""
 

@@ -46,7 +46,7 @@ from hardware import (
 )
 from hf import load_hf_model
 from model import ModelConfig, Transformer, count_params, estimate_mfu, make_optimizer
-from system import StopFlag, usable_cpus
+from system import StopFlag, stop_when_the_launcher_dies, usable_cpus
 from tokenizer import TokenizerError
 
 
@@ -664,6 +664,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cfg.dry_run:
         dry_run(cfg)
         return
+    stop_when_the_launcher_dies()
     d = Dist()
     # Made here, so that the finally below can let a background checkpoint write complete
     # before the process group it talks over is destroyed.

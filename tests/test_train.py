@@ -308,6 +308,29 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
     assert step == max(train_losses(out))
 
 
+def test_ranks_save_and_stop_when_the_launcher_is_killed(dataset, tmp_path):
+    # Issue 21 H5: kill -9 of torchrun left both ranks training, holding train.lock.
+    import fcntl
+
+    out = tmp_path / "run"
+    proc = torchrun([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000"],
+                    start_new_session=True)
+    try:
+        wait_for(out / "metrics.jsonl", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
+        output, _ = proc.communicate(timeout=120)  # the ranks hold its stdout: EOF once both have exited
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "received SIGTERM" in output and "(stopped by signal)" in output, output[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "stopped"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == max(train_losses(out))
+    with open(out / "train.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: a new run may take out_dir
+
+
 def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exactly(dataset, tmp_path):
     one, ddp, cut = tmp_path / "one", tmp_path / "ddp", tmp_path / "cut"
     args = [*RESUME_RUN, f"--data_dir={dataset}", "--batch_size=4"]
