@@ -285,23 +285,39 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device, dtype: torch.d
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{name} does not match its model_config: {'; '.join(problems[:3])}{more}")
-    with torch.device(device):  # allocate on the target device directly, no CPU copy first
+    # Shapes only, then each stored tensor cast straight into its final dtype and place: no
+    # random init, and never the whole model in fp32 on the device (a 3B model in bf16 then
+    # loads on a 12 GB GPU, which its fp32 copy alone would fill).
+    with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(state, strict=True)
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()
+            if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if cfg.tie_embeddings:
+        cast["lm_head.weight"] = cast["embed.weight"]
+    model.load_state_dict(cast, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # one Parameter, as Transformer() ties them
+    allocate_buffers(model, device)  # the RoPE tables: derived from the config, never stored
+    model.init_rope()
     return model.to(dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------- weights into a (sharded) model
 
 
-def materialize(model: Transformer, device: torch.device, init_state: Optional[dict], seed: int) -> None:
+def materialize(model: Transformer, device: torch.device, init_state: Optional[dict], seed: int, cpu_offload: bool = False) -> None:
     """Allocate the (possibly sharded) meta model on device and fill it: with init_state when
     given, else with a fresh init drawn on the CPU from a generator seeded with `seed`, one full
     tensor at a time in the model's parameter order. Either way each rank copies only its own
     part, so memory holds this rank's shards plus one full tensor at most, and the weights are
     the same for any number of ranks and any layout (plain, DDP, FSDP). A mmapped checkpoint
-    is read only where this rank's slices lie, so a node reads each byte once."""
-    model.to_empty(device=device)
+    is read only where this rank's slices lie, so a node reads each byte once.
+    cpu_offload: FSDP's CPU offload keeps the sharded parameters in host memory and refuses
+    any elsewhere, so they are allocated on the CPU; the buffers (RoPE tables) are not FSDP's
+    and go where the model computes."""
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    if cpu_offload:
+        allocate_buffers(model, device)
     if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
         model.lm_head.weight = model.embed.weight  # to_empty gives each module its own new tensor
     generator = torch.Generator().manual_seed(seed)
@@ -319,6 +335,13 @@ def materialize(model: Transformer, device: torch.device, init_state: Optional[d
             for name, param in expected.items():
                 copy_local_part(param, init_state[name])
     model.init_rope()
+
+
+def allocate_buffers(model: Transformer, device: torch.device) -> None:
+    """Give every buffer of the model (the RoPE tables) fresh, unfilled memory on device."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, torch.empty_like(buffer, device=device), persistent=False)
 
 
 def copy_local_part(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -642,12 +665,15 @@ class ShardedSaver:
     memory (the only pause training sees), then a thread writes them while training goes on,
     talking to the other ranks over a gloo group of its own so as not to cross training's
     collectives. When the writes are complete, rank 0 renames the directory into place from
-    that thread. Costs a CPU copy of the rank's shards while they are written."""
+    that thread. Costs a CPU copy of the rank's shards, kept for the next save: one stager
+    copies every save into the same host memory, pinned when there is a GPU (fast to copy
+    into, and pinned once rather than allocated and pinned again at every save)."""
 
     def __init__(self, background: bool = False, timeout_min: float = 30.0):
         self.background = background
         self.timeout_min = timeout_min
         self._group = None  # the writing threads' gloo group, made on the first background save
+        self._stager = None  # the host copy of the shards, made on the first background save
         self._pending: Optional[tuple] = None  # (published Event, problems list, out_dir, final path)
 
     def save(self, shards: dict, state: dict, out_dir: str, step: int, keep: int, wait: bool = True) -> str:
@@ -673,8 +699,14 @@ class ShardedSaver:
                 warnings.simplefilter("ignore")  # DCP's notes about overwriting, planners and experimental features
                 if self.background:
                     if self._group is None:
+                        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
                         self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=self.timeout_min))
-                    future = dcp.async_save(shards, checkpoint_id=tmp, process_group=self._group)
+                        # The copy happens here, before save() returns (no staging thread); the
+                        # previous save's write has finished (wait() above), so its memory is free.
+                        self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                                                    use_async_staging=False, use_non_blocking_copy=False))
+                    future = dcp.async_save(shards, checkpoint_id=tmp, process_group=self._group, async_stager=self._stager)
                 else:
                     dcp.save(shards, checkpoint_id=tmp)
                     future = None
@@ -721,6 +753,9 @@ class ShardedSaver:
         if self._pending is not None:
             self._pending[0].wait(self.timeout_min * 60)
             self._pending = None
+        if self._stager is not None:
+            self._stager.close()  # unpins and frees the host copy
+            self._stager = None
 
 
 def _publish_sharded(tmp: str, final: str, old: str, out_dir: str, keep: int, state: dict) -> None:

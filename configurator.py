@@ -295,9 +295,10 @@ class TrainConfig:
     dtype: str = _key("auto", "auto | float32 | bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
     compile: Optional[bool] = _key(None, "torch.compile each block; None: on for CUDA, off elsewhere")
     grad_checkpoint: bool = _key(False, "recompute block activations in backward to save memory")
-    parallel: str = _key("ddp", "ddp | fsdp (multi-process only)", choices=("ddp", "fsdp"))
+    parallel: str = _key("ddp", "ddp | fsdp (over torchrun's ranks; in one process only with fsdp_cpu_offload)", choices=("ddp", "fsdp"))
     fsdp_reshard_after_forward: bool = _key(True, "True: ZeRO-3-like; False: keep gathered params until backward (ZeRO-2-like)")
-    fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory")
+    fsdp_cpu_offload: bool = _key(False, "keep FSDP's sharded parameters, gradients and optimizer state in CPU memory (needs parallel=fsdp; works on one GPU too)")
+    fsdp_reduce_every_micro_step: Optional[bool] = _key(None, "FSDP with gradient accumulation: True reduce-scatters gradients after every micro-step (only sharded gradients kept), False once per step (the whole model's fp32 gradients kept between micro-steps); None: True only when the memory plan does not fit otherwise")
     async_checkpoint: bool = _key(False, "FSDP runs: write the periodic sharded checkpoints in a background thread while training goes on (DCP async_save; costs a CPU copy of the rank's shards)")
     dist_timeout_min: float = _key(10.0, "a collective waiting longer than this ends the job")
     seed: int = _key(1337, "seeds the initial weights and which windows each step trains on")
@@ -345,6 +346,8 @@ class TrainConfig:
             raise ValueError("data_dir is empty; pass the directory prepare.py wrote, e.g. --data_dir=data/demo")
         if not self.resume.strip():
             raise ValueError("resume is empty; it takes auto, never, or a checkpoint's path (a .pt file or an FSDP run's ckpt_STEP/ directory)")
+        if self.fsdp_cpu_offload and self.parallel != "fsdp":
+            raise ValueError("fsdp_cpu_offload=True offloads FSDP's shards; pass --parallel=fsdp too (it runs in one process as well)")
         # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even
         # head_dim, dropout in [0, 1)) live in ModelConfig; run them now, not after data loading.
         self.model_config(self.vocab_size or 1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from configurator import ConfigError, TrainConfig, parse_args
 from dataset import DatasetError, load_meta
-from model import ModelConfig, count_params, describe, flops_per_token
+from model import ModelConfig, count_params, describe, flash_attention_runs, flops_per_token
 from system import usable_cpus
 
 if TYPE_CHECKING:
@@ -68,19 +68,22 @@ def resolve_dtype(name: str, device: torch.device, training: bool = False) -> to
     return choose_dtype(name, device, training)[0]
 
 
-def choose_dtype(name: str, device: torch.device, training: bool = False) -> tuple[torch.dtype, str]:
-    """(dtype, why) for --dtype. auto: bf16 on CUDA GPUs that support it, otherwise fp16 for
-    training (with a loss scaler) but fp32 for inference. On CPU, bf16 (autocast for training,
+def choose_dtype(name: str, device: torch.device, training: bool = False, fsdp: bool = False) -> tuple[torch.dtype, str]:
+    """(dtype, why) for --dtype. auto: bf16 on CUDA GPUs that compute it natively (compute
+    capability 8.0 and up, see cuda_bf16_is_native), otherwise fp16 for training (with a loss
+    scaler; under FSDP, which has no sharded loss scaler here, fp32) but fp32 for inference (a
+    model trained in bf16 can overflow fp16's range). On CPU, bf16 (autocast for training,
     weights for inference) only where a start-up probe finds bf16 matmuls clearly faster than
     fp32 (AMX or AVX512-BF16; on AVX2-only CPUs they are many times slower), fp32 otherwise.
     fp16 training needs CUDA's loss scaler."""
     if name == "auto":
         if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16, "auto: this GPU supports bf16"
-            if training:
-                return torch.float16, "auto: this GPU lacks bf16; fp16 with a loss scaler"
-            return torch.float32, "auto: this GPU lacks bf16"
+            native, capability = cuda_bf16_is_native(device)
+            if native:
+                return torch.bfloat16, f"auto: this GPU ({capability}) computes bf16 natively"
+            if training and not fsdp:
+                return torch.float16, f"auto: this GPU ({capability}) has no native bf16; fp16 with a loss scaler"
+            return torch.float32, f"auto: this GPU ({capability}) has no native bf16" + ("; FSDP has no fp16 loss scaler" if training else "")
         if device.type == "cpu":
             bf16, why = cpu_prefers_bf16()
             return (torch.bfloat16 if bf16 else torch.float32), f"auto: {why}"
@@ -89,7 +92,26 @@ def choose_dtype(name: str, device: torch.device, training: bool = False) -> tup
         raise DeviceError(f"--dtype {name} is not one of auto, {', '.join(DTYPES)}")
     if training and name == "float16" and device.type != "cuda":
         raise DeviceError("--dtype=float16 needs CUDA (loss scaling); use float32 on this device")
+    if training and name == "float16" and fsdp:
+        raise DeviceError("FSDP here trains in float32 or bfloat16 (fp16 would need a sharded loss scaler); use --dtype=float32, "
+                          "or bfloat16 on GPUs of compute capability 8.0 and up")
+    if name == "bfloat16" and device.type == "cuda" and not cuda_bf16_is_native(device)[0]:
+        return torch.bfloat16, f"--dtype bfloat16, emulated on this GPU ({cuda_bf16_is_native(device)[1]}): many times slower than float16/float32"
+    if name == "bfloat16" and device.type == "cpu" and training and not cpu_prefers_bf16()[0]:
+        return torch.bfloat16, f"--dtype bfloat16, on a CPU where auto would choose {cpu_prefers_bf16()[1]}"
     return DTYPES[name], f"--dtype {name}"
+
+
+def cuda_bf16_is_native(device: torch.device) -> tuple[bool, str]:
+    """(does this GPU compute bf16 in hardware?, its compute capability in words). bf16 tensor
+    cores arrived with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() is no
+    guide: by default it counts emulation, so it says yes on a T4 or V100 too, where bf16
+    matmuls are emulated many times slower and Inductor does not compile them. ROCm's GPUs
+    that PyTorch runs on all have bf16."""
+    if torch.version.hip:
+        return True, "ROCm"
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) >= (8, 0), f"compute capability {major}.{minor}"
 
 
 # ----------------------------------------------------------------------------- CPU bf16 probe
@@ -149,7 +171,7 @@ def cpu_prefers_bf16() -> tuple[bool, str]:
 THREADS_ENV = "HOMELLM_THREADS"
 
 
-def configure_cpu_threads(default: Optional[int] = None) -> str:
+def configure_cpu_threads(default: Optional[int] = None, respect_omp: bool = True) -> str:
     """Set torch's intra-op threads for CPU work; returns a line for the start-up log.
 
     HOMELLM_THREADS=N decides when set, then OMP_NUM_THREADS (torch has applied it already).
@@ -165,7 +187,7 @@ def configure_cpu_threads(default: Optional[int] = None) -> str:
             raise DeviceError(f"{THREADS_ENV}={forced!r} must be a positive number of threads; or unset it")
         torch.set_num_threads(int(forced))
         why = f"{THREADS_ENV}={forced}"
-    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+    elif respect_omp and os.environ.get("OMP_NUM_THREADS", "").strip():
         why = "OMP_NUM_THREADS"  # torch applied it at start-up
     elif default is not None:
         torch.set_num_threads(default)
@@ -175,6 +197,40 @@ def configure_cpu_threads(default: Optional[int] = None) -> str:
         why = f"half of {usable_cpus()} CPUs; {THREADS_ENV}=N to change"
     threads = torch.get_num_threads()
     return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
+def configure_training_threads(device: torch.device, cpu_offload: bool, local_ranks: int) -> str:
+    """Threads for a training run's CPU work; returns a line for the start-up log ("" when the
+    CPU only feeds a GPU). Training on the CPU is compute-bound: all usable CPUs, split among
+    the ranks on this host (torchrun's OMP_NUM_THREADS=1 per rank is respected there). With
+    FSDP's CPU offload on a GPU, the optimizer step over this rank's whole shard runs on the
+    CPU: it gets the same split, and torchrun's OMP_NUM_THREADS=1, which it sets for every
+    multi-process launch, is ignored (it would leave AdamW on one core); HOMELLM_THREADS still
+    decides when set."""
+    if device.type != "cpu" and not cpu_offload:
+        return ""
+    return configure_cpu_threads(max(1, usable_cpus() // local_ranks), respect_omp=device.type == "cpu")
+
+
+# ----------------------------------------------------------------------------- the CUDA allocator
+
+ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def configure_cuda_allocator() -> str:
+    """Let PyTorch's CUDA allocator grow its segments in place (expandable_segments:True), as
+    torchtitan does: FSDP's gather buffers and the loss's chunks come in many sizes, and with
+    fixed segments the freed pieces fragment memory until a run that fits in total fails to
+    find one contiguous block. The allocator reads the setting once, when CUDA first allocates,
+    so this must run before that (train.py calls it first thing); a setting of the user's
+    (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF) is left alone. Returns a line for the log."""
+    for name in (ALLOC_CONF_ENV, "PYTORCH_ALLOC_CONF"):
+        if os.environ.get(name, "").strip():
+            return f"CUDA allocator: {name}={os.environ[name]} (yours)"
+    if torch.cuda.is_initialized():
+        return "CUDA allocator: default settings (CUDA was initialised before they could be set)"
+    os.environ[ALLOC_CONF_ENV] = "expandable_segments:True"
+    return f"CUDA allocator: {ALLOC_CONF_ENV}=expandable_segments:True (set yours to change it)"
 
 
 # ----------------------------------------------------------------------------- compiled decode
@@ -196,8 +252,16 @@ def compile_decode(model: "Transformer", mm_loops: Optional[bool] = None, **opti
     to LOOP_MATMUL_MAX_SIDE on a side) instead of a BLAS gemv call, and which of the two
     streams faster depends on the CPU, the BLAS and the dtype (docs/benchmarks.md has both
     cases). mm_loops=None measures it on this model's weights (decode_matmul_choice); True or
-    False decides outright. options: more Inductor options."""
+    False decides outright. options: more Inductor options.
+
+    On a CUDA GPU the step is captured as a CUDA graph (mode="reduce-overhead"): a small
+    model's step is a few hundred short kernels, whose launches from Python would take longer
+    than the kernels themselves; the graph replays them all with one launch. (The step's
+    shapes are fixed and its KV cache keeps its address, which is what a graph needs.)"""
     note = "decode step compiled"
+    if model.embed.weight.device.type == "cuda" and not options:
+        model.compile_decode(mode="reduce-overhead")
+        return note + " and captured as a CUDA graph (mode=reduce-overhead)"
     if model.embed.weight.device.type == "cpu":
         if mm_loops is None:
             mm_loops, why = decode_matmul_choice(model)
@@ -301,11 +365,13 @@ GIB = 2**30
 @dataclass
 class MemoryPlan:
     """Per-rank training memory by what holds it, in bytes, computed from the config alone (no
-    tensor is allocated). `parts` keeps the printing order; `why` says what each part is."""
+    tensor is allocated). `parts` keeps the printing order; `why` says what each part is.
+    host: what FSDP's CPU offload keeps in host memory instead (0 without it)."""
 
     parts: dict[str, float]
     why: dict[str, str]
     summary: str  # e.g. "FSDP over 8 ranks, bfloat16, micro-batch 1 x 4096"
+    host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -319,16 +385,21 @@ class MemoryPlan:
         lines = [f"memory per rank ({self.summary}):"]
         lines += [f"  {name:<{width}}  {size / GIB:8.2f} GiB  {self.why[name]}" for name, size in self.parts.items()]
         lines.append(f"  {'total':<{width}}  {self.total / GIB:8.2f} GiB")
+        if self.host:
+            lines.append(f"  {'host memory':<{width}}  {self.host / GIB:8.2f} GiB  the offloaded fp32 weights, gradients and AdamW moments")
         return "\n".join(lines)
 
 
-def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, residual_bytes: int) -> float:
+def activation_bytes_per_token(cfg: ModelConfig, compute_bytes: int, residual_bytes: int, kv_expanded: bool = False) -> float:
     """What backward keeps per token for one block: counted from the tensors autograd saves
     (tests/test_hardware.py checks the count against autograd's saved tensors). Under autocast a
     norm's output is kept as one low-precision copy per projection that reads it (autocast casts
     activations per use). Attention keeps q, k, v after RoPE, its output and a logsumexp per
-    head; SwiGLU keeps four ffn-wide tensors."""
-    d, kv, f, a, r = cfg.n_embd, cfg.n_kv_head * cfg.head_dim, cfg.ffn_hidden, compute_bytes, residual_bytes
+    head (flash and memory-efficient kernels alike; k and v at n_head width where GQA repeats
+    them for the memory-efficient kernel, see model.expand_kv_for_sdpa); SwiGLU keeps four
+    ffn-wide tensors."""
+    d, f, a, r = cfg.n_embd, cfg.ffn_hidden, compute_bytes, residual_bytes
+    kv = (cfg.n_head if kv_expanded else cfg.n_kv_head) * cfg.head_dim
     # Each norm: its input in fp32 (a copy when the residual is not fp32), 1/rms, the normalized
     # values in the residual dtype; then its output, once (no autocast) or as 3 + 2 casts.
     norms = 2 * (4 * d + 4 + r * d) + (2 * r * d if a == r else 5 * a * d)
@@ -340,11 +411,14 @@ def plan_training_memory(
     cfg: ModelConfig, micro_batch: int, seq_len: int, *, world_size: int = 1, fsdp: bool = False,
     grad_checkpoint: bool = False, compute_dtype: torch.dtype = torch.bfloat16, grad_accum: int = 1,
     reshard_after_forward: bool = True, cpu_offload: bool = False, device_type: str = "cuda",
+    reduce_every_micro_step: bool = False, kv_expanded: bool = False,
 ) -> MemoryPlan:
     """Per-rank memory of one training step as train.py runs it (AdamW, fp32 master weights,
     autocast or FSDP mixed precision, the chunked loss). FSDP divides weights, gradients and
-    optimizer state by world_size but adds the compute-dtype copies of the blocks it gathers;
-    gradient accumulation under FSDP keeps unsharded fp32 gradients between micro-steps."""
+    optimizer state by world_size (or, with cpu_offload, moves them to host memory) but adds
+    the compute-dtype copies of the blocks it gathers. Gradient accumulation under FSDP keeps
+    unsharded fp32 gradients between micro-steps, unless reduce_every_micro_step reduce-scatters
+    them after each one. kv_expanded: GQA attention repeats K/V (model.expand_kv_for_sdpa)."""
     from model import LOSS_CHUNK_VALUES
 
     n = count_params(cfg)["total"]
@@ -358,44 +432,62 @@ def plan_training_memory(
     def add(name: str, size: float, reason: str) -> None:
         parts[name], why[name] = size, reason
 
-    on_device = 0 if cpu_offload and fsdp and device_type == "cuda" else 1  # (offload moves states from a GPU to the host)
-    add("parameters", on_device * 4 * n / shard, "fp32 master weights" + (f", 1/{shard} each" if fsdp else "") + (" (offloaded to CPU)" if cpu_offload else ""))
-    add("gradients", on_device * 4 * n / shard, "fp32" + (", reduce-scattered to shards" if fsdp else ", inside DDP's buckets" if world_size > 1 else ""))
+    offloaded = cpu_offload and fsdp and device_type == "cuda"  # (offload moves states from a GPU to the host)
+    on_device = 0 if offloaded else 1
+    add("parameters", on_device * 4 * n / shard, "fp32 master weights" + (f", 1/{shard} each" if fsdp else "") + (" (offloaded to CPU)" if offloaded else ""))
+    add("gradients", on_device * 4 * n / shard, "fp32" + (", reduce-scattered to shards" if fsdp else ", inside DDP's buckets" if world_size > 1 else "")
+        + (" after every micro-step" if fsdp and grad_accum > 1 and reduce_every_micro_step else ""))
     add("optimizer", on_device * 8 * n / shard, "AdamW's two fp32 moments")
     if fsdp:
         per_block = count_params(cfg)["per_layer"] * a
         root = cfg.vocab_size * cfg.n_embd * a * (1 if cfg.tie_embeddings else 2)
         gathered = n * a if not reshard_after_forward else root + 2 * per_block
         add("gathered weights", gathered, "compute-dtype copies FSDP all-gathers: " + ("every block, kept from forward to backward" if not reshard_after_forward else "the embedding group and two blocks in flight"))
-        if grad_accum > 1:
-            add("no-sync gradients", 4 * n, f"unsharded fp32 gradients held across {grad_accum} micro-steps")
+        if grad_accum > 1 and not reduce_every_micro_step:
+            add("no-sync gradients", 4 * n, f"unsharded fp32 gradients held across {grad_accum} micro-steps (--fsdp_reduce_every_micro_step=True drops them)")
     if a < 4 and not fsdp:  # autocast keeps its low-precision copy of each matrix until backward
         matrices = n - (2 * cfg.n_layer + 1) * cfg.n_embd
         add("autocast weight copies", matrices * a, f"{str(compute_dtype).removeprefix('torch.')} copies of the matrices, kept for backward")
-    per_token_layer = activation_bytes_per_token(cfg, a, residual)
+    per_token_layer = activation_bytes_per_token(cfg, a, residual, kv_expanded)
     if grad_checkpoint:
         activations = tokens * (cfg.n_layer * cfg.n_embd * residual + per_token_layer)
         how = "each block's input, plus one block recomputed in backward"
     else:
         activations = tokens * cfg.n_layer * per_token_layer
         how = f"{per_token_layer / 1024:.1f} KiB per token and layer kept for backward"
-    add("activations", activations, how)
+    add("activations", activations, how + (" (K/V repeated for the memory-efficient kernel)" if kv_expanded else ""))
     chunk = min(tokens, max(1, LOSS_CHUNK_VALUES // cfg.vocab_size))
     loss = tokens * cfg.n_embd * (3 * residual + residual) + cfg.vocab_size * cfg.n_embd * 4 + chunk * cfg.vocab_size * (4 + residual)
     add("loss", loss, f"final norm, dL/dh, fp32 dL/dW of lm_head and one chunk of {chunk:,} x {cfg.vocab_size:,} logits")
     add("overhead", (0.75 * GIB if device_type == "cuda" else 0.35 * GIB) + 0.1 * activations,
         ("CUDA context and kernels" if device_type == "cuda" else "the Python and PyTorch runtime") + ", plus 10% of activations for allocator slack")
-    summary = f"{'FSDP over ' + str(world_size) + ' ranks' if fsdp else 'DDP over ' + str(world_size) + ' ranks' if world_size > 1 else 'one process'}, " \
+    summary = f"{'FSDP over ' + str(world_size) + ' rank' + 's' * (world_size > 1) if fsdp else 'DDP over ' + str(world_size) + ' ranks' if world_size > 1 else 'one process'}, " \
               f"{str(compute_dtype).removeprefix('torch.')}, micro-batch {micro_batch} x {seq_len}, grad_checkpoint={grad_checkpoint}"
-    return MemoryPlan(parts, why, summary)
+    return MemoryPlan(parts, why, summary, host=16 * n / shard if offloaded else 0.0)
 
 
-def plan_run_memory(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device_type: str, compute_dtype: torch.dtype) -> MemoryPlan:
-    """plan_training_memory for what train.py would run with these settings."""
+def uses_fsdp(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether train.py shards with FSDP: --parallel=fsdp over several ranks, or in one process
+    when --fsdp_cpu_offload asks for it (that is how a model too big for one GPU trains there)."""
+    return cfg.parallel == "fsdp" and (world_size > 1 or cfg.fsdp_cpu_offload)
+
+
+def gqa_expands_kv(cfg: ModelConfig, device_type: str, compute_dtype: torch.dtype, capability: Optional[tuple[int, int]] = None) -> bool:
+    """Whether training attention repeats K/V on this device (model.expand_kv_for_sdpa);
+    capability None: a GPU of compute capability 8.0 or newer."""
+    return (cfg.n_kv_head != cfg.n_head and device_type == "cuda"
+            and not flash_attention_runs(compute_dtype, capability or (8, 0), cfg.head_dim, training=True))
+
+
+def plan_run_memory(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device_type: str, compute_dtype: torch.dtype,
+                    capability: Optional[tuple[int, int]] = None) -> MemoryPlan:
+    """plan_training_memory for what train.py would run with these settings (on a GPU of this
+    compute capability; None: 8.0 or newer)."""
     return plan_training_memory(
-        model_cfg, cfg.batch_size, cfg.block_size, world_size=world_size, fsdp=cfg.parallel == "fsdp" and world_size > 1,
+        model_cfg, cfg.batch_size, cfg.block_size, world_size=world_size, fsdp=uses_fsdp(cfg, world_size),
         grad_checkpoint=cfg.grad_checkpoint, compute_dtype=compute_dtype, grad_accum=cfg.gradient_accumulation_steps,
         reshard_after_forward=cfg.fsdp_reshard_after_forward, cpu_offload=cfg.fsdp_cpu_offload, device_type=device_type,
+        reduce_every_micro_step=bool(cfg.fsdp_reduce_every_micro_step), kv_expanded=gqa_expands_kv(model_cfg, device_type, compute_dtype, capability),
     )
 
 
@@ -411,13 +503,22 @@ def memory_table(cfg: ModelConfig, micro_batch: int, seq_len: int, world_size: i
 
 
 def available_memory_bytes(device: torch.device, local_ranks: int = 1) -> tuple[float, str]:
-    """Memory one rank may use on device: the GPU's total, or the host's available memory
-    shared by the ranks on this machine."""
+    """Memory one rank may use on device: what the GPU has free now (a desktop GPU that drives a
+    display has 0.5-1.5 GB less than its total, other processes may hold more), counting this
+    process's own cached blocks as free; or the host's available memory shared by the ranks on
+    this machine."""
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return float(props.total_memory), f"{props.name} has {props.total_memory / GIB:.1f} GiB"
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device)
+        name = torch.cuda.get_device_name(device)
+        return float(free), f"{name} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB"
     if device.type == "mps":
         return float(torch.mps.recommended_max_memory()), "MPS's recommended maximum"
+    return host_available_bytes(local_ranks)
+
+
+def host_available_bytes(local_ranks: int = 1) -> tuple[float, str]:
+    """The host's available memory (MemAvailable), shared by the ranks on this machine."""
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -441,11 +542,17 @@ def dry_run(cfg: TrainConfig) -> None:
     model_cfg = cfg.model_config(vocab_size)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device_type = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda"
-    auto_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_prefers_bf16()[0])
-    dtype = DTYPES.get(cfg.dtype, torch.bfloat16 if auto_bf16 else torch.float32)
+    # On this machine's GPU when it has one; otherwise the plan is for one of compute capability
+    # 8.0 or newer (bf16, flash attention).
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" and torch.cuda.is_available() else None
+    if device_type == "cuda":  # what choose_dtype picks for auto
+        auto = torch.bfloat16 if (capability or (8, 0)) >= (8, 0) else torch.float32 if uses_fsdp(cfg, world_size) else torch.float16
+    else:
+        auto = torch.bfloat16 if device_type == "cpu" and cpu_prefers_bf16()[0] else torch.float32
+    dtype = DTYPES.get(cfg.dtype, auto)
     print(f"vocab_size: {model_cfg.vocab_size} ({'set in the config' if cfg.vocab_size else source})")
     print(describe(model_cfg, cfg.block_size))
-    print(plan_run_memory(cfg, model_cfg, world_size, device_type, dtype).format())
+    print(plan_run_memory(cfg, model_cfg, world_size, device_type, dtype, capability).format())
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size
     flops = flops_per_token(model_cfg, cfg.block_size) * tokens_per_step / world_size
     times = ", ".join(f"{gpu} {flops / (GPU_PEAK_FLOPS[gpu] * 0.4):.2f} s" for gpu in ("H100 SXM", "A100", "L40S", "RTX 4090", "L4"))
@@ -453,18 +560,54 @@ def dry_run(cfg: TrainConfig) -> None:
     print(memory_table(model_cfg, cfg.batch_size, cfg.block_size, max(world_size, 8), cfg.gradient_accumulation_steps))
 
 
+def fit_to_memory(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device: torch.device, dtype: torch.dtype) -> tuple[TrainConfig, str]:
+    """The config to run, checked against the memory there is (check_memory_fits), with
+    fsdp_reduce_every_micro_step=None decided: True only for an FSDP run with gradient
+    accumulation whose plan does not fit otherwise (reduce-scattering after every micro-step
+    sends the gradients grad_accum times per step instead of once). Returns (config, a line
+    for the log that says so, or "")."""
+    note = ""
+    if cfg.fsdp_reduce_every_micro_step is None:
+        once = replace(cfg, fsdp_reduce_every_micro_step=False)
+        needed = uses_fsdp(cfg, world_size) and cfg.gradient_accumulation_steps > 1 and not memory_fits(once, model_cfg, world_size, device, dtype)[0]
+        cfg = replace(cfg, fsdp_reduce_every_micro_step=needed)
+        if needed:
+            note = ("FSDP reduce-scatters the gradients after every micro-step (auto: holding the whole model's fp32 gradients "
+                    "across micro-steps would not fit; --fsdp_reduce_every_micro_step=False insists)")
+    check_memory_fits(cfg, model_cfg, world_size, device, dtype)
+    return cfg, note
+
+
+def memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device: torch.device, dtype: torch.dtype) -> tuple[bool, MemoryPlan, str]:
+    """(does the run fit?, its plan, what the device and, under CPU offload, the host have):
+    the plan against the device's free memory, and the offloaded states against the host's."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    plan = plan_run_memory(cfg, model_cfg, world_size, device.type, dtype, capability)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    available, what = available_memory_bytes(device, local_ranks)
+    fits = plan.total <= available
+    if plan.host:
+        host, host_what = host_available_bytes(local_ranks)
+        fits = fits and plan.host <= host
+        what += f" and {host_what} for the {plan.host / GIB:.1f} GiB offloaded per rank"
+    return fits, plan, what
+
+
 def check_memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before allocating anything, a run whose planned memory exceeds the device's: an
-    out-of-memory kill minutes later (or a swapping machine) is worse than a message now."""
-    plan = plan_run_memory(cfg, model_cfg, world_size, device.type, dtype)
-    available, what = available_memory_bytes(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if plan.total <= available:
+    """Refuse, before allocating anything, a run whose planned memory exceeds what the device
+    has free (or, under CPU offload, what the host has): an out-of-memory kill minutes later
+    (or a swapping machine) is worse than a message now. The message names settings that
+    would fit."""
+    fits, plan, what = memory_fits(cfg, model_cfg, world_size, device, dtype)
+    if fits:
         return
     options = []
-    for flag, change in (("--grad_checkpoint=True", {"grad_checkpoint": True}), (f"--batch_size={max(1, cfg.batch_size // 4)}", {"batch_size": max(1, cfg.batch_size // 4)}),
-                         ("--parallel=fsdp", {"parallel": "fsdp"}), ("--fsdp_cpu_offload=True", {"parallel": "fsdp", "fsdp_cpu_offload": True})):
+    smaller = max(1, cfg.batch_size // 4)
+    for flag, change in (("--grad_checkpoint=True", {"grad_checkpoint": True}), (f"--batch_size={smaller}", {"batch_size": smaller}),
+                         ("--fsdp_reduce_every_micro_step=True", {"fsdp_reduce_every_micro_step": True}),
+                         ("--parallel=fsdp", {"parallel": "fsdp"}), ("--parallel=fsdp --fsdp_cpu_offload=True", {"parallel": "fsdp", "fsdp_cpu_offload": True})):
         other = replace(cfg, **change)
-        if other != cfg and plan_run_memory(other, model_cfg, world_size, device.type, dtype).total <= available:
+        if other != cfg and memory_fits(other, model_cfg, world_size, device, dtype)[0]:
             options.append(flag)
     if not options:  # which presets would, on this machine and data
         presets_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
@@ -474,7 +617,7 @@ def check_memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int,
                 preset_model = preset.model_config(model_cfg.vocab_size)
             except (ConfigError, ValueError):
                 continue
-            if plan_run_memory(preset, preset_model, world_size, device.type, dtype).total <= available:
+            if memory_fits(preset, preset_model, world_size, device, dtype)[0]:
                 options.append(f"config/{name}")
     biggest = max(plan.parts, key=plan.parts.get)
     hint = f"these would fit: {', '.join(options)}" if options else "use more GPUs with --parallel=fsdp (see --dry_run)"

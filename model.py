@@ -11,7 +11,9 @@ RoPE uses the same "rotate half" convention, so export_hf.py maps weights one to
 without permuting q/k.
 
 Generation uses a static KV cache: buffers of the final size are allocated once per
-generate() call and written in place (no torch.cat); attention reads only the filled slots.
+generate() call and written in place (no torch.cat). A decode step reads the whole cache
+under a mask of the filled slots, so its shapes never change: compiled, it runs as one CUDA
+graph on GPUs.
 
 `python train.py config/home_25m.py --dry_run` prints a preset's parameter count, FLOPs and memory.
 """
@@ -136,14 +138,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys/values for one layer: (batch, n_kv_head, length, head_dim).
-    Written in place, so decoding never reallocates; reads return only the filled prefix."""
+    """Pre-allocated keys/values for one layer: (batch, n_kv_head, length, head_dim), written in
+    place, so decoding never reallocates. A prefill reads back the filled prefix; a decode step
+    reads the whole cache under a mask of the filled slots, so that its shapes never change."""
 
     def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_head, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(length, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, n_kv_head, T, head_dim) at slots start..start+T-1; return slots 0..start+T-1."""
@@ -151,6 +155,13 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one position's k/v (B, n_kv_head, 1, head_dim) at slot pos (a one-element
+        tensor); return the whole cache and which of its slots are filled (0..pos)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v, self.slots <= pos
 
 
 class Attention(nn.Module):
@@ -164,39 +175,95 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, start: Optional[int] = None):
-        """start: the position of x's first token when generating with the KV cache."""
+    def forward(self, x, cos, sin, start: Optional[int | torch.Tensor] = None):
+        """start: where x's tokens sit when generating with the KV cache: the first position of
+        a prefill (an int), or the position of a one-token decode step (a one-element tensor)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_head != self.n_head
-        if self.cache is None:
-            # SDPA picks the flash / memory-efficient kernel on CUDA; GQA is handled inside
-            # the kernel, so K/V are never materialized n_head/n_kv_head times.
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
-            )
+        if start is None:  # a whole sequence (training, evaluation): the KV cache, if one is kept, is not involved
+            y = self._attend(q, k, v, is_causal=True, dropout=self.dropout if self.training else 0.0)
+        elif isinstance(start, torch.Tensor):
+            y = self._decode_attention(q, k, v, start)
         else:
             y = self._cached_attention(q, k, v, start)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
+    def _attend(self, q, k, v, is_causal: bool, dropout: float = 0.0):
+        """SDPA over whole sequences. With GQA, the kernel that runs must take it: SDPA's flash
+        kernel does (K/V are never repeated), but where flash cannot run (fp32 on any GPU, fp16
+        before Ampere) only the math kernel would, storing T x T scores per head; there K/V are
+        repeated so that the memory-efficient kernel runs instead (expand_kv_for_sdpa). On the
+        CPU SDPA's own kernel takes GQA as is."""
+        gqa = self.n_kv_head != self.n_head
+        if gqa and expand_kv_for_sdpa(q.device, q.dtype, self.head_dim, q.requires_grad):
+            rep = self.n_head // self.n_kv_head
+            k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa)
+
     def _cached_attention(self, q, k, v, start: int):
-        """Attention over the filled part of the KV cache only, never over empty slots. No
-        boolean mask in the two cases generation uses, so SDPA may take its flash kernel (on
-        CUDA, with GQA inside it; the CPU's flash kernel too): a decode step (one query, which
-        sees every filled slot) and a prefill from position 0 (plain causal attention)."""
+        """A prefill: attention over the filled part of the KV cache only. From position 0 it is
+        plain causal attention (no mask, so SDPA may take its flash kernel)."""
         T = q.shape[2]
         k, v = self.cache.update(start, k, v)
-        gqa = self.n_kv_head != self.n_head
-        if T == 1 or start == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if start == 0:
+            return self._attend(q, k, v, is_causal=T > 1)
         # A chunk after cached tokens: query i (at start + i) sees slots 0..start + i. The
         # mask rules out the kernels that take GQA, so K/V are repeated for this rare case.
         visible = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
         rep = self.n_head // self.n_kv_head
         return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=visible)
+
+    def _decode_attention(self, q, k, v, pos: torch.Tensor):
+        """One token at position pos, over the whole static cache with the unfilled slots masked
+        out: every shape is the same at every step, which lets the step compile once and run as
+        a CUDA graph. The query heads that share a KV head are laid out as that head's query
+        rows, so this is plain attention (no GQA kernel needed, no K/V repeated) and the
+        memory-efficient kernel on CUDA, the CPU's own kernel elsewhere, take the mask."""
+        B, H, _, D = q.shape
+        k, v, visible = self.cache.write_at(pos, k, v)
+        q = q.reshape(B, self.n_kv_head, H // self.n_kv_head, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.view(1, 1, 1, -1))
+        return y.reshape(B, H, 1, D)
+
+
+def flash_attention_runs(dtype: torch.dtype, capability: tuple[int, int], head_dim: int, training: bool) -> bool:
+    """Whether SDPA's flash kernel takes attention in `dtype` on a CUDA GPU of this compute
+    capability (the rules of torch 2.13's sdp_utils): fp16 or bf16 on compute capability 8.0 to
+    12.1, head_dim at most 256 (a multiple of 8); and on 8.6-8.9 and 12.x (consumer cards) not
+    for training with head_dim above 192."""
+    if dtype not in (torch.float16, torch.bfloat16) or not (8, 0) <= tuple(capability) <= (12, 1):
+        return False
+    if head_dim > 256 or head_dim % 8:
+        return False
+    consumer = (8, 6) <= tuple(capability) <= (8, 9) or tuple(capability) >= (12, 0)
+    return not (training and consumer and head_dim > 192)
+
+
+def expand_kv_for_sdpa(device: torch.device, dtype: torch.dtype, head_dim: int, training: bool) -> bool:
+    """Whether GQA attention should repeat K/V before SDPA: on a CUDA GPU where the flash kernel
+    cannot run. SDPA takes GQA (enable_gqa) only in its flash and math kernels on CUDA, and
+    the math kernel stores the T x T scores of every head (2 GiB per layer for home_200m at
+    8 x 2048); with K/V repeated the memory-efficient kernel runs, whose memory is linear in T."""
+    return device.type == "cuda" and not flash_attention_runs(dtype, cuda_capability(device), head_dim, training)
+
+
+@torch.compiler.assume_constant_result  # a compiled block asks once, while tracing, and keeps the answer
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype, cfg: "ModelConfig", training: bool = True) -> str:
+    """The SDPA kernel training attention (and a prefill) takes, in words: for logs and
+    tools/gpu_check.py."""
+    if device.type != "cuda":
+        return f"SDPA's {device.type} kernel" + (" (GQA inside it)" if cfg.n_kv_head != cfg.n_head else "")
+    if flash_attention_runs(dtype, cuda_capability(device), cfg.head_dim, training):
+        return "flash" + (" (GQA inside it)" if cfg.n_kv_head != cfg.n_head else "")
+    return "memory-efficient" + (" (K/V repeated for GQA)" if cfg.n_kv_head != cfg.n_head else "")
 
 
 class SwiGLU(nn.Module):
@@ -219,7 +286,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, start: Optional[int] = None):
+    def forward(self, x, cos, sin, start: Optional[int | torch.Tensor] = None):
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, start))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
@@ -240,10 +307,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     gradients by the incoming one. Same FLOPs as the unchunked loss, no recomputation."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_tokens):
+    def forward(ctx, h, weight, targets, chunk_tokens, grad_enabled):
         valid = targets != -1
         count = valid.sum().clamp(min=1)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad follows requires_grad even under torch.no_grad() (forward itself
+        # always runs without grad mode): the caller's grad mode decides, so an evaluation
+        # computes no gradients (dL/dW alone is a vocab x n_embd fp32 tensor and a matmul per chunk).
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -275,13 +345,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None,
             None,
             None,
+            None,
         )
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """h: (tokens, n_embd), weight: (vocab, n_embd), targets: (tokens,) -> the mean loss."""
     chunk_tokens = max(1, LOSS_CHUNK_VALUES // weight.shape[0])
-    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_tokens)
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_tokens, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- the model
@@ -360,28 +431,41 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     def setup_cache(self, batch: int, length: int) -> None:
-        """Allocate every layer's static KV cache (batch, n_kv_head, length, head_dim)."""
+        """Give every layer a static KV cache (batch, n_kv_head, length, head_dim). With a
+        compiled decode step the caches of the last call are kept when they have this size:
+        the step's graph (a CUDA graph on GPUs) then finds its buffers where it left them, and
+        their old contents are never read (the step masks out the unfilled slots)."""
         p = self.embed.weight
+        first = self.layers[0].attn.cache
+        if (self.compiled_decode is not None and first is not None and first.k.shape[0] == batch and first.k.shape[2] == length
+                and first.k.dtype == p.dtype and first.k.device == p.device):
+            return
         for block in self.layers:
             block.attn.cache = KVCache(batch, self.config.n_kv_head, length, self.config.head_dim, p.dtype, p.device)
+            if self.compiled_decode is not None and p.is_cuda:
+                # Fixed addresses: a CUDA graph of the step may then write into the cache in
+                # place (Inductor does not capture steps that mutate other inputs).
+                torch._dynamo.mark_static_address(block.attn.cache.k)
+                torch._dynamo.mark_static_address(block.attn.cache.v)
 
     def clear_cache(self) -> None:
         for block in self.layers:
             block.attn.cache = None
 
-    def compile_decode(self, options: Optional[dict] = None) -> None:
-        """torch.compile the one-token decode step: the part of generation that runs once per
-        new token (the prefill runs once per prompt and stays eager). options: Inductor's
-        options; hardware.compile_decode picks them for the device (on CPU: a C++ wrapper, and
-        BLAS or Inductor's own loops for the one-row matmuls, whichever streams weights faster).
+    def compile_decode(self, options: Optional[dict] = None, mode: Optional[str] = None) -> None:
+        """torch.compile the one-token decode step (decode_step): the part of generation that
+        runs once per new token (the prefill runs once per prompt and stays eager). options:
+        Inductor's options, or mode: torch.compile's mode ("reduce-overhead" captures the step
+        as a CUDA graph, which removes the launch cost of its few hundred small kernels);
+        hardware.compile_decode picks them for the device.
 
-        The whole step is one graph: the position is dynamic, so one graph serves every step.
-        The KV cache length is not (torch specializes on a module's buffer shapes), so
-        generate() then sizes the cache in power-of-two buckets: a new graph only when a run
-        crosses into a bigger bucket. One graph for the whole step rather than one per Block:
-        calling a compiled function costs guards and Python each time, which n_layer calls per
-        token would pay n_layer times."""
-        self.compiled_decode = torch.compile(self.run_cached, dynamic=True, options=options or None)
+        The step's shapes never change (the position is a tensor, the cache is read whole under
+        a mask), so it compiles with static shapes, once per cache size; generate() sizes the
+        cache in power-of-two buckets so that runs of similar length share one graph, and keeps
+        it between calls. One graph for the whole step rather than one per Block: calling a
+        compiled function costs guards and Python each time, which n_layer calls per token
+        would pay n_layer times."""
+        self.compiled_decode = torch.compile(self.decode_step, dynamic=False, mode=mode, options=options or None)
 
     def cache_length(self, needed: int, cache_len: Optional[int] = None) -> int:
         """KV cache slots for a run that needs `needed`: cache_len when given, `needed` itself
@@ -396,22 +480,44 @@ class Transformer(nn.Module):
             length = needed
         return min(length, self.config.max_seq_len)
 
-    def forward_cached(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Run tokens idx (B, T) that sit at positions start..start+T-1 through the model,
         reading and writing the KV cache. Returns logits of the last position only: (B, vocab).
-        start is a Python int: the generation loop knows it without asking the device.
-        One-token steps take the compiled graph when compile_decode() made one."""
-        if idx.shape[1] == 1 and self.compiled_decode is not None:
-            return self.compiled_decode(idx, start)
+        One-token steps go through decode (compiled when compile_decode() made it so); their
+        start may be a one-element tensor on the device, which the generation loop advances
+        there (a Python int would be copied to the GPU, and wait for it, at every step)."""
+        if idx.shape[1] == 1:
+            return self.decode(idx, start if isinstance(start, torch.Tensor) else torch.tensor([start], device=idx.device))
         return self.run_cached(idx, start)
 
     def run_cached(self, idx: torch.Tensor, start: int) -> torch.Tensor:
-        """forward_cached's computation (what compile_decode compiles)."""
+        """A prefill: tokens at positions start..start+T-1 (start is a Python int, which the
+        generation loop knows without asking the device)."""
         T = idx.shape[1]
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)
         for block in self.layers:
             x = block(x, cos, sin, start)
+        return self.lm_head(self.norm(x[:, -1]))
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """decode_step, through the compiled graph when there is one."""
+        if self.compiled_decode is None:
+            return self.decode_step(token, pos)
+        if token.is_cuda:
+            # The previous step's logits (the graph's output memory) are no longer needed:
+            # CUDA graphs may overwrite them.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled_decode(token, pos)
+
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One new token per row, token (B, 1), at position pos (a one-element long tensor on
+        the model's device) -> logits (B, vocab). Every shape is fixed whatever the position:
+        what compile_decode compiles."""
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        x = self.embed(token)
+        for block in self.layers:
+            x = block(x, cos, sin, pos)
         return self.lm_head(self.norm(x[:, -1]))
 
     @torch.no_grad()
@@ -435,7 +541,7 @@ class Transformer(nn.Module):
         (StopIteration.value) says which: "max_new_tokens", "eos" or "max_seq_len".
         vocab_limit: only ids below it are sampled (a model's vocab padded past its
         tokenizer's, like Qwen2.5's 151936 rows for 151665 tokens, has rows with no text).
-        cache_len: KV cache slots (default: see cache_length). Attention reads only the filled
+        cache_len: KV cache slots (default: see cache_length). Attention never sees the unfilled
         slots whatever the size; a fixed value gives every call the same cache shapes, so a
         compiled decode step (compile_decode) never recompiles.
         """
@@ -453,6 +559,7 @@ class Transformer(nn.Module):
         self.setup_cache(B, length)
         try:
             logits = self.forward_cached(idx, 0)
+            pos = torch.tensor([T], device=idx.device)  # the next token's position, kept on the device
             finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 if vocab_limit is not None and vocab_limit < logits.size(-1):
@@ -468,10 +575,12 @@ class Transformer(nn.Module):
                     break
                 if T + step + 1 >= self.config.max_seq_len:
                     return "max_seq_len"  # prompt + new tokens fill the context window
-                logits = self.forward_cached(token[:, None], T + step)
+                logits = self.forward_cached(token[:, None], pos)
+                pos += 1
             return "max_new_tokens"
         finally:
-            self.clear_cache()
+            if self.compiled_decode is None:
+                self.clear_cache()  # (a compiled step keeps its cache for the next call)
             self.train(was_training)
 
     @torch.no_grad()

@@ -199,10 +199,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible; None: different every run")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on a CUDA GPU that supports it or a CPU where a quick probe finds it fast, else float32")
+                   help="auto: bfloat16 on a GPU that computes it natively (compute capability 8.0+) or a CPU where a quick probe finds it fast, else float32")
     p.add_argument("--no_stop_at_eot", action="store_true", help="keep going past the end-of-text token instead of stopping there")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA, or CPU with a C++ compiler): pays off for many or long samples")
+                   help="torch.compile the decode step (on CUDA as a CUDA graph; on CPU it needs a C++ compiler): pays off for many or long samples")
     p.add_argument("--interactive", action="store_true", help="a REPL: each line you type extends the text; Ctrl-C stops a generation, Ctrl-D exits")
     return p.parse_args(argv)
 

@@ -654,30 +654,24 @@ def tiktoken_tokenizer_json(ranks: dict[bytes, int], pat_str: str, special_token
     """A byte-level BPE tokenizer.json equivalent to a tiktoken encoding.
 
     tiktoken splits text with pat_str, then merges bytes within each piece, lowest-ranked
-    result first. HF BPE applies an explicit merge list instead; the merge that creates a token
-    is found by running tiktoken's BPE on the token's own bytes with only lower ranks allowed:
-    it stops at exactly the two parts that the final merge joins. Tokens that BPE never reaches
-    get no merge; like tiktoken, ignore_merges still emits them when a whole piece equals one.
+    result first; HF BPE applies the explicit merge list of byte_level_merges instead, with
+    ignore_merges so that a whole piece equal to a token is emitted as it, as tiktoken does.
     """
-    if len(set(ranks.values())) != len(ranks):
-        raise TokenizerError("the tiktoken ranks are not unique; the tokenizer file is corrupt")
-    if any(bytes([b]) not in ranks for b in range(256)):
-        raise TokenizerError("the tiktoken encoding lacks some of the 256 single-byte tokens, so it cannot be byte-level BPE")
     byte_char = bytes_to_unicode()
 
     def text(token: bytes) -> str:
         return "".join(byte_char[b] for b in token)
 
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) > 1:
-            parts = bpe_split(token, ranks, rank)
-            if len(parts) == 2:
-                merges.append([text(parts[0]), text(parts[1])])
+    merges = [[text(left), text(right)] for left, right in byte_level_merges(ranks)]
     added = [
         {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])
     ]
+    # The special tokens go into the vocab too, at their ids: `tokenizers` ignores the id of an
+    # added token that the vocab lacks and appends it at the next free id instead, which is a real
+    # token when the special one sits first (GPT-2 style, id 0) or in a gap (cl100k).
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab.update(special_tokens)
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None,
@@ -689,8 +683,28 @@ def tiktoken_tokenizer_json(ranks: dict[bytes, int], pat_str: str, special_token
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text(token): rank for token, rank in ranks.items()}, "merges": merges},
+                  "vocab": vocab, "merges": merges},
     }
+
+
+def byte_level_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list equivalent to tiktoken ranks, in rank order, for BPE implementations that
+    apply explicit merges (tokenizers, llama.cpp). tiktoken merges the adjacent pair whose
+    concatenation has the lowest rank; the merge that creates a token is found by running that
+    BPE on the token's own bytes with only lower ranks allowed: it stops at exactly the two
+    parts that the final merge joins. Tokens that BPE never reaches get no merge; like tiktoken,
+    an implementation that ignores merges for whole pieces still emits them."""
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError("the tiktoken ranks are not unique; the tokenizer file is corrupt")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise TokenizerError("the tiktoken encoding lacks some of the 256 single-byte tokens, so it cannot be byte-level BPE")
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = bpe_split(token, ranks, rank)
+            if len(parts) == 2:
+                merges.append((parts[0], parts[1]))
+    return merges
 
 
 # ----------------------------------------------------------------------------- Hugging Face: export and import
@@ -734,6 +748,10 @@ def hf_tokenizer(info: dict, path: str, max_seq_len: int) -> tuple[dict, dict]:
         "clean_up_tokenization_spaces": False,  # would change " ." into "." on decode
         "model_max_length": max_seq_len,
     }
+    if info["kind"] == "sentencepiece":
+        # Whether SentencePiece puts a space before the text (its dummy prefix; never with sp:N).
+        # llama.cpp's converter reads it from here, and assumes true when it is missing.
+        config["add_prefix_space"] = sp["add_dummy_prefix"]
     return tokenizer, config
 
 

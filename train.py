@@ -41,12 +41,12 @@ from checkpoint import (
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
 from dataset import DatasetError, TokenShards, bits_per_byte, load_meta, tokenizer_fingerprint, val_split_warning, verify_shards
 from hardware import (
-    DeviceError, check_memory_fits, choose_dtype, configure_cpu_threads, cpu_prefers_bf16, device_peak_flops, dry_run,
-    peak_memory_mb, resolve_device,
+    DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run,
+    fit_to_memory, peak_memory_mb, resolve_device, uses_fsdp,
 )
 from hf import load_hf_model
-from model import ModelConfig, Transformer, count_params, estimate_mfu, make_optimizer
-from system import StopFlag, stop_when_the_launcher_dies, usable_cpus
+from model import ModelConfig, Transformer, attention_kernel, count_params, estimate_mfu, make_optimizer
+from system import StopFlag, stop_when_the_launcher_dies
 from tokenizer import TokenizerError
 
 
@@ -99,7 +99,8 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             reason = "end of training" if step == cfg.max_iters else f"eval_interval={cfg.eval_interval}"
             eval_and_save(run, progress, reason, background=step != cfg.max_iters)
-            clock.paused = True  # the evaluation's time is not a step's
+            # The evaluation's (and save's) time is not a step's, nor part of the next tok/s and MFU.
+            clock.paused, run.speed_mark = True, (time.perf_counter(), progress.tokens_seen)
     log0(d, f"done: step {progress.step}, {progress.tokens_seen:,} tokens, {progress.elapsed_s / 60:.1f} min, final lr {lr:.3e}")
     if d.is_main:
         write_status(cfg.out_dir, "finished", "time budget" if clock.out_of_time else "max_iters", step=progress.step)
@@ -118,13 +119,13 @@ def read_step(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def forward_backward(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; returns the sum of their losses.
-    Gradients are reduced across ranks only on the last micro-step."""
+    Gradients are reduced across ranks on the last micro-step only (FSDP: every one with --fsdp_reduce_every_micro_step)."""
     cfg = run.cfg
     loss_sum = torch.zeros((), device=run.device)
     for micro, (x, y) in enumerate(batches):
         last = micro == cfg.gradient_accumulation_steps - 1
         if run.fsdp:
-            run.raw_model.set_requires_gradient_sync(last)
+            run.raw_model.set_requires_gradient_sync(last or cfg.fsdp_reduce_every_micro_step)
         sync = run.model.no_sync() if run.d.enabled and not run.fsdp and not last else nullcontext()
         with sync:
             with run.autocast:
@@ -136,11 +137,12 @@ def forward_backward(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]])
 
 
 def clip_gradients(run: Run) -> torch.Tensor:
-    """Unscale (fp16) and clip the gradients; returns their global norm before clipping."""
+    """Unscale (fp16) and clip the gradients; returns their global norm before clipping, on the
+    run's device (FSDP's CPU offload leaves gradients, and so their norm, on the CPU)."""
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip if run.cfg.grad_clip > 0 else float("inf"))
-    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).to(run.device)
 
 
 def step_statistics(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: StopFlag, clock: TimeBudget) -> tuple[float, float, bool, float]:
@@ -384,36 +386,20 @@ def load_data(cfg: TrainConfig, d: Dist) -> tuple[dict, str, TokenShards, TokenS
     return meta, tokenizer_sha256, train_data, val_data
 
 
-def choose_precision(cfg: TrainConfig, d: Dist, device: torch.device, fsdp: bool) -> tuple[torch.dtype, str]:
-    """The dtype the run computes in and a line that says why (hardware.choose_dtype), with
-    the combinations this trainer does not support refused."""
-    dtype, why = choose_dtype(cfg.dtype, device, training=True)
-    if fsdp and cfg.optimizer == "muon":
-        raise TrainError("optimizer=muon needs whole matrices and FSDP shards them; use --parallel=ddp (or one process), or --optimizer=adamw")
-    if fsdp and dtype == torch.float16:
-        raise TrainError("FSDP here supports float32 and bfloat16; use --dtype=bfloat16 (fp16 would need a sharded loss scaler)")
-    if dtype == torch.bfloat16 and device.type == "cpu" and cfg.dtype != "auto":
-        prefers_bf16, probe_says = cpu_prefers_bf16()
-        if not prefers_bf16:
-            log0(d, f"note: --dtype bfloat16 on a CPU where --dtype auto would choose {probe_says}")
-    return dtype, why
-
-
 def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[ShardedSaver]) -> tuple[Run, Progress]:
     """Everything before the first step: data, precision, the model (from scratch, --init_from
     or the checkpoint being resumed) with parallelism applied, optimizers and the start-up log."""
     sinks = MetricSinks(cfg, d.is_main)  # first: a missing wandb/tensorboard fails before any work
     meta, tokenizer_sha256, train_data, val_data = load_data(cfg, d)
-    fsdp = d.enabled and cfg.parallel == "fsdp"
-    dtype, dtype_why = choose_precision(cfg, d, device, fsdp)
-    # Training is compute-bound: all the CPUs, split among the ranks on this host (torchrun
-    # already sets OMP_NUM_THREADS=1 per rank, which configure_cpu_threads respects).
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = configure_cpu_threads(max(1, usable_cpus() // local_ranks)) if device.type == "cpu" else ""
+    fsdp = uses_fsdp(cfg, d.world_size)
+    dtype, dtype_why = choose_dtype(cfg.dtype, device, training=True, fsdp=fsdp)
+    if fsdp and cfg.optimizer == "muon":
+        raise TrainError("optimizer=muon needs whole matrices and FSDP shards them; use --parallel=ddp (or one process), or --optimizer=adamw")
+    threads = configure_training_threads(device, fsdp and cfg.fsdp_cpu_offload, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
 
     model_cfg, init_state = initial_weights(cfg, meta)
-    check_memory_fits(cfg, model_cfg, d.world_size, device, dtype)  # before building anything: refused in seconds
+    cfg, memory_note = fit_to_memory(cfg, model_cfg, d.world_size, device, dtype)  # before building anything: refused in seconds
     with torch.device("meta"):  # shapes only; parallelism applies to it, then each rank allocates its part (materialize)
         raw_model = Transformer(model_cfg)
     lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held as long as the Run lives
@@ -432,11 +418,11 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         apply_compile(raw_model)
     if fsdp:
         apply_fsdp(raw_model, cfg, device, torch.bfloat16 if dtype == torch.bfloat16 else None)
-    materialize(raw_model, device, init_state, cfg.seed)
+    materialize(raw_model, device, init_state, cfg.seed, cpu_offload=fsdp and cfg.fsdp_cpu_offload)
     if d.enabled and not fsdp:
         model = apply_ddp(raw_model, device)
     optimizers = make_optimizer(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                fused=device.type == "cuda" and not cfg.fsdp_cpu_offload, kind=cfg.optimizer)
+                                fused=device.type == "cuda" or (fsdp and cfg.fsdp_cpu_offload), kind=cfg.optimizer)
     # FSDP runs its own mixed precision; otherwise autocast does, with a loss scaler for fp16.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -464,8 +450,9 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     log0(d, format_config(cfg))
     log0(d, f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {model_cfg.vocab_size}")
     log0(d, f"global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accum x {d.world_size} ranks = {run.global_batch} sequences = {run.tokens_per_step:,} tokens per step")
-    log0(d, f"dtype: {str(dtype).removeprefix('torch.')} ({dtype_why}){' | ' + threads if threads else ''}")
-    log0(d, f"device: {device} {dtype} | parallel: {'fsdp' if fsdp else 'ddp' if d.enabled else 'none'} | compile: {use_compile} | grad checkpoint: {cfg.grad_checkpoint} | peak {peak_flops:.3g} FLOP/s ({peak_source})")
+    log0(d, f"dtype: {str(dtype).removeprefix('torch.')} ({dtype_why}) | attention: {attention_kernel(device, dtype, model_cfg)}{' | ' + threads if threads else ''}")
+    log0(d, f"device: {device} {dtype} | parallel: {'fsdp' if fsdp else 'ddp' if d.enabled else 'none'} | compile: {use_compile} | grad checkpoint: {cfg.grad_checkpoint} | peak {peak_flops:.3g} FLOP/s ({peak_source})"
+         + (f"\n{memory_note}" if memory_note else ""))
     if d.is_main:
         with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"train": config_to_dict(cfg), "model": model_cfg.to_dict()}, f, indent=2)
@@ -567,16 +554,19 @@ def apply_fsdp(model: Transformer, cfg: TrainConfig, device: torch.device, param
         # stay fp32 exactly as under DDP's autocast (apply_rope computes in fp32 either way).
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if cfg.fsdp_cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in model.layers:
-        fully_shard(block, **kwargs)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # (pinning needs CUDA)
+    # The groups backward needs first (the head's, which holds a tied embedding too, and the
+    # last block) stay gathered after forward rather than being gathered again at once.
+    keep = {**kwargs, "reshard_after_forward": False}
+    for i, block in enumerate(model.layers):
+        fully_shard(block, **(keep if i == len(model.layers) - 1 else kwargs))
     if model.config.tie_embeddings:
         # The tied weight is used by embed (first) and lm_head (last): both must live in one
         # FSDP group, or one of the two would see a resharded (freed) parameter.
-        fully_shard([model.embed, model.norm, model.lm_head], **kwargs)
+        fully_shard([model.embed, model.norm, model.lm_head], **keep)
     else:
         fully_shard(model.embed, **kwargs)
-        fully_shard([model.norm, model.lm_head], **kwargs)
+        fully_shard([model.norm, model.lm_head], **keep)
     fully_shard(model, **kwargs)
 
 
@@ -633,12 +623,13 @@ class Dist:
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process (in a group of one for FSDP's offload)."""
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     device = resolve_device(cfg.device, d.local_rank)
     if device.type == "cuda":
+        log0(d, configure_cuda_allocator())  # before CUDA allocates anything
         torch.cuda.set_device(device)
-    if d.enabled:
+    if uses_fsdp(cfg, d.world_size) or d.enabled:
         # nccl for GPUs, gloo for CPU; the timeout turns a dead or stuck rank into an error
         # instead of an endless hang in the next collective. With FSDP's CPU offload the
         # sharded gradients live in host memory, so gradient clipping and checkpoint gathers
@@ -646,8 +637,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda" and cfg.parallel == "fsdp" and cfg.fsdp_cpu_offload:
             backend = "cuda:nccl,cpu:gloo"
+        alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}  # not under torchrun
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **alone)
     return d, device
 
 

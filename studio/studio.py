@@ -19,8 +19,10 @@ checkpoint on resume) so the page starts that run over.
 Security, since the server can start processes: it binds 127.0.0.1 unless --host says
 otherwise; every /api/ request needs the random token printed in the URL (as Jupyter does);
 a request whose Host or Origin is not this server's is refused (DNS rebinding, cross-site
-POSTs); run names and paths must resolve inside --runs_dir; a bad request gets a 4xx with a
-one-line JSON error and never takes the server down.
+POSTs); run names and every path a run's config names must resolve inside --runs_dir; a bad
+request gets a 4xx with a one-line JSON error and never takes the server down. A run folder
+may be downloaded or hand-edited: what its files say is type-checked before it is shown or
+used, and Stop signals only the train.py that holds that run's train.lock.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -54,10 +58,11 @@ REPO = Path(__file__).resolve().parents[1]  # the repository: train.py, sample.p
 sys.path.insert(0, str(REPO))  # run as `python studio/studio.py` from anywhere
 
 from configurator import ConfigError, TrainConfig, config_to_dict, parse_args, read_config_file
+from checkpoint import numbered_checkpoints, sharded_checkpoints
 from dataset import DatasetError, load_meta
 from hardware import DTYPES, plan_run_memory
 from model import ModelConfig, count_params
-from system import pid_alive
+from system import pid_alive, usable_cpus
 
 PAGE = Path(__file__).resolve().parent / "studio.html"
 RUN_FILES = ("metrics.jsonl", "ckpt.pt", "status.json")
@@ -67,6 +72,7 @@ MAX_READ_BYTES = 4 << 20  # per metrics request; the page asks again at once whe
 CONSOLE_TAIL_BYTES = 64 << 10  # a page opening a long console.log starts this far from its end
 MAX_SAMPLERS = 2  # sample.py processes at once
 HOST = socket.gethostname()
+CURSOR = re.compile(r"[0-9]{1,18}:[0-9a-f]{16}")  # what read_new_lines hands out: offset:fingerprint
 
 
 class RequestError(Exception):
@@ -80,14 +86,20 @@ class RequestError(Exception):
 # ----------------------------------------------------------------------------- paths and files
 
 
-def resolve_inside(root: Path, name: str) -> Path:
+def resolve_inside(root: Path, name: str, key: Optional[str] = None) -> Path:
     """root/name with every symlink resolved, refused unless the result stays inside root, so
-    neither `../` nor a symlink can reach the rest of the disk. `root` is already resolved."""
+    neither `../` nor a symlink can reach the rest of the disk. `root` is already resolved;
+    key: the config key that named the path, for the message."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise RequestError(400, "a run or path name is required")
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+        path.exists()  # raises for what no later check should meet: a name too long, no permission
+    except (OSError, ValueError, RuntimeError) as err:  # ... a lone surrogate, a symlink loop
+        raise RequestError(400, f"{name!r} is not a usable path ({type(err).__name__})") from None
     if path != root and root not in path.parents:
-        raise RequestError(403, f"{name!r} is outside --runs_dir ({root}); run names and paths must stay inside it")
+        named = f"{key}={name!r}" if key else repr(name)
+        raise RequestError(403, f"error: {named} is outside --runs_dir ({root}); run names and paths must stay inside it")
     return path
 
 
@@ -95,14 +107,40 @@ def run_name(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix() if path != root else "."
 
 
+def open_regular(path: Path):
+    """path opened for binary reading, or OSError unless it is a regular file: a FIFO planted as
+    metrics.jsonl or status.json would block its reader (and the lock it holds) forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return open(fd, "rb")
+
+
 def read_json(path: Path) -> Optional[dict]:
     """A small JSON file as a dict, or None when it is missing, unreadable or half-written."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
+        with open_regular(path) as f:
+            value = json.loads(f.read(MAX_BODY_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def number(value: Any) -> Optional[float]:
+    """value if it is a finite int or float (not a bool), else None. What a run's files hold is
+    shown, never trusted: "yesterday", NaN or a list where a number belongs shows as nothing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if isinstance(value, int) or math.isfinite(value) else None
+
+
+def whole(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def string(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
 
 
 def _fingerprint(f, offset: int) -> str:
@@ -116,19 +154,22 @@ def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, ta
     A cursor is "offset:fingerprint", the fingerprint being a hash of the 256 bytes before the
     offset. If the file is now shorter than the offset, or those bytes changed (the file was
     rewritten, e.g. truncated on resume and written again), reading restarts at byte 0 and
-    `reset` says so. A last line without its newline is still being written: it is left for
-    the next call. `tail` (a first read only) starts that many bytes before the end."""
+    `reset` says so; a cursor not of that form is a RequestError. A last line without its
+    newline is still being written: it is left for the next call. `tail` (a first read only)
+    starts that many bytes before the end."""
+    if cursor and not CURSOR.fullmatch(cursor):
+        raise RequestError(400, f"error: bad cursor {cursor[:40]!r}; pass the one the last answer gave, or none to read from the start")
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+        f = open_regular(path)
+    except OSError:  # missing, or not a file: nothing to read
         return [], "", bool(cursor), False
     with f:
         size = os.fstat(f.fileno()).st_size
         offset, reset = 0, False
         if cursor:
             raw_offset, _, mark = cursor.partition(":")
-            offset = int(raw_offset) if raw_offset.isdigit() else -1
-            if not 0 <= offset <= size or _fingerprint(f, offset) != mark:
+            offset = int(raw_offset)
+            if offset > size or _fingerprint(f, offset) != mark:
                 offset, reset = 0, True
         if offset == 0 and tail is not None and size > tail:
             f.seek(size - tail)
@@ -141,20 +182,23 @@ def read_new_lines(path: Path, cursor: str = "", limit: int = MAX_READ_BYTES, ta
             end = len(data)  # one enormous line: pass it on rather than stall forever
         new_offset = offset + end
         lines = data[:end].decode("utf-8", errors="replace").splitlines()
-        return lines, f"{new_offset}:{_fingerprint(f, new_offset)}", reset, new_offset < size
+        # more: only when the slice was full. A torn last line is not "more" (it is still being
+        # written): asking again at once would spin on it forever.
+        more = len(data) == limit and new_offset < size
+        return lines, f"{new_offset}:{_fingerprint(f, new_offset)}", reset, more
 
 
 def parse_records(lines: list[str]) -> list[dict]:
-    """metrics.jsonl lines as dicts; NaN/inf (an MFU without a known peak) become null, which
-    JSON can carry."""
+    """metrics.jsonl lines as dicts of plain values: NaN/inf (an MFU without a known peak) become
+    null, which JSON can carry, and so does anything nested, which no chart draws."""
     records = []
     for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a damaged line costs that line, not the chart
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()})
+        if isinstance(record, dict) and whole(record.get("step")) is not None:
+            records.append({k: v if isinstance(v, (str, bool)) else number(v) for k, v in record.items()})
     return records
 
 
@@ -177,6 +221,59 @@ def train_alive(pid: Any) -> bool:
     return pid_alive(pid, command_contains=b"train.py")
 
 
+def trains_here(run_dir: Path, pid: Any) -> bool:
+    """Whether pid is the live train.py training run_dir: only then is the run "running" and may
+    Stop signal it, so a status.json naming any other process (planted, or stale with a
+    recycled pid) gets nobody signalled. train.py's rank 0 holds an exclusive flock on
+    out_dir/train.lock while it runs and writes "pid N on host H" into it: the lock must be
+    held (a non-blocking attempt of ours fails), name this pid and, where /proc exists, be
+    one of that process's open files (a link to another run's lock is not)."""
+    import fcntl  # POSIX only, as train.py's lock is
+
+    lock_path = run_dir / "train.lock"
+    if not train_alive(pid):
+        return False
+    try:
+        with open_regular(lock_path) as f:
+            holder = f.read(256).split()
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False  # nobody holds it (closing the file lets go of ours)
+            except BlockingIOError:
+                pass
+    except OSError:
+        return False
+    if holder[:2] != [b"pid", str(pid).encode()]:
+        return False
+    return not os.path.isdir("/proc/self/fd") or str(lock_path) in open_files(pid)
+
+
+def open_files(pid: int) -> set[str]:
+    """The paths of the files a process has open (Linux /proc; empty when it cannot be read)."""
+    fd_dir = f"/proc/{pid}/fd"
+    paths = set()
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return paths
+    for name in names:
+        try:
+            paths.add(os.readlink(os.path.join(fd_dir, name)))
+        except OSError:
+            pass  # closed since the listing
+    return paths
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether run_dir holds any checkpoint train.py or sample.py would find: ckpt.pt, numbered
+    ckpt_STEP.pt copies or an FSDP run's sharded ckpt_STEP/ directories (listing only; nothing
+    is loaded)."""
+    try:
+        return (run_dir / "ckpt.pt").is_file() or bool(numbered_checkpoints(str(run_dir)) or sharded_checkpoints(str(run_dir)))
+    except OSError:
+        return False
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -193,14 +290,15 @@ class Summary:
     mfu: Optional[float] = None
 
     def add(self, record: dict) -> None:
+        """One parse_records record; a value of the wrong type (`"val_loss": "bad"`) is skipped."""
         self.step = max(self.step or 0, record["step"])
-        if record.get("loss") is not None:
+        if number(record.get("loss")) is not None:
             self.loss = record["loss"]
-        if record.get("tokens_per_s") is not None:
-            self.tokens_per_s, self.mfu = record["tokens_per_s"], record.get("mfu")
-        val = record.get("val_loss")
+        if number(record.get("tokens_per_s")) is not None:
+            self.tokens_per_s, self.mfu = record["tokens_per_s"], number(record.get("mfu"))
+        val = number(record.get("val_loss"))
         if val is not None and (self.best_val_loss is None or val < self.best_val_loss):
-            self.best_val_loss, self.val_bpb = val, record.get("val_bpb")
+            self.best_val_loss, self.val_bpb = val, number(record.get("val_bpb"))
 
 
 @dataclass
@@ -220,7 +318,8 @@ class Job:
 
 def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
     """Directories under root holding a run file; hidden and package directories and symlinks
-    are not entered, nor a run's own subdirectories."""
+    are not entered, nor a run's own subdirectories, except root's: a run trained with
+    --out_dir=. right in --runs_dir must not hide the others."""
     found = []
 
     def visit(directory: Path, depth: int) -> None:
@@ -230,7 +329,8 @@ def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
             return
         if any(e.name in RUN_FILES for e in entries):
             found.append(directory)
-            return
+            if depth > 0:
+                return
         if depth < max_depth:
             for e in entries:
                 if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in SKIP_DIRS:
@@ -248,19 +348,21 @@ def preset_of(command: Any) -> Optional[str]:
     return None
 
 
-def run_state(status: Optional[dict], job: Optional[Job], last_step: Optional[int], max_iters: Optional[int]) -> tuple[str, Optional[str]]:
+def run_state(run_dir: Path, status: Optional[dict], job: Optional[Job], last_step: Optional[int], max_iters: Optional[int]) -> tuple[str, Optional[str]]:
     """(state, reason): running / stopping / finished / stopped / crashed / unknown."""
     if job is not None and job.alive:
-        return ("stopping", "SIGTERM sent: finishing the step, then saving") if job.stopping else ("running", None)
+        if job.stopping:
+            return "stopping", "SIGTERM sent: finishing the step, then saving"
+        return "running", None if status else "starting: train.py has not written status.json yet"
     state = status.get("state") if status else None
     if state == "running":
         if status.get("host") != HOST:
-            return "unknown", f"running on another host ({status.get('host')}); cannot check its process"
-        if train_alive(status.get("pid")):
+            return "unknown", f"running on another host ({string(status.get('host'))}); cannot check its process"
+        if trains_here(run_dir, status.get("pid")):
             return "running", None
-        return "crashed", f"process {status.get('pid')} ended without saving a final state (killed?)"
+        return "crashed", f"process {whole(status.get('pid'))} ended without saving a final state (killed?)"
     if state in ("finished", "stopped", "crashed"):
-        return state, status.get("reason")
+        return state, string(status.get("reason"))
     if job is not None:  # exited before writing any status: it failed at start
         return "crashed", f"exited with status {job.proc.returncode} before training started; see the console"
     if last_step is not None and max_iters is not None and last_step >= max_iters:
@@ -293,31 +395,78 @@ def describe_config(cfg: TrainConfig, vocab_size: int, world_size: int) -> dict:
     """Parameters and memory estimate of what cfg builds; a bad shape is a RequestError."""
     try:
         model_cfg = cfg.model_config(vocab_size)
+        counts, memory_gb = count_params(model_cfg), memory_plan(cfg, model_cfg, world_size)
+        if not all(map(math.isfinite, memory_gb.values())):  # JSON cannot carry inf, and no machine trains it
+            raise OverflowError
     except ValueError as err:
         raise RequestError(400, f"error: invalid model config: {err}") from None
-    counts = count_params(model_cfg)
+    except OverflowError:
+        raise RequestError(400, "error: this model is too large to estimate; check n_layer, n_embd, block_size and batch_size") from None
     return {
         "params": counts["total"], "non_embedding": counts["non_embedding"], "vocab_size": model_cfg.vocab_size,
-        "memory_gb": memory_plan(cfg, model_cfg, world_size),
-        "tokens_per_step": cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size,
+        "memory_gb": memory_gb, "tokens_per_step": cfg.batch_size * cfg.gradient_accumulation_steps * world_size * cfg.block_size,
         "model": model_cfg.to_dict(),
     }
 
 
-def split_overrides(text: Any) -> list[str]:
+def split_overrides(overrides: Any) -> list[str]:
     """The form's free --key=value text as arguments. Config files (.py) run code, so only the
     listed presets may name one; --help would print instead of validating."""
-    if isinstance(text, list):
-        args = [str(a) for a in text]
-    else:
+    if isinstance(overrides, list) and all(isinstance(a, str) for a in overrides):
+        args = list(overrides)
+    elif isinstance(overrides, str) or overrides is None:
         try:
-            args = shlex.split(str(text or ""))
+            args = shlex.split(overrides or "")
         except ValueError as err:
             raise RequestError(400, f"error: cannot split the overrides: {err}") from None
+    else:
+        raise RequestError(400, "error: overrides must be text (--key=value ...) or a list of such strings")
     for arg in args:
         if not arg.startswith("--") or arg == "--help":
             raise RequestError(400, f"error: unexpected argument '{arg}'; overrides are --key=value")
     return args
+
+
+def config_paths(values: dict) -> dict[str, str]:
+    """The files and directories a train config's values name, by key: every *_dir (data_dir,
+    out_dir, tensorboard_dir), init_from (a checkpoint, a run or sharded ckpt_STEP/ directory,
+    or hf:DIR) and resume=PATH. The studio resolves each inside --runs_dir before it launches
+    anything: a request, a preset or a planted config.json must not make train.py read a
+    checkpoint from, or write anywhere, elsewhere on the disk."""
+    paths = {}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            continue
+        if key == "init_from" and value != "scratch":
+            paths[key] = value.removeprefix("hf:")
+        elif key == "resume" and value not in ("auto", "never"):
+            paths[key] = value
+        elif key.endswith(("_dir", "_path", "_file")):
+            paths[key] = value
+    return paths
+
+
+def max_processes() -> int:
+    """The most processes Start or Resume launches: one per GPU, or per usable CPU core."""
+    return max(torch.cuda.device_count(), usable_cpus())
+
+
+def check_processes(nproc: Any, limit: int, source: str) -> int:
+    if whole(nproc) is None or not 1 <= nproc <= limit:
+        raise RequestError(400, f"error: {source} must be a whole number from 1 to {limit} (GPUs or CPU cores here), got {nproc!r}")
+    return nproc
+
+
+def bounded(body: dict, key: str, default: Any, low: float, high: float, integer: bool = False) -> Any:
+    """body[key] (default when absent) if it is a number in [low, high]: JSON also carries
+    1e400 (inf), 2.5 for a count, "10" and true, none of which may reach sample.py."""
+    value = body.get(key, default)
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if number(value) is None or (integer and not isinstance(value, int)) or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        raise RequestError(400, f"error: {key} must be {kind} from {low} to {high}, got {repr(value)[:40]}")
+    return value
 
 
 # ----------------------------------------------------------------------------- the studio
@@ -353,44 +502,56 @@ class Studio:
             return s
 
     def describe_run(self, run_dir: Path) -> dict:
+        """One row of the runs table. Every value read from the run's files is type-checked
+        (number, whole, text): a hand-edited or damaged file shows blanks, not an error."""
         status = read_json(run_dir / "status.json")
         config = read_json(run_dir / "config.json") or {}
-        train_cfg, model = config.get("train") or {}, config.get("model")
+        train_cfg = config.get("train") if isinstance(config.get("train"), dict) else {}
+        model = config.get("model") if isinstance(config.get("model"), dict) else None
         job = self.jobs.get(run_dir)
-        if job is not None and status is not None and (status.get("updated") or 0) < job.started:
+        if job is not None and status is not None and (number(status.get("updated")) or 0) < job.started:
             status = None  # left by an earlier run in this out_dir; ours has not written yet
+        st = status or {}
         s = self.summary(run_dir)
-        max_iters = (status or {}).get("max_iters", train_cfg.get("max_iters"))
-        state, reason = run_state(status, job, s.step, max_iters)
-        if state == "running" and self.stopping_pids.get(run_dir) == (status or {}).get("pid"):
+        max_iters = whole(st.get("max_iters", train_cfg.get("max_iters")))
+        state, reason = run_state(run_dir, status, job, s.step, max_iters)
+        pid = whole(st.get("pid"))
+        if state == "running" and pid is not None and self.stopping_pids.get(run_dir) == pid:
             state, reason = "stopping", "SIGTERM sent: finishing the step, then saving"
         try:
             params = count_params(ModelConfig.from_dict(model))["total"] if model else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
             params = None
         step = s.step
-        if status and isinstance(status.get("step"), int) and state in ("stopped", "finished", "running"):
-            step = status["step"]  # the saved step once stopped; metrics may run a line ahead of it
+        if whole(st.get("step")) is not None and state in ("stopped", "finished", "running"):
+            step = st["step"]  # the saved step once stopped; metrics may run a line ahead of it
         files = [f for f in ("ckpt.pt", "metrics.jsonl", "console.log") if (run_dir / f).exists()]
-        started = (status or {}).get("started") or (job.started if job else None)
+        started = number(st.get("started")) or (job.started if job else None)
         if started is None and (run_dir / "config.json").exists():
             started = (run_dir / "config.json").stat().st_mtime
         return {
             "name": run_name(self.root, run_dir), "state": state, "reason": reason,
-            "step": step, "max_iters": max_iters, "max_time_min": (status or {}).get("max_time_min", train_cfg.get("max_time_min")),
-            "elapsed_s": (status or {}).get("elapsed_s"), "loss": s.loss, "best_val_loss": s.best_val_loss,
+            "step": step, "max_iters": max_iters, "max_time_min": number(st.get("max_time_min", train_cfg.get("max_time_min"))),
+            "elapsed_s": number(st.get("elapsed_s")), "loss": s.loss, "best_val_loss": s.best_val_loss,
             "val_bpb": s.val_bpb, "tokens_per_s": s.tokens_per_s, "mfu": s.mfu, "params": params,
-            "preset": (job.preset if job else None) or preset_of((status or {}).get("command")),
-            "data_dir": train_cfg.get("data_dir"), "started": started, "updated": (status or {}).get("updated"),
-            "pid": (status or {}).get("pid"), "host": (status or {}).get("host"), "world_size": (status or {}).get("world_size"),
-            "from_studio": job is not None, "files": files,
+            "preset": (job.preset if job else None) or preset_of(st.get("command")),
+            "data_dir": string(train_cfg.get("data_dir")), "started": started, "updated": number(st.get("updated")),
+            "pid": pid, "host": string(st.get("host")), "world_size": whole(st.get("world_size")),
+            "from_studio": job is not None, "files": files, "checkpoint": has_checkpoint(run_dir),
         }
 
     def runs(self) -> list[dict]:
         with self.lock:
             dirs = set(find_runs(self.root)) | set(self.jobs)
-        runs = [self.describe_run(d) for d in dirs]
-        runs.sort(key=lambda r: -(r["started"] or r["updated"] or 0))  # newest first; rows do not hop as runs log
+        runs = []
+        for run_dir in dirs:
+            try:
+                runs.append(self.describe_run(run_dir))
+            except Exception as err:  # one damaged run folder costs its own row, never the page
+                print(f"studio: cannot read {run_dir}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                runs.append({"name": run_name(self.root, run_dir), "state": "unknown", "files": [], "checkpoint": False,
+                             "reason": f"cannot read this run's files: {type(err).__name__}: {err}"})
+        runs.sort(key=lambda r: -(r.get("started") or r.get("updated") or 0))  # newest first; rows do not hop as runs log
         return runs
 
     def datasets(self) -> list[dict]:
@@ -399,17 +560,18 @@ class Studio:
             name = run_name(self.root, meta_path.parent)
             try:
                 meta = load_meta(str(meta_path.parent))
+                tok, splits = meta["tokenizer"], meta["splits"]
+                found.append({
+                    "name": name, "tokenizer": string(tok.get("spec") or tok.get("name") or tok.get("kind")),
+                    "vocab_size": whole(meta.get("vocab_size")),
+                    "train_tokens": whole((splits.get("train") or {}).get("tokens")),
+                    "val_tokens": whole((splits.get("val") or {}).get("tokens")),
+                    "documents": sum(whole((splits.get(s) or {}).get("documents")) or 0 for s in ("train", "val")),
+                })
             except DatasetError as err:
                 found.append({"name": name, "error": str(err)})
-                continue
-            tok = meta.get("tokenizer") or {}
-            splits = meta.get("splits") or {}
-            found.append({
-                "name": name, "tokenizer": tok.get("spec") or tok.get("name") or tok.get("kind"),
-                "vocab_size": meta.get("vocab_size"),
-                "train_tokens": (splits.get("train") or {}).get("tokens"), "val_tokens": (splits.get("val") or {}).get("tokens"),
-                "documents": sum((splits.get(s) or {}).get("documents", 0) for s in ("train", "val")),
-            })
+            except (AttributeError, TypeError) as err:  # load_meta checks what training reads; this is the rest
+                found.append({"name": name, "error": f"{meta_path} is malformed ({type(err).__name__}: {err}); re-run prepare.py"})
         return found
 
     def presets(self) -> list[dict]:
@@ -426,30 +588,41 @@ class Studio:
 
     # -- building a train.py command line
 
+    def check_paths(self, cfg: TrainConfig) -> dict[str, Path]:
+        """Every path cfg names (config_paths), resolved as train.py will see it (its cwd is
+        runs_dir); a 403 for the first one outside --runs_dir."""
+        return {key: resolve_inside(self.root, value, key) for key, value in config_paths(config_to_dict(cfg)).items()}
+
     def build(self, body: dict, need_out_dir: bool) -> tuple[TrainConfig, list[str], dict]:
         """The form as train.py arguments, validated by configurator.py exactly as train.py's
         command line is; returns the config, the arguments and its size/memory description."""
         preset = body.get("preset") or None
         args: list[str] = []
         if preset is not None:
-            path = REPO / "config" / f"{preset}.py"
-            if not isinstance(preset, str) or "/" in preset or "\\" in preset or not path.is_file():
+            if not isinstance(preset, str) or "/" in preset or "\\" in preset or not (REPO / "config" / f"{preset}.py").is_file():
                 raise RequestError(400, f"error: unknown preset {preset!r}; pick one of config/*.py")
-            args.append(str(path))
+            args.append(str(REPO / "config" / f"{preset}.py"))
         for key in ("data_dir", "out_dir"):
+            if body.get(key) and not isinstance(body[key], str):
+                raise RequestError(400, f"error: {key} must be text, got {repr(body[key])[:40]}")
             if body.get(key):
                 args.append(f"--{key}={body[key]}")
         args += split_overrides(body.get("overrides", ""))
-        nproc = body.get("nproc", 1)
-        if not isinstance(nproc, int) or isinstance(nproc, bool) or not 1 <= nproc <= 64:
-            raise RequestError(400, f"error: processes must be a whole number from 1 to 64, got {nproc!r}")
+        # an estimate may plan for a bigger machine; Start launches only what this one has
+        nproc = check_processes(body.get("nproc", 1), max_processes() if need_out_dir else 1024, "processes")
         try:
             cfg = parse_args(TrainConfig, args)
         except ConfigError as err:
             raise RequestError(400, f"error: {err}") from None
-        data_dir = resolve_inside(self.root, cfg.data_dir)
+        for key, value in config_to_dict(cfg).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RequestError(400, f"error: {key}={value} is not a finite number")
+        paths = self.check_paths(cfg)
+        if paths["out_dir"] == self.root:
+            raise RequestError(400, "error: out_dir must be a directory inside --runs_dir, not --runs_dir itself "
+                               "(its runs would become one run's subdirectories); name one, e.g. out")
         try:
-            vocab_size, vocab_source = load_meta(str(data_dir))["vocab_size"], "the dataset"
+            vocab_size, vocab_source = int(load_meta(str(paths["data_dir"]))["vocab_size"]), "the dataset"
         except DatasetError as err:
             if need_out_dir:
                 raise RequestError(400, f"error: {err}") from None
@@ -457,9 +630,8 @@ class Studio:
         info = describe_config(cfg, vocab_size, nproc)
         info["vocab_source"] = "set in the config" if cfg.vocab_size else vocab_source
         if need_out_dir or body.get("out_dir"):
-            out_dir = resolve_inside(self.root, cfg.out_dir)
-            info["out_dir"] = out_dir
-            info["resumes"] = cfg.resume == "auto" and (out_dir / "ckpt.pt").exists()
+            info["out_dir"] = paths["out_dir"]
+            info["resumes"] = cfg.resume == "auto" and has_checkpoint(paths["out_dir"])
         return cfg, args, info
 
     def launch(self, out_dir: Path, args: list[str], nproc: int, preset: Optional[str]) -> Job:
@@ -486,25 +658,26 @@ class Studio:
 
     def _running_elsewhere(self, run_dir: Path) -> bool:
         status = read_json(run_dir / "status.json")
-        return bool(status and status.get("state") == "running" and status.get("host") == HOST and train_alive(status.get("pid")))
+        return bool(status and status.get("state") == "running" and status.get("host") == HOST and trains_here(run_dir, status.get("pid")))
 
     # -- actions
 
     def start(self, body: dict) -> dict:
         cfg, args, info = self.build(body, need_out_dir=True)
-        self.launch(info["out_dir"], args, body.get("nproc", 1), body.get("preset"))
+        self.launch(info["out_dir"], args, body.get("nproc", 1), body.get("preset") or None)
         return {"run": run_name(self.root, info["out_dir"]), "resumes": info["resumes"], "command": args}
 
     def stop(self, run_dir: Path) -> dict:
         """SIGTERM to rank 0 (train.py finishes the step, every rank saves and exits 0), or to
-        our child while it has not written status.json yet (torchrun forwards it)."""
+        our child while it has not written status.json yet (torchrun forwards it). A pid read
+        from status.json is signalled only if it is the train.py holding this run's lock."""
         with self.lock:
             job = self.jobs.get(run_dir)
             status = read_json(run_dir / "status.json") or {}
             pid = status.get("pid")
             ours = job is not None and job.alive
-            fresh = status.get("state") == "running" and status.get("host") == HOST and train_alive(pid)
-            if ours and not (fresh and (status.get("updated") or 0) >= job.started):
+            fresh = status.get("state") == "running" and status.get("host") == HOST and trains_here(run_dir, pid)
+            if ours and not (fresh and (number(status.get("updated")) or 0) >= job.started):
                 pid = job.proc.pid
             elif not fresh:
                 raise RequestError(409, f"error: {run_name(self.root, run_dir)} is not training")
@@ -519,42 +692,43 @@ class Studio:
         return {"run": run_name(self.root, run_dir), "pid": pid, "state": "stopping"}
 
     def resume(self, run_dir: Path) -> dict:
-        """Start train.py again with the run's own config.json and --resume=auto."""
+        """Start train.py again with the run's own config.json and --resume=auto, on as many
+        processes as status.json says it had. Both files may have been edited or planted, so
+        what they say passes the checks a Start does: configurator.py's, every path inside
+        --runs_dir, a process count this machine can run."""
+        name = run_name(self.root, run_dir)
         config = read_json(run_dir / "config.json")
         if not config or not isinstance(config.get("train"), dict):
-            raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no config.json to resume from")
-        if not (run_dir / "ckpt.pt").exists():
-            raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no ckpt.pt yet; start it again instead")
+            raise RequestError(400, f"error: {name} has no config.json to resume from")
+        if not has_checkpoint(run_dir):
+            raise RequestError(400, f"error: {name} has no checkpoint yet (ckpt.pt or ckpt_STEP/); start it again instead")
         status = read_json(run_dir / "status.json") or {}
+        nproc = check_processes(status.get("world_size", 1), max_processes(), f"{name}'s status.json world_size")
         base = Path(status["cwd"]) if isinstance(status.get("cwd"), str) else self.root
         defaults = config_to_dict(TrainConfig())
         args = []
         for key, value in config["train"].items():
-            if key in ("out_dir", "resume", "dry_run") or defaults.get(key, object()) == value:
+            path = config_paths({key: value}).get(key)
+            if key in ("out_dir", "resume", "dry_run") or (path is None and defaults.get(key, object()) == value):
                 continue
-            if key == "data_dir" and isinstance(value, str):
-                value = str(resolve_inside(self.root, str(base / value)))
+            if path is not None:  # written relative to the run's own cwd; train.py will run in runs_dir
+                value = value[: len(value) - len(path)] + str(base / path)  # keeps init_from's "hf:"
             args.append(f"--{key}={value!r}")  # a literal, so "None" or "123" in a text key stays text
         args += [f"--out_dir={run_dir}", "--resume=auto"]
         try:
-            parse_args(TrainConfig, args)
+            cfg = parse_args(TrainConfig, args)
         except ConfigError as err:
             raise RequestError(400, f"error: {err}") from None
-        nproc = status.get("world_size") if isinstance(status.get("world_size"), int) else 1
+        self.check_paths(cfg)
         self.launch(run_dir, args, nproc, preset_of(status.get("command")))
-        return {"run": run_name(self.root, run_dir), "command": args}
+        return {"run": name, "command": args}
 
     def sample_command(self, run_dir: Path, body: dict, prompt_file: str) -> list[str]:
-        if not (run_dir / "ckpt.pt").exists():
+        if not has_checkpoint(run_dir):
             raise RequestError(400, f"error: {run_name(self.root, run_dir)} has no checkpoint yet")
-        try:
-            temperature = float(body.get("temperature", 0.8))
-            top_k = int(body.get("top_k", 200))
-            max_new_tokens = int(body.get("max_new_tokens", 200))
-        except (TypeError, ValueError):
-            raise RequestError(400, "error: temperature must be a number, top_k and max_new_tokens whole numbers") from None
-        if not (0 <= temperature <= 10 and 0 <= top_k and 1 <= max_new_tokens <= 4096):
-            raise RequestError(400, "error: need 0 <= temperature <= 10, top_k >= 0, 1 <= max_new_tokens <= 4096")
+        temperature = bounded(body, "temperature", 0.8, 0, 10)
+        top_k = bounded(body, "top_k", 200, 0, 1 << 24, integer=True)  # beyond any vocabulary: 0 and that both mean "all"
+        max_new_tokens = bounded(body, "max_new_tokens", 200, 1, 4096, integer=True)
         # The prompt travels in a file (--start FILE:...): any text arrives exactly, even one
         # that itself starts with "FILE:", is long, or holds characters argv cannot carry.
         return [sys.executable, str(REPO / "sample.py"), "--out_dir", str(run_dir), "--start", f"FILE:{prompt_file}",
@@ -566,6 +740,7 @@ class Studio:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "HomeLLMStudio/1"
+    timeout = 60  # seconds a socket may sit idle: a client that never sends its body costs one thread a minute
     studio: Studio  # set on the subclass made by make_server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -607,15 +782,16 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(403, "refused: missing or wrong token; open the URL with ?token=... that studio.py printed")
 
     def read_body(self) -> dict:
+        """The JSON object a POST carries, checked before a byte is read: Content-Length must be
+        plain digits and at most MAX_BODY_BYTES (int("-1") would have read to the end)."""
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not (raw.isascii() and raw.isdigit()):
+            raise RequestError(400, f"bad Content-Length {raw[:20]!r}: a byte count is required")
+        if len(raw) > 9 or int(raw) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body too large: more than {MAX_BODY_BYTES} bytes")
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise RequestError(400, "bad Content-Length") from None
-        if length > MAX_BODY_BYTES:
-            raise RequestError(413, "request body too large")
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
+            body = json.loads(self.rfile.read(int(raw)) or b"{}")
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's depth
             raise RequestError(400, "the request body is not JSON") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
@@ -679,7 +855,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_setup(self, params: dict) -> None:
         self.send_json(200, {"presets": self.studio.presets(), "datasets": self.studio.datasets(),
-                             "defaults": config_to_dict(TrainConfig()), "cpus": os.cpu_count()})
+                             "defaults": config_to_dict(TrainConfig()), "cpus": os.cpu_count(),
+                             "max_nproc": max_processes()})
 
     def get_metrics(self, params: dict) -> None:
         lines, cursor, reset, more = read_new_lines(self.run_dir(params) / "metrics.jsonl", params.get("cursor", ""))
@@ -710,6 +887,10 @@ class Handler(BaseHTTPRequestHandler):
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise RequestError(400, "error: the prompt must be text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" decodes to a lone surrogate, which no file can hold
+            raise RequestError(400, "error: the prompt is not valid Unicode text (it holds a lone surrogate)") from None
         if not self.studio.samplers.acquire(blocking=False):
             raise RequestError(429, f"error: {MAX_SAMPLERS} samples are already running; wait for one to finish")
         try:

@@ -5,6 +5,7 @@ import random
 from typing import Iterable, Iterator, Sequence
 
 import pytest
+import regex  # tiktoken's dependency
 import torch
 
 import prepare
@@ -25,6 +26,40 @@ def write_byte_tokenizer(path) -> None:
     """A byte-level .tiktoken file: 256 single-byte tokens (then <|endoftext|> = 256)."""
     ranks = {bytes([i]): i for i in range(256)}
     path.write_text("".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()))
+
+
+def learn_bpe_ranks(texts: Iterable[str], pat_str: str, merges: int) -> dict[bytes, int]:
+    """A small byte-level BPE, as tiktoken ranks: the 256 bytes in a shuffled rank order (as in
+    real encodings), then `merges` learned merges of the pieces pat_str splits texts into."""
+    byte_order = list(range(256))
+    random.Random(1).shuffle(byte_order)
+    ranks = {bytes([b]): rank for rank, b in enumerate(byte_order)}
+    words: dict[tuple[bytes, ...], int] = {}
+    for piece in regex.findall(pat_str, "\n".join(texts)):
+        word = tuple(bytes([b]) for b in piece.encode("utf-8"))
+        words[word] = words.get(word, 0) + 1
+    for _ in range(merges):
+        pairs: dict[tuple[bytes, bytes], int] = {}
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        ranks.setdefault(best[0] + best[1], len(ranks))  # two merges may spell the same bytes
+        merged = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    return ranks
 
 
 @pytest.fixture(scope="session")

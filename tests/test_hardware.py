@@ -5,6 +5,7 @@ keeps and what a real training step really uses."""
 import math
 import re
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,9 +120,13 @@ def saved_activation_bytes(block, x, cos, sin, autocast) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("mode", ["float32", "bfloat16 autocast", "bfloat16 weights (FSDP)"])
+@pytest.mark.parametrize("mode", ["float32", "bfloat16 autocast", "bfloat16 weights (FSDP)", "float32, K/V repeated"])
 @pytest.mark.parametrize("shape", [dict(n_embd=256, n_head=4, n_kv_head=2), dict(n_embd=384, n_head=6, n_kv_head=6, ffn_hidden=1000)])
-def test_activation_count_matches_what_autograd_keeps(mode, shape):
+def test_activation_count_matches_what_autograd_keeps(mode, shape, monkeypatch):
+    import model as model_module
+
+    expanded = mode.endswith("K/V repeated")  # what attention does on a GPU where flash cannot run
+    monkeypatch.setattr(model_module, "expand_kv_for_sdpa", lambda *args: expanded)
     cfg = ModelConfig(vocab_size=100, n_layer=1, max_seq_len=64, **shape)
     model = Transformer(cfg)
     B, T = 3, 64
@@ -132,10 +137,10 @@ def test_activation_count_matches_what_autograd_keeps(mode, shape):
         a, r, autocast = 2, 2, torch.autocast("cpu", enabled=False)
     else:
         x = torch.randn(B, T, cfg.n_embd, requires_grad=True)
-        a, r = (4, 4) if mode == "float32" else (2, 4)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32")
+        a, r = (2, 4) if mode == "bfloat16 autocast" else (4, 4)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bfloat16 autocast")
     measured = saved_activation_bytes(model.layers[0], x, cos, sin, autocast) / (B * T)
-    assert hardware.activation_bytes_per_token(cfg, a, r) == pytest.approx(measured, rel=0.02)
+    assert hardware.activation_bytes_per_token(cfg, a, r, kv_expanded=expanded) == pytest.approx(measured, rel=0.02)
 
 
 def test_plan_adds_up_and_shards_the_states_under_fsdp():
@@ -216,3 +221,151 @@ def test_the_decode_matmul_choice_follows_the_faster_read(monkeypatch):
     assert torch.equal(torch.get_rng_state(), rng_state)  # ones, not random rows: resumed runs replay the RNG
     monkeypatch.setattr(hardware, "LOOP_MATMUL_MAX_SIDE", 16)  # every matrix here has a side of 32
     assert hardware.decode_matmul_choice(m) == (False, "no weight has both sides within 16, the most Inductor's loops take")
+
+
+# ----------------------------------------------------------------------------- the GPU path, decided on the CPU
+# These run the CUDA branches with torch.cuda's queries patched: what they decide is pure
+# logic, and no test may need a GPU.
+
+CUDA = torch.device("cuda", 0)
+
+
+def fake_gpu(monkeypatch, capability=(8, 0), free_gib=20.0, total_gib=24.0, reserved_gib=0.0, name="NVIDIA Fake"):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), int(total_gib * 2**30)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("capability, training, fsdp, dtype", [
+    ((7, 5), True, False, torch.float16),   # T4, RTX 20xx: emulated bf16; fp16 with the loss scaler
+    ((7, 0), False, False, torch.float32),  # V100 sampling: no loss scaler there, and bf16 weights could overflow fp16
+    ((7, 5), True, True, torch.float32),    # FSDP has no sharded loss scaler
+    ((8, 0), True, False, torch.bfloat16),  # A100
+    ((8, 6), False, False, torch.bfloat16),  # RTX 30xx
+    ((9, 0), True, True, torch.bfloat16),   # H100
+])
+def test_auto_dtype_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, training, fsdp, dtype):
+    fake_gpu(monkeypatch, capability)
+    # torch.cuda.is_bf16_supported() counts emulation and would say yes on every one of them
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("emulated bf16 counts as support there"))
+    chosen, why = choose_dtype("auto", CUDA, training=training, fsdp=fsdp)
+    assert chosen == dtype and f"compute capability {capability[0]}.{capability[1]}" in why
+
+
+def test_explicit_gpu_dtypes_say_what_they_cost_or_are_refused(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5))
+    dtype, why = choose_dtype("bfloat16", CUDA, training=True)
+    assert dtype == torch.bfloat16 and "emulated" in why
+    with pytest.raises(DeviceError, match="FSDP here trains in float32 or bfloat16"):
+        choose_dtype("float16", CUDA, training=True, fsdp=True)
+    assert choose_dtype("float16", CUDA, training=True) == (torch.float16, "--dtype float16")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: every GPU PyTorch supports has bf16
+    assert choose_dtype("auto", CUDA, training=True)[0] == torch.bfloat16
+
+
+def test_cpu_offload_gets_the_cpus_torchrun_would_leave_at_one(monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cpus", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets for every multi-process launch
+    torch.set_num_threads(1)
+    assert hardware.configure_training_threads(CUDA, cpu_offload=False, local_ranks=2) == ""  # the GPU computes
+    assert torch.get_num_threads() == 1
+    assert hardware.configure_training_threads(CUDA, cpu_offload=True, local_ranks=2).startswith("8 CPU threads")
+    assert torch.get_num_threads() == 8  # AdamW over the rank's shard runs on the CPU
+    torch.set_num_threads(1)  # as torch applied OMP_NUM_THREADS at start-up: CPU ranks share the cores, and keep it
+    assert hardware.configure_training_threads(CPU, cpu_offload=False, local_ranks=2) == "1 CPU thread (OMP_NUM_THREADS)"
+    monkeypatch.setenv(hardware.THREADS_ENV, "3")
+    assert hardware.configure_training_threads(CUDA, cpu_offload=True, local_ranks=2).startswith("3 CPU threads")
+
+
+def test_expandable_segments_are_set_before_cuda_starts_unless_the_user_chose(monkeypatch):
+    for name in (hardware.ALLOC_CONF_ENV, "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "expandable_segments:True" in hardware.configure_cuda_allocator()
+    assert hardware.os.environ[hardware.ALLOC_CONF_ENV] == "expandable_segments:True"
+    monkeypatch.setenv(hardware.ALLOC_CONF_ENV, "max_split_size_mb:128")
+    assert hardware.configure_cuda_allocator() == f"CUDA allocator: {hardware.ALLOC_CONF_ENV}=max_split_size_mb:128 (yours)"
+    assert hardware.os.environ[hardware.ALLOC_CONF_ENV] == "max_split_size_mb:128"
+    monkeypatch.delenv(hardware.ALLOC_CONF_ENV)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late for the variable: say so, set nothing
+    assert "initialised before" in hardware.configure_cuda_allocator() and hardware.ALLOC_CONF_ENV not in hardware.os.environ
+
+
+def home_200m(**overrides):
+    from configurator import TrainConfig, parse_args
+
+    cfg = parse_args(TrainConfig, ["config/home_200m.py", "--device=cuda", *[f"--{k}={v}" for k, v in overrides.items()]])
+    return cfg, cfg.model_config(32000)
+
+
+def test_the_memory_check_compares_with_free_memory_not_the_total(monkeypatch):
+    cfg, model_cfg = home_200m(batch_size=4)
+    need = hardware.plan_run_memory(cfg, model_cfg, 1, "cuda", torch.bfloat16).total / 2**30
+    # A 24 GB card driving a display: the total would hold the run, what is free does not.
+    fake_gpu(monkeypatch, free_gib=need - 1.0, total_gib=need + 1.0)
+    with pytest.raises(DeviceError, match=rf"NVIDIA Fake has {need - 1.0:.1f} GiB free of {need + 1.0:.1f} GiB; these would fit: --grad_checkpoint=True"):
+        hardware.check_memory_fits(cfg, model_cfg, 1, CUDA, torch.bfloat16)
+    fake_gpu(monkeypatch, free_gib=need - 1.0, total_gib=need + 1.0, reserved_gib=1.5)  # this process's cached blocks are its own
+    hardware.check_memory_fits(cfg, model_cfg, 1, CUDA, torch.bfloat16)
+
+
+def test_the_plan_for_each_option(monkeypatch):
+    cfg = ModelConfig(vocab_size=32000, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, max_seq_len=1024)
+    n = count_params(cfg)["total"]
+    plan = lambda **k: hardware.plan_training_memory(cfg, 8, 1024, **k)  # noqa: E731
+    base = plan(world_size=4, fsdp=True, grad_accum=4)
+    every = plan(world_size=4, fsdp=True, grad_accum=4, reduce_every_micro_step=True)
+    assert base.parts["no-sync gradients"] == 4 * n and "no-sync gradients" not in every.parts
+    assert base.total - every.total == 4 * n and "after every micro-step" in every.why["gradients"]
+    offload = plan(world_size=4, fsdp=True, cpu_offload=True)
+    assert offload.parts["parameters"] == offload.parts["gradients"] == offload.parts["optimizer"] == 0
+    assert offload.host == 16 * n / 4 and "host memory" in offload.format()
+    assert plan(world_size=4, fsdp=True, cpu_offload=True, device_type="cpu").host == 0  # nothing to move on a CPU
+    # GQA with K/V repeated for the memory-efficient kernel: k and v at n_head width, per layer and token
+    expanded = plan(kv_expanded=True)
+    extra = 8 * 1024 * cfg.n_layer * 2 * 2 * (cfg.n_head - cfg.n_kv_head) * cfg.head_dim  # tokens x layers x (k, v) x bf16 bytes
+    assert expanded.parts["activations"] - plan().parts["activations"] == extra
+    assert "K/V repeated" in expanded.why["activations"]
+    # which runs repeat K/V: GQA on a GPU where flash cannot run (fp32 anywhere, fp16 before Ampere)
+    assert hardware.gqa_expands_kv(cfg, "cuda", torch.float32)
+    assert hardware.gqa_expands_kv(cfg, "cuda", torch.float16, (7, 5))
+    assert not hardware.gqa_expands_kv(cfg, "cuda", torch.bfloat16, (8, 0))
+    assert not hardware.gqa_expands_kv(cfg, "cpu", torch.float32)
+    assert not hardware.gqa_expands_kv(ModelConfig(n_head=8, n_embd=512), "cuda", torch.float32)  # no GQA: nothing to repeat
+
+
+def test_reduce_every_micro_step_is_chosen_when_the_plan_does_not_fit_otherwise(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg, model_cfg = home_200m(parallel="fsdp", gradient_accumulation_steps=4, batch_size=2)
+    once = hardware.plan_run_memory(cfg, model_cfg, 2, "cuda", torch.bfloat16).total / 2**30
+    every = hardware.plan_run_memory(replace(cfg, fsdp_reduce_every_micro_step=True), model_cfg, 2, "cuda", torch.bfloat16).total / 2**30
+    assert every < once
+    fake_gpu(monkeypatch, free_gib=(once + every) / 2)
+    chosen, note = hardware.fit_to_memory(cfg, model_cfg, 2, CUDA, torch.bfloat16)
+    assert chosen.fsdp_reduce_every_micro_step is True and "after every micro-step" in note
+    fake_gpu(monkeypatch, free_gib=once + 1)  # fits either way: one reduction per step, less traffic
+    assert hardware.fit_to_memory(cfg, model_cfg, 2, CUDA, torch.bfloat16) == (replace(cfg, fsdp_reduce_every_micro_step=False), "")
+    fake_gpu(monkeypatch, free_gib=(once + every) / 2)
+    with pytest.raises(DeviceError, match=r"these would fit: .*--fsdp_reduce_every_micro_step=True"):
+        hardware.fit_to_memory(replace(cfg, fsdp_reduce_every_micro_step=False), model_cfg, 2, CUDA, torch.bfloat16)
+    # one GPU too small for the model: CPU offload is the way, and it runs in one process
+    one_gpu, model_cfg = home_200m(batch_size=2, grad_checkpoint=True)
+    offloaded = hardware.plan_run_memory(replace(one_gpu, parallel="fsdp", fsdp_cpu_offload=True), model_cfg, 1, "cuda", torch.bfloat16)
+    assert offloaded.host == 16 * count_params(model_cfg)["total"]  # the whole model's states, in host memory
+    fake_gpu(monkeypatch, free_gib=offloaded.total / 2**30 + 0.1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(DeviceError, match=r"these would fit: --parallel=fsdp --fsdp_cpu_offload=True"):
+        hardware.check_memory_fits(one_gpu, model_cfg, 1, CUDA, torch.bfloat16)
+    assert hardware.uses_fsdp(replace(one_gpu, parallel="fsdp", fsdp_cpu_offload=True), world_size=1)
+    assert not hardware.uses_fsdp(replace(one_gpu, parallel="fsdp"), world_size=1)
+
+
+def test_a_cuda_model_is_compiled_as_a_cuda_graph():
+    from types import SimpleNamespace
+
+    calls = []
+    gpu_model = SimpleNamespace(embed=SimpleNamespace(weight=SimpleNamespace(device=CUDA)), compile_decode=lambda *a, **k: calls.append((a, k)))
+    assert hardware.compile_decode(gpu_model) == "decode step compiled and captured as a CUDA graph (mode=reduce-overhead)"
+    assert calls == [((), {"mode": "reduce-overhead"})]

@@ -26,6 +26,7 @@ import export_hf  # noqa: E402
 import hf as hflib  # noqa: E402  (tests below use `hf` for a transformers model)
 import prepare  # noqa: E402
 import tokenizer as toklib  # noqa: E402  (tests below use `tokenizer` for a parameter)
+from conftest import learn_bpe_ranks  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 torch.set_num_threads(2)
@@ -88,36 +89,9 @@ def train_sentencepiece(dest: str, kind: str) -> dict:
 
 
 def train_tiktoken(dest: str, pat_str: str = toklib.DEFAULT_TIKTOKEN_PATTERN, merges: int = 200) -> dict:
-    """A small byte-level BPE learned on the corpus (the 256 bytes in a shuffled rank order, as
-    in real encodings, then learned merges) plus <|endoftext|>, saved as tokenizer.tiktoken."""
-    byte_order = list(range(256))
-    random.Random(1).shuffle(byte_order)
-    ranks = {bytes([b]): rank for rank, b in enumerate(byte_order)}
-    words: dict[tuple[bytes, ...], int] = {}
-    for piece in regex.findall(pat_str, "\n".join(corpus())):
-        word = tuple(bytes([b]) for b in piece.encode("utf-8"))
-        words[word] = words.get(word, 0) + 1
-    for _ in range(merges):
-        pairs: dict[tuple[bytes, bytes], int] = {}
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] = pairs.get(pair, 0) + count
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        ranks.setdefault(best[0] + best[1], len(ranks))  # two merges may spell the same bytes
-        merged = {}
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + count
-        words = merged
+    """A small byte-level BPE learned on the corpus (see learn_bpe_ranks) plus <|endoftext|>,
+    saved as tokenizer.tiktoken."""
+    ranks = learn_bpe_ranks(corpus(), pat_str, merges)
     toklib.write_tiktoken_ranks(ranks, os.path.join(dest, "tokenizer.tiktoken"))
     eot = len(ranks)
     return dict(kind="tiktoken", spec="test", file="tokenizer.tiktoken", name=None, pat_str=pat_str,
@@ -233,6 +207,9 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(tmp_path, tokenizer_di
     theirs = transformers.AutoTokenizer.from_pretrained(dest)
     assert theirs.eos_token_id == info["eot_id"]
     assert theirs.bos_token_id == info["bos_id"]
+    if info["kind"] == "sentencepiece":  # llama.cpp's converter assumes a dummy-prefix space when the key is missing
+        tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+        assert tokenizer_config["add_prefix_space"] is (tokenizer == "sp-unigram")
     qwen = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2"
     assert qwen == (tokenizer == "tiktoken-qwen" and qkv_bias)
     for text in PROBES + corpus(300, seed=5)[-300:]:
@@ -248,6 +225,40 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(tmp_path, tokenizer_di
         for text in PROBES + ["1234567 год", "конец  "]:
             pieces = theirs.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
             assert [bytes(char_byte[c] for c in p).decode() for p, _ in pieces] == regex.findall(info["pat_str"], text), text
+
+
+@pytest.mark.parametrize("placement", ["first", "last", "gap"])
+def test_exported_bpe_special_tokens_keep_their_true_ids(tmp_path, placement):
+    """<|endoftext|> first (GPT-2 style tokenizers imported with hf:), last (prepare.py's bare
+    .tiktoken) or inside the id range next to an id no token has (cl100k): transformers must
+    see it at its own id, and the real token at the next free id must stay a real token."""
+    learned = learn_bpe_ranks(corpus(300), toklib.DEFAULT_TIKTOKEN_PATTERN, 100)
+    if placement == "first":
+        ranks, special = {t: r + 1 for t, r in learned.items()}, {"<|endoftext|>": 0}
+    elif placement == "last":
+        ranks, special = learned, {"<|endoftext|>": len(learned)}
+    else:  # 300 is <|endoftext|>, 301 nobody's, the ranks from 300 up move by 2
+        ranks, special = {t: r + 2 if r >= 300 else r for t, r in learned.items()}, {"<|endoftext|>": 300}
+    eot = special["<|endoftext|>"]
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    toklib.write_tiktoken_ranks(ranks, str(tok_dir / "tokenizer.tiktoken"))
+    info = dict(kind="tiktoken", spec="test", file="tokenizer.tiktoken", name=None, pat_str=toklib.DEFAULT_TIKTOKEN_PATTERN,
+                special_tokens=special, eot_id=eot, bos_id=None)
+    ours = toklib.load_tokenizer(info, str(tok_dir))
+    cfg = ModelConfig(vocab_size=ours.vocab_size, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, max_seq_len=64)
+    dest = str(tmp_path / "hf")
+    export_hf.main(["--ckpt", save_checkpoint(random_model(cfg), info, str(tok_dir), str(tmp_path / "out")), "--to", dest])
+
+    theirs = transformers.AutoTokenizer.from_pretrained(dest)
+    assert theirs.eos_token_id == eot and theirs.convert_ids_to_tokens(eot) == "<|endoftext|>"
+    last_rank = max(ranks.values())  # where `tokenizers` used to put an added token missing from the vocab
+    assert theirs.convert_ids_to_tokens(last_rank) != "<|endoftext|>" and last_rank not in theirs.all_special_ids
+    for text in PROBES:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids) == ours.decode(ids), text
+    assert theirs.decode([ours.encode("мир")[0], eot]) == ours.decode([ours.encode("мир")[0], eot])
 
 
 def test_export_refuses_to_overwrite_and_reports_missing_checkpoint(tmp_path, tokenizer_dirs, capsys):

@@ -170,6 +170,67 @@ def test_sdpa_attention_equals_manual_softmax_attention(n_kv_head, qkv_bias):
     assert torch.allclose(attn(x, cos, sin), manual_attention(attn, x, cos, sin), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, capability, head_dim, training, flash", [
+    (torch.bfloat16, (8, 0), 64, True, True),     # A100
+    (torch.float16, (9, 0), 128, True, True),     # H100
+    (torch.float32, (9, 0), 64, True, False),     # fp32: no flash on any GPU
+    (torch.float16, (7, 5), 64, True, False),     # T4: flash needs compute capability 8.0
+    (torch.bfloat16, (8, 6), 256, True, False),   # RTX 30xx: no flash backward above head_dim 192
+    (torch.bfloat16, (8, 6), 256, False, True),   # ... but inference is fine
+    (torch.bfloat16, (9, 0), 320, False, False),  # head_dim above 256
+])
+def test_flash_attention_rule_per_dtype_and_gpu(dtype, capability, head_dim, training, flash):
+    assert model.flash_attention_runs(dtype, capability, head_dim, training) is flash
+
+
+def test_gqa_repeats_kv_for_the_memory_efficient_kernel_where_flash_cannot_run(monkeypatch):
+    """On a GPU where flash cannot run, GQA inside SDPA would take the math kernel (T x T scores
+    per head); K/V are repeated instead, which gives the same attention with equal head counts."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(model, "cuda_capability", lambda device: (7, 5))
+    assert model.expand_kv_for_sdpa(cuda, torch.float16, 64, training=True)
+    assert model.expand_kv_for_sdpa(cuda, torch.float32, 64, training=False)
+    assert not model.expand_kv_for_sdpa(torch.device("cpu"), torch.float32, 64, training=True)  # the CPU kernel takes GQA
+    monkeypatch.setattr(model, "cuda_capability", lambda device: (8, 0))
+    assert not model.expand_kv_for_sdpa(cuda, torch.bfloat16, 64, training=True)
+    assert model.attention_kernel(cuda, torch.bfloat16, tiny()) == "flash (GQA inside it)"
+    assert model.attention_kernel(cuda, torch.float32, tiny()) == "memory-efficient (K/V repeated for GQA)"
+    assert model.attention_kernel(cuda, torch.float32, tiny(n_kv_head=4)) == "memory-efficient"
+    assert model.attention_kernel(torch.device("cpu"), torch.float32, tiny()) == "SDPA's cpu kernel (GQA inside it)"
+
+    m = build()
+    idx = torch.randint(0, 97, (2, 12))
+    heads, real_sdpa = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, **kwargs):
+        heads.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    grouped = m(idx)
+    assert heads[0] == (4, 2, True)
+    monkeypatch.setattr(model, "expand_kv_for_sdpa", lambda *args: True)  # as on such a GPU
+    heads.clear()
+    assert torch.allclose(m(idx), grouped, atol=1e-5)
+    assert heads == [(4, 4, False)] * 2  # every layer: equal head counts, no GQA asked of the kernel
+
+
+def test_evaluation_computes_no_gradient_of_the_output_head():
+    """Under no_grad the chunked loss does the forward matmul only: not dL/dh, not the
+    vocab x n_embd fp32 dL/dW of lm_head that training needs."""
+    tokens, vocab, dim = 64, 100, 32
+    h = torch.randn(tokens, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = model.chunked_cross_entropy(h, weight, targets)
+    assert counter.get_total_flops() == 2 * tokens * vocab * dim
+    assert loss == pytest.approx(F.cross_entropy(h @ weight.t(), targets).item(), rel=1e-5)
+    with FlopCounterMode(display=False) as counter:
+        model.chunked_cross_entropy(h, weight, targets)
+    assert counter.get_total_flops() == 3 * 2 * tokens * vocab * dim  # training: logits, dL/dh, dL/dW
+
+
 def test_rope_scores_depend_only_on_relative_position():
     cos, sin = model.rope_cos_sin(16, 64, theta=10000.0)
     q, k = torch.randn(16), torch.randn(16)
@@ -458,6 +519,46 @@ def test_cached_prefill_in_chunks_equals_one_full_forward(n_kv_head, qkv_bias):
         for t in range(11, 14):
             assert torch.allclose(m.forward_cached(idx[:, t : t + 1], t), full[:, t], atol=1e-5)
     m.clear_cache()
+
+
+def test_a_decode_step_reads_the_whole_static_cache_under_a_position_mask():
+    """The decode step's shapes never change (what a CUDA graph needs): it reads every slot of
+    the cache, and slots past the position, whatever they hold, must count for nothing."""
+    m = build(max_seq_len=64)
+    idx = torch.randint(0, 97, (2, 12))
+    full = m(idx)
+    m.setup_cache(2, 40)
+    with torch.no_grad():
+        m.forward_cached(idx[:, :8], 0)
+        for block in m.layers:  # garbage in the slots after the prefill, as a reused cache has
+            block.attn.cache.k[:, :, 8:] = 1e4
+            block.attn.cache.v[:, :, 8:] = -1e4
+        pos = torch.tensor([8])
+        for t in range(8, 12):
+            assert torch.allclose(m.decode_step(idx[:, t : t + 1], pos), full[:, t], atol=1e-4)
+            pos += 1
+        assert m.layers[0].attn.cache.k.shape == (2, 2, 40, 8)  # the same tensor at every step
+    m.clear_cache()
+
+
+def test_a_compiled_decode_keeps_its_cache_between_calls():
+    """CUDA graphs replay on fixed addresses: with a compiled step, generate() reuses the KV
+    cache of its last call when the size is the same (eager generation frees it)."""
+    m = build(max_seq_len=64)
+    prompt = torch.randint(0, 97, (1, 5))
+    expected = m.generate(prompt, 10, temperature=0)
+    assert m.layers[0].attn.cache is None
+    m.compiled_decode = m.decode_step  # stands in for torch.compile's wrapper of the same step
+    assert torch.equal(m.generate(prompt, 10, temperature=0), expected)
+    cache = m.layers[0].attn.cache
+    assert cache is not None and cache.k.shape[2] == 64  # the bucket (capped by max_seq_len)
+    m.generate(torch.randint(0, 97, (1, 9)), 5, temperature=0)
+    assert m.layers[0].attn.cache is cache  # same size: the same buffers
+    m.generate(torch.randint(0, 97, (3, 4)), 5, temperature=0)
+    assert m.layers[0].attn.cache.k.shape[0] == 3  # another batch size: a new cache
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(m(idx), build(max_seq_len=64)(idx))  # a plain forward ignores the kept cache
 
 
 def test_bfloat16_generation_equals_float32_greedy_tokens():

@@ -527,6 +527,40 @@ def load_info(out_dir: str) -> dict:
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["tokenizer"]
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_checkpoint_loads_in_its_dtype_without_an_fp32_model_first(tie):
+    """model_from_checkpoint builds on the meta device and casts each stored tensor straight
+    into place: no random init and no fp32 copy of the model (a 3B model in bf16 then loads on
+    a 12 GB GPU). Every tensor the load creates is recorded; none is an fp32 matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    source = random_model(300, n_embd=64, max_seq_len=64, tie_embeddings=tie)  # RoPE tables (64 x 32) below any matrix
+    ckpt = {"model": source.state_dict(), "model_config": source.config.to_dict()}
+
+    class Created(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.tensors = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.tensors += [(t.dtype, t.device.type, t.numel()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    with Created() as created:
+        loaded = checkpoint.model_from_checkpoint(ckpt, "cpu", torch.bfloat16)
+    smallest_matrix = 64 * 64
+    assert not [t for t in created.tensors if t[0] == torch.float32 and t[1] != "meta" and t[2] >= smallest_matrix]
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16} and not loaded.training
+    assert (loaded.lm_head.weight is loaded.embed.weight) is tie
+    with torch.no_grad():
+        assert torch.equal(loaded.rope_cos, source.rope_cos.bfloat16())  # derived tables filled, not left empty
+        assert all(torch.equal(v.bfloat16(), loaded.state_dict()[k]) for k, v in source.state_dict().items())
+        idx = torch.randint(0, 300, (1, 12))
+        assert torch.equal(loaded.generate(idx, 8, temperature=0), source.to(torch.bfloat16).eval().generate(idx, 8, temperature=0))
+
+
 def test_an_untrusted_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -3,11 +3,14 @@ from the command line), incremental metrics, start -> metrics -> stop -> resume 
 train.py child, sampling, the token / Host / Origin / path checks, and a headless Chromium
 driving the page."""
 
+import dataclasses
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,14 +62,14 @@ class Server:
         else:
             raise AssertionError(f"studio.py printed no URL: {self.proc.stderr.read()}")
 
-    def call(self, path: str, body=None, token=True, headers=None, raw: bytes = None):
+    def call(self, path: str, body=None, token=True, headers=None, raw: bytes = None, timeout: float = 60):
         """(HTTP status, parsed JSON) of one request."""
         head = {"X-Studio-Token": self.token} if token is True else ({"X-Studio-Token": token} if token else {})
         head.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.base + path, data=data, headers=head, method="POST" if data is not None else "GET")
         try:
-            with urllib.request.urlopen(req, timeout=60) as res:
+            with urllib.request.urlopen(req, timeout=timeout) as res:
                 return res.status, json.loads(res.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
@@ -216,6 +219,8 @@ def test_start_watch_stop_and_resume_a_run(server, runs_dir):
     status, body = server.call("/api/start", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "live", "overrides": ENDLESS, "nproc": 1})
     assert status == 200, body
     assert body["run"] == "live" and not body["resumes"]
+    run = server.run("live")  # train.py is still importing torch: no status.json yet
+    assert (run["state"], run["reason"]) == ("running", "starting: train.py has not written status.json yet")
     # metrics arrive while it trains, read incrementally
     cursor, steps, deadline = "", [], time.time() + 120
     while len(steps) < 3:
@@ -309,6 +314,23 @@ def test_sample_streams_what_sample_py_prints(server, runs_dir):
     assert status == 400 and "no checkpoint" in body["error"]
 
 
+def test_an_fsdp_run_without_ckpt_pt_can_be_sampled_and_resumed(server, runs_dir):
+    """FSDP runs save sharded ckpt_STEP/ directories, no ckpt.pt: Sample and Resume take those."""
+    overrides = ENDLESS.replace("--max_iters=100000", "--max_iters=2").replace("--eval_interval=100000", "--eval_interval=2")
+    status, body = server.call("/api/start", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "fsdp", "nproc": 2,
+                                              "overrides": overrides + " --parallel=fsdp --optimizer=adamw --dtype=float32"})
+    assert status == 200, body
+    run = server.wait_run("fsdp", lambda r: r["state"] in ("finished", "crashed"), "never finished", timeout=300)
+    assert run["state"] == "finished", server.console("fsdp")[-3000:]
+    assert run["world_size"] == 2 and run["checkpoint"] and "ckpt.pt" not in run["files"] and (runs_dir / "fsdp" / "ckpt_000002").is_dir()
+    text, done = sample(server, {"run": "fsdp", "prompt": "кот", "temperature": 0, "max_new_tokens": 4})
+    assert done["exit_code"] == 0 and "ckpt_000002: step 2" in done["note"] and text.startswith("кот"), done
+    status, body = server.call("/api/resume", {"run": "fsdp"})
+    assert status == 200 and "--parallel='fsdp'" in body["command"], body
+    server.wait_run("fsdp", lambda r: r["state"] == "finished" and server.console("fsdp").count("--nproc_per_node=2") == 2, "never resumed", timeout=300)
+    assert "at step 2" in server.console("fsdp")
+
+
 def test_streamed_text_never_splits_a_character():
     text = "привет, мир 🙂 ok"
     read_fd, write_fd = os.pipe()
@@ -380,6 +402,260 @@ def test_bad_requests_get_a_4xx_and_the_server_lives_on(server):
     assert server.call("/api/stop", {"run": "cli"})[0] == 409  # finished: nothing to stop
     assert server.call("/api/start", {"preset": "tiny_cpu", "out_dir": "x", "nproc": 0})[0] == 400
     assert server.call("/api/runs")[0] == 200 and server.proc.poll() is None
+
+
+def post_raw(server, head: str, body: bytes = b"", path: str = "/api/start") -> tuple[int, dict]:
+    """One POST over a bare socket, the headers as given: (status, JSON answer). The socket stays
+    open for writing, so a server that waits for more body than was sent times out here."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Studio-Token: {server.token}\r\n{head}\r\n\r\n".encode() + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_a_bad_content_length_is_refused_before_the_body_is_read(server, runs_dir):
+    body = json.dumps({"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "never", "overrides": ENDLESS}).encode()
+    # -1 used to pass the size check, then read to the end of a stream the client keeps open
+    for length, code in (("-1", 400), ("-0", 400), ("abc", 400), ("1e3", 400), ("+5", 400), ("0x10", 400),
+                         (str(2 << 20), 413), ("9" * 40, 413)):
+        status, answer = post_raw(server, f"Content-Length: {length}", body)
+        assert status == code and "\n" not in answer["error"], (length, answer)
+    assert not (runs_dir / "never").exists() and server.proc.poll() is None
+
+
+def one_line_4xx(status: int, body: dict) -> bool:
+    return 400 <= status < 500 and isinstance(body.get("error"), str) and "\n" not in body["error"]
+
+
+def test_malformed_fields_get_a_4xx_with_a_one_line_error(server, runs_dir):
+    before = sorted(p.name for p in runs_dir.iterdir())
+    for cursor in ("²:x", "-1:0123456789abcdef", "1e3:0123456789abcdef", "9" * 5000 + ":0123456789abcdef", "\ud800", "\0", "12"):
+        for what in ("metrics", "console"):
+            status, body = server.call(f"/api/{what}?run=cli&cursor={urllib.request.quote(cursor, errors='surrogatepass')}")
+            assert one_line_4xx(status, body) and "cursor" in body["error"], (cursor, status, body)
+    # Raw JSON: 1e400 is inf to Python's parser, "\ud800" a lone surrogate, NaN a float.
+    sample_bodies = [b'{"run": "cli", "prompt": "x", "top_k": 1e400}', b'{"run": "cli", "prompt": "\\ud800"}',
+                     b'{"run": "cli", "prompt": "x", "temperature": NaN}', b'{"run": "cli", "prompt": "x", "temperature": -Infinity}',
+                     b'{"run": "cli", "prompt": 5}', b'{"run": "\\ud800", "prompt": "x"}']
+    for key, values in {"temperature": ["0.5", True, [], 11, -1], "top_k": [-1, 2.5, "5", 1e30, 10**30],
+                        "max_new_tokens": [0, 2.5, 1e400, 10**30, "5", None], "run": [5, None, [], "", "a" * 5000, "x\0y", "../.."]}.items():
+        sample_bodies += [json.dumps({"run": "cli", "prompt": "x", key: v}).encode() for v in values]
+    for raw in sample_bodies:
+        status, body = server.call("/api/sample", raw=raw)
+        assert one_line_4xx(status, body), (raw[:80], status, body)
+    for path in ("/api/stop", "/api/resume"):
+        for raw in (b'{"run": "\\ud800"}', b'{"run": 1e400}', b'{"run": ["cli"]}', b'{"run": "' + b"a" * 5000 + b'"}', b"[" * 100000 + b"]" * 100000):
+            status, body = server.call(path, raw=raw)
+            assert one_line_4xx(status, body), (path, raw[:40], status, body)
+    form = {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "never", "overrides": ENDLESS}
+    typed = {"preset": [5, ["tiny_cpu"], {"a": 1}, "\ud800", "tiny_cpu\0"], "data_dir": [5, ["data/tiny"], "\ud800", "data/\0"],
+             "out_dir": [5, {"a": 1}, "\ud800", ".", "never/\0"], "overrides": [5, [1], {"a": 1}, ["--n_layer=2", 3]],
+             "nproc": [1e400, "2", True, -1, 2.5, 10**30, None, 100000]}
+    for key, values in typed.items():
+        for value in values:
+            for path in ("/api/start", "/api/estimate"):
+                status, body = server.call(path, raw=json.dumps({**form, key: value}).encode())
+                assert one_line_4xx(status, body), (path, key, value, status, body)
+    for override in ("--n_layer=1e400", "--max_iters=1e400", "--learning_rate=nan", "--learning_rate=inf", "--peak_flops=1e999",
+                     "--tensorboard_dir=\ud800", "--n_layer=" + "9" * 400, "--block_size=-1", "--seed=1e400"):
+        status, body = server.call("/api/estimate", raw=json.dumps({**form, "overrides": override}).encode())
+        assert one_line_4xx(status, body), (override, status, body)
+    assert sorted(p.name for p in runs_dir.iterdir()) == before  # nothing launched, nothing created
+    assert server.call("/api/runs")[0] == 200 and server.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- damaged and planted run folders
+
+
+def plant_run(runs_dir: Path, name: str, status=None, config=None, metrics: str = None, ckpt: bool = False) -> Path:
+    """A run folder as a download or a hand edit could leave it; str values are written as is."""
+    run = runs_dir / name
+    run.mkdir()
+    for file, value in (("status.json", status), ("config.json", config), ("metrics.jsonl", metrics)):
+        if value is not None:
+            (run / file).write_text(value if isinstance(value, str) else json.dumps(value))
+    if ckpt:
+        shutil.copy(runs_dir / "cli" / "ckpt.pt", run / "ckpt.pt")
+    return run
+
+
+def cli_config(runs_dir: Path, **train) -> dict:
+    config = json.loads((runs_dir / "cli" / "config.json").read_text())
+    config["train"].update(train)
+    return config
+
+
+def test_a_torn_last_metrics_line_never_spins(server, runs_dir):
+    first = json.dumps({"step": 20, "loss": 2.0})
+    run = plant_run(runs_dir, "torn", metrics=first + '\n{"step": 21, "loss": 1.0')
+    try:
+        lines, cursor, reset, more = studio.read_new_lines(run / "metrics.jsonl")
+        assert (lines, reset, more) == ([first], False, False)  # the torn line waits; it is not "more"
+        # Studio.summary read while "more" said so: on a torn line, forever, holding the studio's lock.
+        own = studio.Studio(runs_dir, "token", set())
+        reader = threading.Thread(target=own.summary, args=(run,), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive() and own.summaries[run].step == 20
+        status, body = server.call("/api/runs", timeout=20)
+        assert status == 200 and next(r for r in body["runs"] if r["name"] == "torn")["step"] == 20
+        assert server.call("/api/metrics?run=torn", timeout=20)[1]["more"] is False
+    finally:
+        shutil.rmtree(run)
+
+
+def test_a_malformed_run_folder_costs_its_own_row_not_the_page(server, runs_dir):
+    """Each of these made /api/runs answer 500 (or hang) and blanked the page."""
+    plant_run(runs_dir, "started-text", status={"state": "finished", "reason": "max_iters", "started": "yesterday", "step": 3})
+    plant_run(runs_dir, "status-nan", status='{"state": "stopped", "started": NaN, "updated": Infinity, "elapsed_s": NaN, '
+                                             '"step": 2, "max_time_min": -Infinity, "world_size": "2", "host": ["h"]}')
+    plant_run(runs_dir, "status-list", status="[1, 2]", metrics='{"step": 1, "loss": 3.0}\n')
+    plant_run(runs_dir, "config-list", config={"train": [1, 2], "model": [3]}, metrics='{"step": 1, "loss": 3.0}\n')
+    plant_run(runs_dir, "config-types", config={"train": {"max_iters": "many", "data_dir": 5, "max_time_min": "soon"},
+                                                "model": {"n_layer": "two"}}, metrics="")
+    plant_run(runs_dir, "metrics-types", metrics='{"step": 1, "loss": "x", "val_loss": "bad", "val_bpb": [1]}\n'
+                                                 '{"step": 2, "val_loss": 2.5, "val_bpb": 1.5}\n{"step": true, "loss": 0.1}\n'
+                                                 '{"step": 3, "loss": 2.75, "tokens_per_s": {"a": 1}, "mfu": NaN, "x": [NaN]}\n')
+    for name in ("fifo-metrics", "fifo-status"):  # a reader that opened these would wait for a writer forever
+        (runs_dir / name).mkdir()
+    os.mkfifo(runs_dir / "fifo-metrics" / "metrics.jsonl")
+    os.mkfifo(runs_dir / "fifo-status" / "status.json")
+    bad = ["started-text", "status-nan", "status-list", "config-list", "config-types", "metrics-types", "fifo-metrics", "fifo-status"]
+    try:
+        status, body = server.call("/api/runs", timeout=20)
+        assert status == 200, body
+        rows = {r["name"]: r for r in body["runs"]}
+        assert set(bad) <= set(rows) and rows["cli"]["state"] == "finished" and rows["cli"]["step"] == 6  # the rest still shows
+        assert (rows["started-text"]["state"], rows["started-text"]["started"], rows["started-text"]["step"]) == ("finished", None, 3)
+        nan = rows["status-nan"]
+        assert (nan["state"], nan["step"], nan["started"], nan["updated"], nan["elapsed_s"], nan["max_time_min"], nan["world_size"], nan["host"]) \
+            == ("stopped", 2, None, None, None, None, None, None)
+        assert (rows["status-list"]["state"], rows["status-list"]["loss"]) == ("unknown", 3.0)
+        assert (rows["config-list"]["data_dir"], rows["config-list"]["params"], rows["config-list"]["loss"]) == (None, None, 3.0)
+        assert (rows["config-types"]["max_iters"], rows["config-types"]["data_dir"], rows["config-types"]["params"]) == (None, None, None)
+        types = rows["metrics-types"]
+        assert (types["step"], types["loss"], types["best_val_loss"], types["val_bpb"], types["tokens_per_s"]) == (3, 2.75, 2.5, 1.5, None)
+        assert rows["fifo-metrics"]["step"] is None and rows["fifo-status"]["state"] == "unknown"
+        records = server.call("/api/metrics?run=metrics-types")[1]["records"]
+        assert [r["step"] for r in records] == [1, 2, 3] and records[2]["x"] is None and records[2]["mfu"] is None
+        assert server.call("/api/metrics?run=fifo-metrics", timeout=20)[1]["records"] == []
+    finally:
+        for name in bad:
+            shutil.rmtree(runs_dir / name)
+
+
+def test_a_run_that_cannot_be_described_is_flagged_and_the_others_listed(runs_dir, monkeypatch):
+    own = studio.Studio(runs_dir, "token", set())
+    describe = own.describe_run
+
+    def broken(run_dir):
+        if run_dir.name == "cli":
+            raise KeyError("surprise")
+        return describe(run_dir)
+
+    monkeypatch.setattr(own, "describe_run", broken)
+    (runs_dir / "other").mkdir()
+    (runs_dir / "other" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    try:
+        rows = {r["name"]: r for r in own.runs()}
+        assert rows["other"]["loss"] == 3.0
+        assert rows["cli"]["state"] == "unknown" and "KeyError" in rows["cli"]["reason"] and rows["cli"]["checkpoint"] is False
+        json.dumps(rows, allow_nan=False)
+    finally:
+        shutil.rmtree(runs_dir / "other")
+
+
+def test_every_path_valued_train_key_is_checked():
+    """A new key naming a file or directory must be in config_paths (so Start and Resume keep it
+    inside --runs_dir), or be listed here as not a path, on purpose."""
+    text_keys = [f.name for f in dataclasses.fields(TrainConfig) if "str" in str(f.type)]
+    paths = studio.config_paths({key: "x/y" for key in text_keys})
+    assert set(text_keys) - set(paths) == {"device", "dtype", "optimizer", "parallel", "wandb_project"}
+    assert {"data_dir", "out_dir", "tensorboard_dir", "init_from", "resume"} <= set(paths)
+    assert studio.config_paths({"init_from": "hf:models/q", "resume": "auto", "tensorboard_dir": None}) == {"init_from": "models/q"}
+    assert studio.config_paths({"init_from": "scratch", "resume": "never"}) == {}
+
+
+def test_every_path_a_start_or_resume_names_stays_inside_runs_dir(server, runs_dir, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(runs_dir / "cli" / "ckpt.pt", outside / "ckpt.pt")
+    (runs_dir / "escape").symlink_to(outside)
+    form = {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": "never"}
+    try:
+        for override, key in ((f"--tensorboard_dir={outside}", "tensorboard_dir"), ("--tensorboard_dir=../tb", "tensorboard_dir"),
+                              (f"--init_from={outside / 'ckpt.pt'}", "init_from"), (f"--init_from={outside}", "init_from"),
+                              (f"--init_from=hf:{outside}", "init_from"), ("--init_from=escape/ckpt.pt", "init_from"),
+                              (f"--resume={outside / 'ckpt.pt'}", "resume"), (f"--data_dir={outside}", "data_dir")):
+            for path in ("/api/estimate", "/api/start"):
+                status, body = server.call(path, {**form, "overrides": override})
+                assert status == 403 and f"{key}=" in body["error"] and "outside --runs_dir" in body["error"], (path, override, body)
+        for override in ("--init_from=cli/ckpt.pt", "--init_from=cli", "--init_from=hf:models/q", "--tensorboard_dir=tb"):
+            assert server.call("/api/estimate", {**form, "overrides": override})[0] == 200, override
+        assert not (runs_dir / "never").exists()
+        # Resume re-reads config.json (and status.json's cwd): planted ones get the same checks.
+        for name, planted, cwd in (("tb", {"tensorboard_dir": str(outside)}, str(runs_dir)), ("init", {"init_from": f"hf:{outside}"}, str(runs_dir)),
+                                 ("rel", {"tensorboard_dir": "../../tb"}, str(runs_dir / "x")), ("cwd", {"data_dir": "data"}, str(outside))):
+            run = plant_run(runs_dir, f"planted-{name}", status={"state": "stopped", "cwd": cwd}, config=cli_config(runs_dir, **planted), ckpt=True)
+            status, body = server.call("/api/resume", {"run": run.name})
+            assert status == 403 and "outside --runs_dir" in body["error"] and not (run / "console.log").exists(), (name, body)
+            shutil.rmtree(run)
+    finally:
+        (runs_dir / "escape").unlink()
+
+
+def test_resume_refuses_a_world_size_this_machine_cannot_run(server, runs_dir):
+    for world_size in (-5, 0, "2", 2.0, True, None, 10**6):
+        run = plant_run(runs_dir, "wide", status={"state": "stopped", "world_size": world_size}, config=cli_config(runs_dir), ckpt=True)
+        status, body = server.call("/api/resume", {"run": "wide"})
+        assert status == 400 and "world_size" in body["error"] and not (run / "console.log").exists(), (world_size, body)
+        shutil.rmtree(run)
+
+
+def test_stop_signals_only_the_train_py_that_holds_the_runs_lock(server, runs_dir):
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "train.py"])  # looks like train.py
+    run = plant_run(runs_dir, "decoy", status={"state": "running", "pid": decoy.pid, "host": studio.HOST})
+    try:
+        assert server.run("decoy")["state"] == "crashed"  # not training here: nothing to stop
+        assert server.call("/api/stop", {"run": "decoy"})[0] == 409
+        (run / "train.lock").write_text(f"pid {decoy.pid} on host {studio.HOST}\n")  # names it, but nobody holds it
+        assert server.call("/api/stop", {"run": "decoy"})[0] == 409
+        with open(run / "train.lock", "a") as held:  # held, but by this test, not by the decoy
+            fcntl.flock(held, fcntl.LOCK_EX)
+            assert server.call("/api/stop", {"run": "decoy"})[0] == 409
+            assert server.run("decoy")["state"] == "crashed"
+        time.sleep(0.5)
+        assert decoy.poll() is None  # never signalled
+    finally:
+        decoy.kill()
+        decoy.wait()
+        shutil.rmtree(run)
+    # A train.py started from a terminal holds the lock: the studio shows it running and stops it.
+    term = subprocess.Popen([sys.executable, "train.py", *ENDLESS.split(), f"--data_dir={runs_dir / 'data' / 'tiny'}",
+                             f"--out_dir={runs_dir / 'term'}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        server.wait_run("term", lambda r: r["state"] == "running" and r["step"], "never ran")
+        status, body = server.call("/api/stop", {"run": "term"})
+        assert status == 200 and body["pid"] == term.pid
+        assert term.wait(timeout=120) == 0 and server.run("term")["state"] == "stopped"
+    finally:
+        term.kill()
+        term.wait()
+        shutil.rmtree(runs_dir / "term")
+
+
+def test_runs_dir_itself_is_never_a_new_run_and_never_hides_the_others(server, runs_dir, tmp_path):
+    status, body = server.call("/api/start", {"preset": "tiny_cpu", "data_dir": "data/tiny", "out_dir": ".", "overrides": ENDLESS})
+    assert status == 400 and "not --runs_dir itself" in body["error"] and not (runs_dir / "console.log").exists()
+    # A run trained from a terminal with --out_dir=. right in the runs dir lists alongside the others.
+    (tmp_path / "status.json").write_text(json.dumps({"state": "finished"}))
+    for name in ("a", "b/c"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.jsonl").write_text("")
+    assert sorted(studio.run_name(tmp_path, p) for p in studio.find_runs(tmp_path)) == [".", "a", "b/c"]
 
 
 def test_studio_refuses_a_missing_runs_dir(tmp_path, capsys):

@@ -404,6 +404,11 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     assert full["step"] == 12 and "optimizer" not in full and (tmp_path / "full" / "tokenizer.tiktoken").exists()
     sharded = checkpoint.load_checkpoint(str(out / "ckpt_000012"))
     assert all(torch.equal(full["model"][k], v) for k, v in sharded["model"].items())
+    # ... and writes a GGUF from the shards too, read on the CPU (no process group, no GPU).
+    import gguf  # requirements-dev.txt
+    export_hf.main(["--out_dir", str(out), "--gguf", str(tmp_path / "gguf" / "model.gguf"), "--outtype", "f32"])
+    embd = next(t for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors if t.name == "token_embd.weight")
+    assert np.array_equal(np.asarray(embd.data), sharded["model"]["embed.weight"].numpy())
 
 
 def test_async_checkpoint_writes_in_the_background_the_same_checkpoints(dataset, tmp_path):
@@ -745,3 +750,147 @@ def test_eval_split_scores_every_window_of_the_split_once(dataset, tmp_path):
     assert too_long.returncode == 1 and too_long.stderr == "error: --block_size 33 is longer than the model's context (max_seq_len=32)\n"
     with pytest.raises(eval_split.DatasetError, match="the val split of .* holds no window of"):
         eval_split.split_windows(dataset, meta, "val", max(shard_tokens))
+
+
+# ----------------------------------------------------------------------------- the GPU path, on the CPU
+# FSDP's CPU offload, its gradient reduction and the logging around evaluations, run here on
+# gloo; what is specific to a GPU (where each tensor lands) is checked with a stand-in device.
+
+
+def fsdp_group_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    return dist
+
+
+def test_materialize_for_cpu_offload_puts_parameters_on_the_host_and_buffers_where_it_computes():
+    from model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=32)
+    with torch.device("meta"):
+        offloaded, plain = Transformer(cfg), Transformer(cfg)
+    # FSDP's offload refuses parameters anywhere but the CPU; the RoPE tables are not FSDP's and
+    # must be on the GPU. "meta" stands in for the GPU: only where each tensor lands matters here.
+    checkpoint.materialize(offloaded, torch.device("meta"), None, seed=3, cpu_offload=True)
+    assert {p.device.type for p in offloaded.parameters()} == {"cpu"}
+    assert {b.device.type for b in offloaded.buffers()} == {"meta"}
+    checkpoint.materialize(plain, torch.device("cpu"), None, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(offloaded.parameters(), plain.parameters()))  # the same init
+
+
+def test_the_grad_norm_comes_back_on_the_runs_device():
+    # Under CPU offload the gradients, and clip_grad_norm_'s result, are on the CPU; the step's
+    # statistics are stacked with the loss on the GPU. "meta" stands in for the GPU again.
+    from model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_seq_len=16))
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x).backward()
+    run = types.SimpleNamespace(optimizers=[], scaler=torch.amp.GradScaler("cpu", enabled=False), raw_model=model,
+                                cfg=TrainConfig(grad_clip=1.0), device=torch.device("meta"))
+    assert train.clip_gradients(run).device == torch.device("meta")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fsdp_keeps_gathered_the_groups_backward_needs_first(tie):
+    # The head's group (and with it a tied embedding) and the last block are used first in
+    # backward: gathering them again right after forward is wasted traffic.
+    from model import ModelConfig, Transformer
+
+    dist = fsdp_group_of_one()
+    try:
+        with torch.device("meta"):
+            model = Transformer(ModelConfig(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=32, tie_embeddings=tie))
+        train.apply_fsdp(model, TrainConfig(parallel="fsdp"), torch.device("cpu"), None)
+
+        def reshards(module):
+            return module._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+
+        assert [reshards(block) for block in model.layers] == [True, True, False]
+        assert not reshards(model.lm_head) and not reshards(model.norm)
+        assert reshards(model.embed) is not tie  # an untied embedding is needed last in backward: freed after forward
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_offload_trains_in_one_process_and_over_ranks_as_one_process_does(dataset, tmp_path, capsys):
+    # fp32 throughout, so that the runs agree to rounding: one process with 4 micro-steps; FSDP
+    # with CPU offload in one process (a group of one: how a model too big for one GPU trains
+    # there), killed at step 4 and resumed; and 2 offloaded ranks that reduce-scatter after
+    # every micro-step. The same global batch in all three.
+    common = [*TINY, f"--data_dir={dataset}", "--dtype=float32", "--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8"]
+    single, one, two = tmp_path / "single", tmp_path / "one", tmp_path / "two"
+    run_inprocess([*common, f"--out_dir={single}", "--gradient_accumulation_steps=4"])
+    offload = [*common, f"--out_dir={one}", "--gradient_accumulation_steps=4", "--parallel=fsdp", "--fsdp_cpu_offload=True"]
+    run_inprocess([*offload, "--max_iters=4"])
+    capsys.readouterr()
+    run_inprocess(offload)
+    log = capsys.readouterr().out
+    assert "parallel: fsdp" in log and f"resumed from {one / 'ckpt_000004'}" in log
+    assert sorted(p.name for p in one.glob("ckpt_*")) == ["ckpt_000004", "ckpt_000008"]  # sharded, as FSDP saves
+    log = finish(torchrun([*common, f"--out_dir={two}", "--gradient_accumulation_steps=2", "--parallel=fsdp", "--fsdp_cpu_offload=True",
+                           "--fsdp_reduce_every_micro_step=True"]))
+    assert "fsdp_reduce_every_micro_step = True" in log
+    reference = train_losses(single)
+    assert sorted(reference) == list(range(1, 9))
+    for run in (one, two):
+        losses = train_losses(run)
+        assert sorted(losses) == list(range(1, 9))
+        for step, loss in reference.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), (run.name, step)
+
+
+def test_offload_needs_fsdp_said_in_one_line(dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", "--fsdp_cpu_offload=True"])
+    assert exit_.value.code == 2
+    assert "pass --parallel=fsdp too" in capsys.readouterr().err
+
+
+def test_tokens_per_s_after_an_evaluation_leave_the_evaluation_out(dataset, tmp_path, monkeypatch):
+    # The clock jumps 1000 s during every evaluation and save: the log after one must still
+    # measure the steps only (it used to divide their tokens by the evaluation's time too).
+    clock = {"offset": 0.0}
+    real_clock, real_eval_and_save = time.perf_counter, train.eval_and_save
+
+    def slow_eval_and_save(*args, **kwargs):
+        real_eval_and_save(*args, **kwargs)
+        clock["offset"] += 1000.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + clock["offset"])
+    monkeypatch.setattr(train, "eval_and_save", slow_eval_and_save)
+    out = tmp_path / "run"
+    run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2", "--log_interval=2", "--peak_flops=1e15"])
+    assert clock["offset"] == 2000.0
+    speeds = {r["step"]: r["tokens_per_s"] for r in metrics(out) if "tokens_per_s" in r}
+    assert sorted(speeds) == [2, 4] and speeds[4] > 0.1 * speeds[2]  # not 2 x 4 x 32 tokens / 1000 s
+
+
+def test_background_saves_copy_into_the_same_host_memory(tmp_path, monkeypatch):
+    # One stager for every save: it keeps the host copy of each shard (pinned on a GPU machine)
+    # and copies the next save into it, instead of allocating (and pinning) it again.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    stagers, real_async_save = [], dcp.async_save
+    monkeypatch.setattr(dcp, "async_save", lambda *args, **kwargs: stagers.append(kwargs["async_stager"]) or real_async_save(*args, **kwargs))
+    dist = fsdp_group_of_one()
+    try:
+        saver = checkpoint.ShardedSaver(background=True)
+        weights = {"w": torch.arange(6.0)}
+        for step in (1, 2):
+            saver.save({"model": weights}, {"step": step}, str(tmp_path), step, keep=2, wait=False)
+            weights["w"].add_(1.0)
+        assert saver.wait() == str(tmp_path / "ckpt_000002")
+        assert len(stagers) == 2 and stagers[0] is stagers[1] and isinstance(stagers[0], DefaultStager)
+        assert stagers[0]._config.use_pinned_memory == torch.cuda.is_available()
+        first, second = stagers[0].stage({"w": weights["w"]})["w"], stagers[0].stage({"w": weights["w"]})["w"]
+        assert first.data_ptr() == second.data_ptr()  # a copy into the memory of the last one
+        loaded = {"model": {"w": torch.empty(6)}}
+        checkpoint.load_sharded(str(tmp_path / "ckpt_000002"), loaded)
+        assert torch.equal(loaded["model"]["w"], torch.arange(6.0) + 1.0)  # step 2's weights, not later ones
+        saver.close()
+        assert saver._stager is None
+    finally:
+        dist.destroy_process_group()

@@ -183,10 +183,16 @@ def bench_generate(config: str, device: torch.device, prompt_len: int, new_token
         print(f"generate: {compile_decode(model, mm_loops)}", file=sys.stderr)
         compiled, model.compiled_decode = model.compiled_decode, None
 
+    caches = {}  # a compiled step's KV caches, kept between its rounds as generate() keeps them (CUDA graphs replay on them)
+
     def ours(compiled_decode):
         def run():
             model.compiled_decode = compiled_decode
-            return model.generate(prompt, new_tokens, temperature=0)
+            for block, cache in zip(model.layers, caches.get(id(compiled_decode), [])):
+                block.attn.cache = cache
+            tokens = model.generate(prompt, new_tokens, temperature=0)
+            caches[id(compiled_decode)] = [block.attn.cache for block in model.layers]
+            return tokens
         return run
 
     def uncached():
