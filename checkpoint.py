@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -33,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from configurator import config_to_dict
+from configurator import config_to_dict, parse_data_mixture
 from dataset import file_sha256
 from model import ModelConfig, Transformer, count_params
 from system import pid_alive
@@ -231,9 +232,13 @@ def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
     name = info.get("file") or ""
     here = os.path.dirname(os.path.abspath(ckpt_path))
     data_dir = (ckpt.get("train_config") or {}).get("data_dir") or (ckpt.get("data") or {}).get("data_dir")
+    try:  # a mixture's datasets ("data/a:0.8,data/b:0.2") share the tokenizer
+        data_dirs = [path for path, _ in parse_data_mixture(data_dir)] if isinstance(data_dir, str) and data_dir else []
+    except ValueError:
+        data_dirs = [data_dir]
     trained_with = ckpt.get("tokenizer_sha256")
     foreign = []
-    for base_dir in (here, data_dir):
+    for base_dir in (here, *data_dirs):
         path = os.path.join(base_dir, name) if base_dir and name else ""
         if path and os.path.isfile(path):
             if not trained_with or file_sha256(path) == trained_with:
@@ -592,6 +597,13 @@ def optional_import(module: str, flag: str, package: str) -> Any:
         raise CheckpointError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
 
 
+def finite_or_null(record: dict) -> dict:
+    """A metrics record with NaN and inf, also inside per-source dicts, as None: JSON has no
+    NaN, and null is what every JSON reader accepts."""
+    return {k: finite_or_null(v) if isinstance(v, dict) else None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 class MetricSinks:
     """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
     Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
@@ -611,7 +623,11 @@ class MetricSinks:
         if not self.is_main:
             return
         step = record["step"]
-        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
+        # A dict of per-source values (source_tokens, source_val_loss, ...) becomes one scalar
+        # per source: "source_val_loss/data/ru_books".
+        flat = {f"{k}/{sub}" if isinstance(v, dict) else k: x for k, v in record.items()
+                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+        scalars = {k: v for k, v in flat.items() if k != "step" and v is not None}
         if self.wandb is not None:
             if self.wandb_run is None:
                 name = os.path.basename(os.path.abspath(self.cfg.out_dir))

@@ -44,7 +44,8 @@ def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:
 
 
 def _type_name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    # One word, e.g. Union[str,list]: --help prints a column of them
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace(", ", ",")
 
 
 def _convert(value: object, tp: Any) -> object:
@@ -249,7 +250,9 @@ class TrainConfig:
     """Every key train.py accepts, with nanoGPT's names where nanoGPT has one."""
 
     # data and output
-    data_dir: str = _key("data/demo", "a directory made by prepare.py")
+    data_dir: Union[str, list] = _key("data/demo", "a directory made by prepare.py, or a mixture of them with weights: "
+                                      "'data/a:0.8,data/b:0.2' (a bare path weighs 1; weights are normalised; a config "
+                                      "file may give a list of (path, weight) pairs)")
     out_dir: str = _key("out", "checkpoints, config.json, metrics.jsonl")
     init_from: str = _key("scratch", "scratch | path/to/ckpt.pt (weights only) | hf:DIR (local HF Llama/Qwen2)")
     resume: str = _key("auto", "auto (continue from out_dir's newest checkpoint that loads) | never | PATH (a .pt file or an FSDP run's ckpt_STEP/ directory)")
@@ -342,15 +345,26 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; name a directory for checkpoints and logs, e.g. --out_dir=out")
-        if not self.data_dir.strip():
+        if isinstance(self.data_dir, str) and not self.data_dir.strip():
             raise ValueError("data_dir is empty; pass the directory prepare.py wrote, e.g. --data_dir=data/demo")
         if not self.resume.strip():
             raise ValueError("resume is empty; it takes auto, never, or a checkpoint's path (a .pt file or an FSDP run's ckpt_STEP/ directory)")
+        # One string from here on (a list from a config file becomes 'path:weight,...'), so
+        # config.json, checkpoints and every reader of data_dir see the form the command line takes.
+        sources = parse_data_mixture(self.data_dir)
+        if not isinstance(self.data_dir, str):
+            self.data_dir = sources[0][0] if len(sources) == 1 else ",".join(f"{path}:{weight!r}" for path, weight in sources)
         if self.fsdp_cpu_offload and self.parallel != "fsdp":
             raise ValueError("fsdp_cpu_offload=True offloads FSDP's shards; pass --parallel=fsdp too (it runs in one process as well)")
         # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even
         # head_dim, dropout in [0, 1)) live in ModelConfig; run them now, not after data loading.
         self.model_config(self.vocab_size or 1)
+
+    def data_sources(self) -> list[tuple[str, float]]:
+        """data_dir as (path, weight) pairs, the weights normalised to sum to 1."""
+        sources = parse_data_mixture(self.data_dir)
+        total = sum(weight for _, weight in sources)
+        return [(path, weight / total) for path, weight in sources]
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The architecture these keys describe; vocab_size is the dataset tokenizer's, used
@@ -362,3 +376,38 @@ class TrainConfig:
             max_seq_len=self.max_seq_len or self.block_size, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
             tie_embeddings=self.tie_embeddings, qkv_bias=self.qkv_bias, dropout=self.dropout,
         )
+
+
+def parse_data_mixture(value: Union[str, list]) -> list[tuple[str, float]]:
+    """data_dir as (path, weight) pairs, the weights as given: 'data/a:0.8,data/b:0.2' (a bare
+    path weighs 1) or a config file's list of (path, weight) pairs or bare paths. A ValueError
+    says what is wrong with it."""
+    entries: list[tuple[str, float]] = []
+    if isinstance(value, str):
+        parts = [value] if os.path.isdir(value) else value.split(",")  # a directory named "a,b" is one dataset
+        for part in parts:
+            path, colon, weight = part.strip().rpartition(":")
+            try:
+                entries.append((path.strip(), float(weight)) if colon and path.strip() else (part.strip(), 1.0))
+            except ValueError:  # "C:\\data" or "data/a:b": a colon that is part of the path
+                entries.append((part.strip(), 1.0))
+    else:
+        for item in value:
+            pair = item if isinstance(item, (list, tuple)) else (item, 1.0)
+            if len(pair) != 2 or not isinstance(pair[0], str) or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)):
+                raise ValueError(f"data_dir entry {item!r} is not a path or a (path, weight) pair")
+            if "," in pair[0]:
+                raise ValueError(f"data_dir path {pair[0]!r} holds a comma, which separates the datasets of a mixture; rename it")
+            entries.append((pair[0], float(pair[1])))
+    if not entries:
+        raise ValueError("data_dir is an empty list; name at least one directory prepare.py wrote")
+    for path, weight in entries:
+        if not path:
+            raise ValueError(f"data_dir {value!r} has an empty entry; write it as 'data/a:0.8,data/b:0.2'")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"data_dir gives {path} the weight {weight}; weights must be positive numbers")
+    paths = [path for path, _ in entries]
+    repeated = next((p for p in paths if paths.count(p) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"data_dir names {repeated} twice; give each dataset once, with its whole weight")
+    return entries

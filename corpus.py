@@ -1,14 +1,22 @@
-"""Reading text corpora: .jsonl / .txt files (plain, .gz or .xz) into documents.
+"""Reading text corpora into documents: .jsonl / .txt files (plain, .gz, .xz or .zst) and
+.parquet files.
 
-    files = find_input_files(["texts/", "more/*.jsonl.gz"], txt_mode="line", split="auto")
-    for pieces, disk_bytes in iter_tasks(files, 1_000_000, max_docs=None):   # ~1 MB of whole lines
+    files = find_input_files(["texts/", "more/*.jsonl.zst", "web/*.parquet"], txt_mode="line", split="auto")
+    for pieces, disk_bytes in iter_tasks(files, 1_000_000, max_docs=None, text_key="text"):  # ~1 MB each
         for file_index, first_line, data in pieces:
-            parsed = parse_piece(files[file_index].kind, data, first_line, "text")  # documents + skips
+            for parsed in read_piece(files[file_index].kind, data, first_line, "text"):  # docs + skips
+                ...
 
-Nothing here holds a whole file: files are read in blocks of whole lines, and a bad record (bad
-JSON, a missing or non-string text key, an empty line) is reported with its line number instead
-of stopping the read. The train/val split is a hash of each document's bytes (is_val_document),
-so it is the same on every machine and run. prepare.py runs this in parallel and tokenizes.
+Nothing here holds a whole file. Text files are read in blocks of whole lines; a piece of a
+parquet file is a run of its row groups (RowGroups), which the worker that gets it reads one
+batch of rows at a time, so parquet is read in parallel over files and row groups. A bad record
+(bad JSON, a missing, null or non-string text, an empty line) is counted by reason and reported
+with its line or row number instead of stopping the read. The train/val split is a hash of each
+document's bytes (is_val_document), so it is the same on every machine and run. prepare.py runs
+this in parallel and tokenizes.
+
+pyarrow (parquet) and zstandard (.zst) are optional: only those inputs need them, and without
+them find_input_files names the package to install.
 """
 
 from __future__ import annotations
@@ -17,17 +25,25 @@ import fnmatch
 import glob
 import gzip
 import hashlib
+import importlib
+import importlib.util
+import io
 import json
 import lzma
 import os
 import sys
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Union
 
-COMPRESSED = (".gz", ".xz")  # read through the standard library's gzip and lzma
+COMPRESSED = (".gz", ".xz", ".zst")  # the standard library's gzip and lzma; zstandard (optional)
 JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson") for c in ("", *COMPRESSED))
 TXT_SUFFIXES = tuple(".txt" + c for c in ("", *COMPRESSED))
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES_TEXT = ".jsonl, .txt (optionally .gz, .xz or .zst) or .parquet"
+# The optional packages some inputs need: (suffix, module to import, package to install).
+OPTIONAL_PACKAGES = ((".parquet", "pyarrow.parquet", "pyarrow"), (".zst", "zstandard", "zstandard"))
+MAX_EXAMPLES = 10  # skipped records reported by line per parsed piece; all are counted
 
 
 class CorpusError(Exception):
@@ -40,13 +56,15 @@ class CorpusError(Exception):
 @dataclass
 class InputFile:
     path: str
-    kind: str  # "jsonl" | "txt" (one document per line) | "file" (whole file is one document)
+    kind: str  # "jsonl" | "txt" (one document per line) | "file" (whole file is one document) | "parquet"
     split: str  # "auto" (hash decides) | "train" | "val"
     size: int  # bytes on disk, for progress and sampling
 
 
 def _input_kind(path: str, txt_mode: str) -> str | None:
     lower = path.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if lower.endswith(TXT_SUFFIXES):
@@ -63,10 +81,7 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
     for arg in args:
         if os.path.isfile(arg):
             if _input_kind(arg, txt_mode) is None:
-                raise CorpusError(
-                    f"Unsupported input file {arg}: prepare.py reads .jsonl, .txt and their .gz/.xz "
-                    "versions (convert other formats, e.g. parquet, to .jsonl first)."
-                )
+                raise CorpusError(f"Unsupported input file {arg}: prepare.py reads {SUFFIXES_TEXT}; convert it to .jsonl first.")
             paths.append(arg)
             continue
         if os.path.exists(arg) and not os.path.isdir(arg):
@@ -79,9 +94,9 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
             for f in [c] if not os.path.isdir(c) else sorted(path for path, is_dir in _walk(c) if not is_dir):
                 (found if os.path.isfile(f) and _input_kind(f, txt_mode) else ignored).append(f)
         if not found:
-            raise CorpusError(f"No .jsonl or .txt files (optionally .gz/.xz) found in {arg}; check the path.")
+            raise CorpusError(f"No {SUFFIXES_TEXT} files found in {arg}; check the path.")
         if ignored:
-            print(f"note: ignoring {len(ignored)} file(s) under {arg} that are not regular .jsonl/.txt(.gz/.xz) files, e.g. {ignored[0]}",
+            print(f"note: ignoring {len(ignored)} file(s) under {arg} that are not regular files of a kind it reads ({SUFFIXES_TEXT}), e.g. {ignored[0]}",
                   file=sys.stderr)
         paths.extend(found)
     seen, result = set(), []
@@ -90,7 +105,33 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
         if key not in seen:
             seen.add(key)
             result.append(InputFile(p, _input_kind(p, txt_mode) or "", split, os.path.getsize(p)))
+    for suffix, module, package in OPTIONAL_PACKAGES:
+        needs = next((f.path for f in result if f.path.lower().endswith(suffix)), None)
+        # find_spec: checked, but imported only where used (pyarrow alone takes ~0.1 s)
+        if needs and importlib.util.find_spec(package) is None:
+            raise CorpusError(missing_package(package, suffix, needs))
     return result
+
+
+def missing_package(package: str, suffix: str, path: str) -> str:
+    return f"reading {suffix} files ({path}) needs the {package} package, which is not installed: pip install {package}"
+
+
+def preload_readers(files: list[InputFile]) -> None:
+    """Import the optional modules that reading `files` needs now, e.g. before forking workers,
+    which then inherit them instead of each importing pyarrow (~0.1 s) on its first task."""
+    for suffix, module, package in OPTIONAL_PACKAGES:
+        needs = next((f.path for f in files if f.path.lower().endswith(suffix)), None)
+        if needs:
+            _optional(module, package, suffix, needs)
+
+
+def _optional(module: str, package: str, suffix: str, path: str) -> Any:
+    """Import an optional reader's module, or a CorpusError that names the package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CorpusError(missing_package(package, suffix, path)) from None
 
 
 def _walk(root: str) -> Iterator[tuple[str, bool]]:
@@ -128,15 +169,46 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
     return bool(names) and fnmatch.fnmatchcase(names[0], patterns[0]) and _matches(names[1:], patterns[1:])
 
 
-def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+@dataclass(frozen=True)
+class RowGroups:
+    """A piece of a parquet file: `rows` rows of row groups [start, stop) of `path`, after the
+    first `skip` rows (a large row group is cut into several pieces; --max_docs may cut the last
+    piece short). The worker that gets it opens the file and reads the rows itself, one batch at
+    a time."""
+
+    path: str
+    start: int
+    stop: int
+    rows: int
+    nbytes: int  # uncompressed size of the piece's text: its weight
+    skip: int = 0
+
+
+# A piece's data: a block of whole lines (text files) or row groups (parquet).
+PieceData = Union[bytes, RowGroups]
+
+
+def iter_file_pieces(
+    path: str, kind: str, piece_bytes: int, start: int = 0, text_key: str = "text"
+) -> Iterator[tuple[int, PieceData, int]]:
     """Yield (first line number, block of whole lines, bytes read from disk so far) for one file.
 
     Each block is piece_bytes plus the rest of the line it stops in, so no record is ever split
     between blocks. A start offset (plain files only) skips ahead and drops the partial line there.
+    A parquet file yields runs of whole row groups instead (see iter_parquet_pieces).
     """
+    if kind == "parquet":
+        yield from iter_parquet_pieces(path, piece_bytes, start, text_key)
+        return
     with open(path, "rb") as raw:
         ext = os.path.splitext(path.lower())[1]
-        f: Any = gzip.GzipFile(fileobj=raw) if ext == ".gz" else lzma.LZMAFile(raw) if ext == ".xz" else raw
+        f: Any = raw
+        if ext == ".gz":
+            f = gzip.GzipFile(fileobj=raw)
+        elif ext == ".xz":
+            f = lzma.LZMAFile(raw)
+        elif ext == ".zst":
+            f = io.BufferedReader(ZstdFrames(raw, path), 1 << 20)
         try:
             if kind == "file":  # the whole file is one document by definition
                 yield 1, f.read(), raw.tell()
@@ -153,12 +225,106 @@ def iter_file_pieces(path: str, kind: str, piece_bytes: int, start: int = 0) -> 
                     block += f.readline()
                 yield line, block, raw.tell()
                 line += block.count(b"\n")
-        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
+        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, ZstdFrames.Error) as e:
             raise CorpusError(f"{path} cannot be decompressed ({e}); the file is truncated or corrupt: download or compress it again.") from None
 
 
-def _cut_after_lines(data: bytes, n: int) -> bytes:
-    """The first n lines of data."""
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame (zstd files may be concatenated).
+    zstandard's own stream reader simply stops where a truncated file ends, so a download cut
+    short would pass for a complete corpus; here a file that ends inside a frame raises."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self, raw: Any, path: str):
+        self.zstd = _optional("zstandard", "zstandard", ".zst", path)
+        self.raw, self.frame = raw, None
+        self.out, self.pos = memoryview(b""), 0  # decompressed bytes not yet handed out: out[pos:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.pos == len(self.out):
+            data = self.raw.read(1 << 18)
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise ZstdFrames.Error("the file ends inside a zstd frame")
+                return 0
+            parts = []
+            try:
+                while data:
+                    if self.frame is None or self.frame.eof:
+                        self.frame = self.zstd.ZstdDecompressor().decompressobj()
+                    parts.append(self.frame.decompress(data))
+                    data = self.frame.unused_data if self.frame.eof else b""
+            except self.zstd.ZstdError as e:
+                raise ZstdFrames.Error(str(e)) from None
+            self.out, self.pos = memoryview(b"".join(parts)), 0
+        n = min(len(buffer), len(self.out) - self.pos)
+        buffer[:n] = self.out[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+_PARQUET_OPEN: dict[str, Any] = {}  # this process's last opened parquet file: a worker's next piece is most often of it
+
+
+def _parquet_file(path: str) -> Any:
+    """An open pyarrow ParquetFile; a file that is not parquet (or is cut short) is a CorpusError.
+    Column chunks are read through a 4 MB buffer rather than whole, so memory stays bounded
+    however large a row group is."""
+    if path in _PARQUET_OPEN:
+        return _PARQUET_OPEN[path]
+    pq = _optional("pyarrow.parquet", "pyarrow", ".parquet", path)
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+        raise CorpusError(f"{path} is not a readable parquet file ({e}); download it again.") from None
+    _PARQUET_OPEN.clear()  # (closes the previous file)
+    _PARQUET_OPEN[path] = pf
+    return pf
+
+
+# A row group of several pieces' worth of text is cut into up to this many pieces, so that more
+# than one worker reads it (a file written with pandas' defaults is one row group). A reader can
+# only reach a piece's rows by decoding the group's earlier rows too: with 8 pieces, the group is
+# decoded 4.5 times over, which costs ~5% of the tokenizer's time (docs/benchmarks.md).
+MAX_PIECES_PER_GROUP = 8
+
+
+def iter_parquet_pieces(path: str, piece_bytes: int, start: int, text_key: str) -> Iterator[tuple[int, RowGroups, int]]:
+    """Runs of consecutive row groups of about piece_bytes of text each (a large group is cut in
+    pieces, see MAX_PIECES_PER_GROUP), as (first row number, RowGroups, disk bytes so far). Only
+    the footer is read here. start skips the row groups that lie before that offset."""
+    meta = _parquet_file(path).metadata
+    size, total_rows = os.path.getsize(path), max(1, meta.num_rows)
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    column = names.index(text_key) if text_key in names else None
+    group, row = 0, 1
+    while group < meta.num_row_groups and size * (row - 1) // total_rows < start:
+        row += meta.row_group(group).num_rows
+        group += 1
+    while group < meta.num_row_groups:
+        stop, rows, nbytes = group, 0, 0
+        while stop < meta.num_row_groups and (stop == group or nbytes < piece_bytes):
+            rg = meta.row_group(stop)
+            rows += rg.num_rows
+            nbytes += rg.column(column).total_uncompressed_size if column is not None else rg.total_byte_size
+            stop += 1
+        parts = min(MAX_PIECES_PER_GROUP, nbytes // piece_bytes) if stop == group + 1 else 1
+        for i in range(max(1, parts)):  # rows [skip, end) of the run
+            skip, end = rows * i // max(1, parts), rows * (i + 1) // max(1, parts)
+            piece = RowGroups(path, group, stop, end - skip, nbytes * (end - skip) // max(1, rows), skip)
+            yield row + skip, piece, size * (row - 1 + end) // total_rows
+        group, row = stop, row + rows
+
+
+def _cut_after_lines(data: PieceData, n: int) -> PieceData:
+    """The first n records of data."""
+    if isinstance(data, RowGroups):
+        return replace(data, rows=min(n, data.rows), nbytes=data.nbytes * min(n, data.rows) // max(1, data.rows))
     pos = 0
     for _ in range(n):
         pos = data.find(b"\n", pos) + 1
@@ -167,16 +333,18 @@ def _cut_after_lines(data: bytes, n: int) -> bytes:
     return data[:pos]
 
 
-def _count_records(data: bytes) -> int:
+def _count_records(data: PieceData) -> int:
+    if isinstance(data, RowGroups):
+        return data.rows
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
-# One piece of work for a worker: (index into the file table, first line number, raw bytes).
-Piece = tuple[int, int, bytes]
+# One piece of work for a worker: (index into the file table, first line or row number, data).
+Piece = tuple[int, int, PieceData]
 
 
 def iter_tasks(
-    files: list[InputFile], task_bytes: int, max_docs: int | None
+    files: list[InputFile], task_bytes: int, max_docs: int | None, text_key: str = "text"
 ) -> Iterator[tuple[list[Piece], int]]:
     """Group the input into tasks of about task_bytes each; yields (pieces, disk bytes consumed).
 
@@ -188,7 +356,7 @@ def iter_tasks(
     task_size, disk = 0, 0
     for index, file in enumerate(files):
         last_pos = 0
-        for first_line, data, pos in iter_file_pieces(file.path, file.kind, task_bytes):
+        for first_line, data, pos in iter_file_pieces(file.path, file.kind, task_bytes, text_key=text_key):
             if remaining == 0:
                 break
             if file.kind == "file":
@@ -199,7 +367,7 @@ def iter_tasks(
                     data, n = _cut_after_lines(data, remaining), remaining
                 remaining -= n
             task.append((index, first_line, data))
-            task_size += len(data)
+            task_size += data.nbytes if isinstance(data, RowGroups) else len(data)
             disk += pos - last_pos
             last_pos = pos
             if task_size >= task_bytes:
@@ -216,9 +384,28 @@ def iter_tasks(
 
 @dataclass
 class Parsed:
+    """Documents read from one piece (or one batch of parquet rows), and what was skipped."""
+
     docs: list[str] = field(default_factory=list)
-    skips: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> records
+    examples: list[tuple[int, str, str]] = field(default_factory=list)  # (line or row, reason, detail), the first few
     invalid_utf8: int = 0
+
+    def skip(self, line: int, reason: str, detail: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append((line, reason, detail))
+
+
+def read_piece(kind: str, data: PieceData, first_line: int, text_key: str, as_bytes: bool = False) -> Iterator[Parsed]:
+    """The documents of one piece: one Parsed for a block of lines; for parquet row groups one
+    per batch of about 1 MB of text, so a worker never holds a large row group's text at once.
+    as_bytes: parquet documents may come as their UTF-8 bytes (checked), for a tokenizer that
+    takes bytes; documents of text files are always str."""
+    if isinstance(data, RowGroups):
+        yield from read_row_groups(data, first_line, text_key, as_bytes)
+    else:
+        yield parse_piece(kind, data, first_line, text_key)
 
 
 def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parsed:
@@ -230,7 +417,7 @@ def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parse
         if text:
             out.docs.append(text)
         else:
-            out.skips.append((first_line, "empty_text", "empty file"))
+            out.skip(first_line, "empty_text", "empty file")
         return out
     try:  # fast path: the whole block is valid UTF-8
         lines = data.decode("utf-8").split("\n")
@@ -250,29 +437,96 @@ def parse_piece(kind: str, data: bytes, first_line: int, text_key: str) -> Parse
             if line:
                 out.docs.append(line)
             else:
-                out.skips.append((line_no, "empty_text", "empty line"))
+                out.skip(line_no, "empty_text", "empty line")
             continue
         if not line.strip():
-            out.skips.append((line_no, "blank_line", "blank line"))
+            out.skip(line_no, "blank_line", "blank line")
             continue
         try:
             obj = json.loads(line)
         except ValueError as e:
-            out.skips.append((line_no, "bad_json", f"malformed JSON ({e.args[0] if e.args else e})"))
+            out.skip(line_no, "bad_json", f"malformed JSON ({e.args[0] if e.args else e})")
             continue
         except RecursionError:  # e.g. 100,000 nested [: not a document, and not worth a crash
-            out.skips.append((line_no, "bad_json", "malformed JSON (nested too deeply)"))
+            out.skip(line_no, "bad_json", "malformed JSON (nested too deeply)")
             continue
         if not isinstance(obj, dict):
-            out.skips.append((line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object"))
+            out.skip(line_no, "not_an_object", f"JSON {type(obj).__name__}, not an object")
         elif text_key not in obj:
-            out.skips.append((line_no, "missing_text_key", f"no {text_key!r} key"))
-        elif not isinstance(obj[text_key], str):
-            out.skips.append((line_no, "text_not_string", f"{text_key!r} is {type(obj[text_key]).__name__}"))
-        elif not obj[text_key]:
-            out.skips.append((line_no, "empty_text", f"empty {text_key!r}"))
+            out.skip(line_no, "missing_text_key", f"no {text_key!r} key")
         else:
-            out.docs.append(obj[text_key])
+            _add_text(out, obj[text_key], line_no, text_key)
+    return out
+
+
+def _add_text(out: Parsed, value: Any, line_no: int, text_key: str) -> None:
+    """One record's text value: a document, or a skip counted by why it is none."""
+    if isinstance(value, str) and value:
+        out.docs.append(value)
+    elif value is None:
+        out.skip(line_no, "null_text", f"{text_key!r} is null")
+    elif not isinstance(value, str):
+        out.skip(line_no, "text_not_string", f"{text_key!r} is {type(value).__name__}")
+    else:
+        out.skip(line_no, "empty_text", f"empty {text_key!r}")
+
+
+def read_row_groups(groups: RowGroups, first_row: int, text_key: str, as_bytes: bool = False, batch_bytes: int = 1 << 20) -> Iterator[Parsed]:
+    """The text column of a run of parquet row groups, one batch of rows at a time. A file
+    without the column counts all its rows as missing_text_key; a column that holds no strings
+    (numbers, bytes, ...) counts them as text_not_string, and nulls as null_text."""
+    pf = _parquet_file(groups.path)
+    if text_key not in pf.schema_arrow.names:
+        out = Parsed()
+        out.skip(first_row, "missing_text_key", f"no {text_key!r} column", count=groups.rows)
+        yield out
+        return
+    batch_rows = max(1, groups.rows * batch_bytes // max(1, groups.nbytes))
+    row, left, skip = first_row, groups.rows, groups.skip
+    try:
+        batches = pf.iter_batches(batch_size=batch_rows, row_groups=range(groups.start, groups.stop), columns=[text_key], use_threads=False)
+        for batch in batches:
+            if skip >= len(batch):  # rows of the group that belong to an earlier piece
+                skip -= len(batch)
+                continue
+            column = batch.column(0).slice(skip, left)
+            skip = 0
+            yield _parse_column(column, row, text_key, as_bytes)
+            row, left = row + len(column), left - len(column)
+            if left <= 0:
+                return
+    except CorpusError:
+        raise
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ... for a damaged row group
+        raise CorpusError(f"{groups.path}: cannot read row groups {groups.start}-{groups.stop - 1} ({e}); the file is corrupt: download it again.") from None
+
+
+def _parse_column(column: Any, first_row: int, text_key: str, as_bytes: bool) -> Parsed:
+    import pyarrow as pa
+
+    out = Parsed()
+    text_type = str
+    utf8 = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    try:
+        column.validate(full=True)  # parquet readers do not check UTF-8; this does, in C++
+        if as_bytes and utf8:  # the bytes as stored: no str to build, and none to encode again
+            values, text_type = column.cast(binary).to_pylist(), bytes
+        else:
+            values = column.to_pylist()  # str for string columns, None for nulls
+    except pa.ArrowInvalid:  # invalid UTF-8: decode row by row with replacement, as text files
+        values = []
+        for raw in column.cast(binary).to_pylist():
+            text, bad = _decode(raw) if raw is not None else (None, 0)
+            out.invalid_utf8 += bad
+            values.append(text)
+    if all(isinstance(v, text_type) and v for v in values):  # the common case: every row is a document
+        out.docs = values
+        return out
+    for offset, value in enumerate(values):
+        if isinstance(value, bytes) and text_type is bytes:
+            value = value.decode()  # a row beside nulls or empty ones: rare, str is simpler
+        _add_text(out, value, first_row + offset, text_key)
     return out
 
 
@@ -312,9 +566,10 @@ def sample_documents(
 ) -> Iterator[str]:
     """A bounded, deterministic sample of training documents for tokenizer training.
 
-    Each file contributes in proportion to its size. Within a large plain file we read from 8
-    evenly spaced offsets rather than only the head, so a corpus sorted by topic or source is not
-    represented by its first few megabytes alone (compressed files cannot seek cheaply: head only).
+    Each file contributes in proportion to its size. Within a large plain or parquet file we read
+    from 8 evenly spaced offsets (row groups) rather than only the head, so a corpus sorted by
+    topic or source is not represented by its first few megabytes alone (compressed text files
+    cannot seek cheaply: head only).
     Validation documents are left out.
     """
     total = sum(f.size for f in files) or 1
@@ -329,15 +584,16 @@ def sample_documents(
         for w in range(windows):
             quota = share // windows
             start, end = file.size * w // windows, file.size * (w + 1) // windows
-            for first_line, data, pos in iter_file_pieces(file.path, file.kind, 1 << 20, start):
-                if remaining_docs == 0 or quota <= 0 or (windows > 1 and pos - len(data) >= end):
+            piece_start = start
+            for first_line, data, pos in iter_file_pieces(file.path, file.kind, 1 << 20, start, text_key):
+                if remaining_docs == 0 or quota <= 0 or (windows > 1 and piece_start >= end):
                     break
-                if remaining_docs > 0 and file.kind != "file":
-                    data = _cut_after_lines(data, remaining_docs)
-                parsed = parse_piece(file.kind, data, first_line, text_key)
+                piece_start = pos
                 if remaining_docs > 0:
-                    remaining_docs -= len(parsed.docs) + len(parsed.skips)
-                for text in parsed.docs:
+                    data = _cut_after_lines(data, remaining_docs) if file.kind != "file" else data
+                    remaining_docs -= 1 if file.kind == "file" else _count_records(data)
+                # Lazily: a large parquet row group is read only as far as the quota needs.
+                for text in (d for parsed in read_piece(file.kind, data, first_line, text_key) for d in parsed.docs):
                     b, text, _ = utf8_document(text)
                     if file.split == "auto" and is_val_document(b, threshold):
                         continue

@@ -7,7 +7,8 @@
     <data_dir>/tokenizer.model|.tiktoken  the tokenizer the ids come from
 
 ShardWriter writes the shards (prepare.py), load_meta reads and checks meta.json, TokenShards
-samples training windows from the shards (train.py).
+samples training windows from the shards, and Mixture from several datasets by weight (train.py,
+--data_dir="data/a:0.8,data/b:0.2"; open_mixture opens and checks them).
 """
 
 from __future__ import annotations
@@ -165,6 +166,112 @@ def val_split_warning(data_dir: str, meta: dict, val_data: TokenShards, windows_
         return (f"the val split of {data_dir} has {val_tokens:,} tokens but one evaluation reads {read:,} "
                 f"(eval_iters x batch_size windows), so its windows overlap and val loss is noisy; {fix}, or lower --eval_iters")
     return None
+
+
+class Mixture:
+    """Windows from several prepared datasets (sources) in fixed proportions, with TokenShards'
+    sample/read interface; a picked window is (source, shard, offset). One source draws exactly
+    what its TokenShards would.
+
+    sample(seed=[run seed, step], count) gives step `step` the windows step*count ... (step+1)*count-1
+    of the run's schedule, in which source k holds round(n * (w_1 + ... + w_k)) - round(n * (w_1 +
+    ... + w_{k-1})) of the first n windows: every source's share stays within one window of its
+    weight at every step, with no randomness in the counts. Each source then draws its windows
+    from a generator seeded by (seed, source), and a last generator shuffles the batch, so that
+    every rank and micro-batch sees the mix. All of it depends only on (seed, step, count): DDP
+    equals one process, and a resumed run draws what the uninterrupted one would have."""
+
+    def __init__(self, paths: list[str], weights: list[float], metas: list[dict], sources: list[TokenShards]):
+        self.paths, self.weights, self.metas, self.sources = paths, weights, metas, sources
+        self.window = sources[0].window
+        bounds = np.cumsum(weights)
+        bounds[-1] = 1.0  # exactly: the last source takes what rounding leaves
+        self.bounds = np.concatenate([[0.0], bounds])
+
+    def windows_before(self, n: int) -> np.ndarray:
+        """How many of the run's first n windows each source supplies."""
+        return np.diff(np.floor(n * self.bounds + 0.5).astype(np.int64))
+
+    def sample(self, seed: list[int], count: int) -> list[tuple[int, int, int]]:
+        if len(self.sources) == 1:
+            return [(0, shard, offset) for shard, offset in self.sources[0].sample(seed, count)]
+        step = seed[-1]
+        counts = self.windows_before((step + 1) * count) - self.windows_before(step * count)
+        picks = [(k, shard, offset) for k, source in enumerate(self.sources)
+                 for shard, offset in source.sample([*seed, k], int(counts[k]))]
+        order = np.random.default_rng([*seed, len(self.sources)]).permutation(len(picks))
+        return [picks[i] for i in order]
+
+    def read(self, picks: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the picked windows, in the order picked: each source reads its own."""
+        import torch
+
+        if len(self.sources) == 1:
+            return self.sources[0].read([(shard, offset) for _, shard, offset in picks], device)
+        rows: list[int] = []
+        xs, ys = [], []
+        for k, source in enumerate(self.sources):
+            mine = [i for i, pick in enumerate(picks) if pick[0] == k]
+            if mine:
+                x, y = source.read([picks[i][1:] for i in mine], torch.device("cpu"))
+                rows += mine
+                xs.append(x)
+                ys.append(y)
+        where = torch.empty(len(rows), dtype=torch.long)
+        where[torch.tensor(rows)] = torch.arange(len(rows))  # row i of the batch is row where[i] of the parts
+        x, y = torch.cat(xs)[where], torch.cat(ys)[where]
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def val_metrics(self, losses: dict[str, float]) -> dict:
+        """An evaluation's record from each source's mean val loss (sources without val windows
+        left out): val_loss and val_bpb are the means weighted as the mixture is, the same as
+        the source's own for one source; source_val_loss and source_val_bpb hold each source's."""
+        picked = [k for k, path in enumerate(self.paths) if path in losses]
+        total = sum(self.weights[k] for k in picked)
+        bpbs = {self.paths[k]: bits_per_byte(losses[self.paths[k]], self.metas[k]["splits"]["val"]) for k in picked}
+        val_loss = sum(self.weights[k] / total * losses[self.paths[k]] for k in picked)
+        val_bpb = sum(self.weights[k] / total * bpbs[self.paths[k]] for k in picked)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": val_bpb,
+                "source_val_loss": losses, "source_val_bpb": bpbs}
+
+    def count_tokens(self, counts: dict[str, int], first_step: int, last_step: int, global_batch: int) -> dict[str, int]:
+        """counts plus the tokens each source supplies to steps first_step ... last_step - 1 (a
+        window trains block_size tokens), keyed by the source's path as data_dir gives it."""
+        windows = self.windows_before(last_step * global_batch) - self.windows_before(first_step * global_batch)
+        out = dict(counts)
+        for path, n in zip(self.paths, windows.tolist()):
+            out[path] = out.get(path, 0) + n * (self.window - 1)
+        return out
+
+
+def open_mixture(sources: list[tuple[str, float]], block_size: int, windows_per_eval: int) -> tuple[Mixture, Mixture, str, list[str]]:
+    """The train and val windows of the datasets in `sources` ((path, weight) pairs, weights
+    summing to 1), each checked against its meta.json, their tokenizer's fingerprint, and
+    warnings about their val splits. All sources must share one tokenizer, byte for byte: a
+    DatasetError names the odd one out."""
+    metas, train, val, warnings = [], [], [], []
+    fingerprint = ""
+    for path, _ in sources:
+        meta = load_meta(path)
+        verify_shards(path, meta)
+        sha = tokenizer_fingerprint(path, meta)
+        if fingerprint and sha != fingerprint:
+            first = sources[0][0]
+            raise DatasetError(f"{path} was prepared with another tokenizer than {first} (sha256 {sha[:12]} vs {fingerprint[:12]}); "
+                               f"the datasets of a mixture share one: prepare {path} again with --tokenizer {os.path.join(first, metas[0]['tokenizer'].get('file') or '')}")
+        fingerprint = sha
+        metas.append(meta)
+        train.append(TokenShards(path, meta, "train", block_size))
+        val.append(TokenShards(path, meta, "val", block_size))
+        if train[-1].num_windows == 0:
+            raise DatasetError(f"the train split of {path} has fewer than block_size+1={block_size + 1} tokens in every shard; lower block_size or add data")
+        warning = val_split_warning(path, meta, val[-1], windows_per_eval)
+        if warning:
+            warnings.append(warning)
+    paths, weights = [p for p, _ in sources], [w for _, w in sources]
+    return Mixture(paths, weights, metas, train), Mixture(paths, weights, metas, val), fingerprint, warnings
 
 
 class ShardWriter:

@@ -535,10 +535,11 @@ def dry_run(cfg: TrainConfig) -> None:
     without allocating anything. Under torchrun the plan is for that many ranks."""
     if int(os.environ.get("RANK", 0)):
         return
+    data_dir = cfg.data_sources()[0][0]  # a mixture's datasets share one tokenizer
     try:
-        vocab_size, source = load_meta(cfg.data_dir)["vocab_size"], f"the tokenizer of {cfg.data_dir}"
+        vocab_size, source = load_meta(data_dir)["vocab_size"], f"the tokenizer of {data_dir}"
     except DatasetError:
-        vocab_size, source = 32000, f"a default: no dataset at {cfg.data_dir}"
+        vocab_size, source = 32000, f"a default: no dataset at {data_dir}"
     model_cfg = cfg.model_config(vocab_size)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device_type = cfg.device.split(":")[0] if cfg.device != "auto" else "cuda"

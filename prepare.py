@@ -5,9 +5,11 @@
     python prepare.py --input corpus.jsonl.xz           # -> data/corpus, SentencePiece BPE sp:32000
     python prepare.py --input texts/ --tokenizer sp:16000 --out_dir data/ru --workers 8
     python prepare.py --input web.jsonl --tokenizer cl100k_base
+    python prepare.py --input fineweb2/ --out_dir data/fineweb2_ru  # a directory of .parquet files (pip install pyarrow)
 
-The pipeline streams: the main process reads ~1 MB blocks of whole lines and hands them to a pool of
-worker processes that parse, split train/val, tokenize and return numpy arrays; the main process
+The pipeline streams: the main process reads ~1 MB blocks of whole lines (of a parquet file: only
+its footer, to cut it into runs of row groups) and hands them to a pool of worker processes that
+parse (read the row groups), split train/val, tokenize and return numpy arrays; the main process
 writes those arrays, in input order, to raw little-endian shard files. Nothing holds a whole input
 file (unless --txt_mode file makes it one document) or the token stream in memory, and the output
 does not depend on --workers.
@@ -43,7 +45,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from corpus import (
-    COMPRESSED, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, parse_piece, sample_documents,
+    COMPRESSED, PARQUET_SUFFIXES, CorpusError, InputFile, Piece, find_input_files, is_val_document, iter_tasks, preload_readers,
+    read_piece, sample_documents,
     utf8_document, val_threshold,
 )
 from dataset import FORMAT_VERSION, DatasetError, ShardWriter, load_meta
@@ -227,31 +230,35 @@ def process_task(pieces: list[Piece]) -> TaskResult:
     # SentencePiece takes UTF-8 bytes directly, which saves it re-encoding every document
     # (~3% of its time); tiktoken wants str.
     as_bytes = tok.kind == "sentencepiece"
-    train_texts: list[Any] = []
-    val_texts: list[Any] = []
     result = TaskResult(np.empty(0, setup.dtype), np.empty(0, setup.dtype))
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     for file_index, first_line, data in pieces:
         file = setup.files[file_index]
-        parsed = parse_piece(file.kind, data, first_line, setup.text_key)
-        result.invalid_utf8 += parsed.invalid_utf8
-        for line, reason, detail in parsed.skips:
-            result.skipped[reason] = result.skipped.get(reason, 0) + 1
-            if len(result.examples) < MAX_REPORTED_SKIPS:
-                result.examples.append((file_index, line, reason, detail))
-        for text in parsed.docs:
-            b, text, bad = utf8_document(text)
-            result.invalid_utf8 += bad
-            to_val = file.split == "val" or (file.split == "auto" and is_val_document(b, setup.threshold))
-            if to_val:
-                val_texts.append(b if as_bytes else text)
-                result.val_bytes += len(b)
-            else:
-                train_texts.append(b if as_bytes else text)
-                result.train_bytes += len(b)
-    result.train_docs, result.val_docs = len(train_texts), len(val_texts)
-    result.train, train_cuts = _tokens_with_eot(tok, train_texts, setup.dtype)
-    result.val, val_cuts = _tokens_with_eot(tok, val_texts, setup.dtype)
-    result.unchecked_cuts = train_cuts + val_cuts
+        # A parquet piece comes in batches of rows: each is tokenized before the next is read.
+        for parsed in read_piece(file.kind, data, first_line, setup.text_key, as_bytes):
+            result.invalid_utf8 += parsed.invalid_utf8
+            for reason, count in parsed.skipped.items():
+                result.skipped[reason] = result.skipped.get(reason, 0) + count
+            room = MAX_REPORTED_SKIPS - len(result.examples)
+            result.examples += [(file_index, line, reason, detail) for line, reason, detail in parsed.examples[:room]]
+            texts: dict[str, list[Any]] = {"train": [], "val": []}
+            for text in parsed.docs:
+                # parquet hands SentencePiece its documents as checked UTF-8 bytes already
+                b, text, bad = (text, "", 0) if isinstance(text, bytes) else utf8_document(text)
+                result.invalid_utf8 += bad
+                to_val = file.split == "val" or (file.split == "auto" and is_val_document(b, setup.threshold))
+                texts["val" if to_val else "train"].append(b if as_bytes else text)
+                if to_val:
+                    result.val_bytes += len(b)
+                else:
+                    result.train_bytes += len(b)
+            for split in ("train", "val"):
+                tokens, cuts = _tokens_with_eot(tok, texts[split], setup.dtype)
+                parts[split].append(tokens)
+                result.unchecked_cuts += cuts
+            result.train_docs, result.val_docs = result.train_docs + len(texts["train"]), result.val_docs + len(texts["val"])
+    result.train = np.concatenate(parts["train"]) if parts["train"] else result.train
+    result.val = np.concatenate(parts["val"]) if parts["val"] else result.val
     return result
 
 
@@ -329,7 +336,9 @@ class PrepareConfig:
 def mp_context() -> Any:
     """Process start method for our pools. On Linux we fork: workers start in ~0.1 s instead of
     re-importing everything (~0.5 s each, a visible share of a small corpus). That is safe because
-    we only fork while this process runs no other threads (see _prepare_into). Elsewhere: spawn."""
+    we only fork while this process runs no threads of ours (see _prepare_into); the threads that
+    importing pyarrow starts (for parquet input) are fork-safe: Arrow and its allocator re-create
+    them in a child, as every fork-based data loader over parquet relies on. Elsewhere: spawn."""
     import multiprocessing
 
     return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -343,7 +352,7 @@ def default_out_dir(inputs: list[str], demo: str | None = None) -> str:
     if demo:
         return DEMOS[demo].out_dir
     name = os.path.basename(os.path.normpath(inputs[0].split("*")[0])) or "dataset"
-    for suffix in (*COMPRESSED, ".jsonl", ".ndjson", ".txt"):
+    for suffix in (*COMPRESSED, *PARQUET_SUFFIXES, ".jsonl", ".ndjson", ".txt"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return os.path.join("data", name or "dataset")
@@ -542,6 +551,7 @@ def _prepare_into(
     all_files = files + val_files
     setup = WorkerSetup(info, tmp_dir, all_files, cfg.text_key, threshold, dtype)
     use_tokenizer_in_workers(tok, setup)  # workers=1 runs here; forked workers inherit it
+    preload_readers(all_files)  # pyarrow too: imported once here rather than in every worker
     writers = {s: ShardWriter(tmp_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     totals = {s: {"documents": 0, "bytes": 0} for s in ("train", "val")}
     skipped: dict[str, int] = {}
@@ -587,7 +597,7 @@ def _prepare_into(
         rate = text_mb / max(time.time() - t_encode, 1e-9)
         bar.set_postfix(docs=f"{n_docs:,}", tokens=f"{n_tokens:,}", text=f"{text_mb:,.0f}MB@{rate:.1f}MB/s", refresh=False)
 
-    tasks = iter_tasks(all_files, max(1, int(cfg.chunk_mb * 1e6)), cfg.max_docs)
+    tasks = iter_tasks(all_files, max(1, int(cfg.chunk_mb * 1e6)), cfg.max_docs, cfg.text_key)
     try:
         if workers == 1:  # no pool: simpler to debug, and no process start-up cost
             init_worker(setup)
@@ -721,11 +731,12 @@ def _run_pool(
 def parse_args(argv: list[str]) -> PrepareConfig:
     p = OneLineParser(
         prog="prepare.py", error_prefix="prepare.py: error: ",
-        description="Tokenize a .jsonl/.txt(.gz/.xz) corpus into uint16/uint32 token shards for train.py. "
+        description="Tokenize a .jsonl/.txt (.gz/.xz/.zst) or .parquet corpus into uint16/uint32 token shards for train.py. "
         "With no --input, builds the demo dataset from the Russian literature shipped in demo/.",
     )
     p.add_argument("--input", nargs="+", action="extend", default=[], metavar="PATH",
-                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz or .xz")
+                   help="files, directories (recursive) or globs of .jsonl/.txt, optionally .gz, .xz or .zst "
+                   "(zstd needs pip install zstandard), and .parquet (needs pip install pyarrow)")
     p.add_argument("--demo", choices=tuple(DEMOS), default=None,
                    help="build a built-in demo instead of --input: ru (the default without --input; Russian "
                    f"literature -> {DEMOS['ru'].out_dir}) or python (the Python standard library source -> "
@@ -735,7 +746,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--val_fraction", type=float, default=None,
                    help=f"fraction of documents picked for val by a hash of their text "
                    f"(default {DEFAULT_VAL_FRACTION}, demos {DEMOS['ru'].val_fraction} / {DEMOS['python'].val_fraction})")
-    p.add_argument("--text_key", default="text", help="JSON key holding the document text in .jsonl (default text)")
+    p.add_argument("--text_key", default="text", help="JSON key (.jsonl) or column (.parquet) holding the document text (default text)")
     p.add_argument("--txt_mode", choices=("line", "file"), default="line",
                    help=".txt: one document per line (default), or the whole file as one document")
     p.add_argument("--tokenizer", default=None,
@@ -754,7 +765,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--chunk_mb", type=float, default=DEFAULT_CHUNK_MB,
                    help=f"MB of input per worker task (default {DEFAULT_CHUNK_MB:g})")
     p.add_argument("--max_docs", type=int, default=None,
-                   help="stop after this many input records (lines, or files with --txt_mode file), for quick trials")
+                   help="stop after this many input records (lines, parquet rows, or files with --txt_mode file), for quick trials")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument("--strict", action="store_true", help="stop with an error at the first skipped record")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")

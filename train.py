@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -35,11 +35,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, load_checkpoint,
-    materialize, nonfinite_advice, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint, truncate_metrics, write_status,
+    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, finite_or_null,
+    load_checkpoint, materialize, nonfinite_advice, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint,
+    truncate_metrics, write_status,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
-from dataset import DatasetError, TokenShards, bits_per_byte, load_meta, tokenizer_fingerprint, val_split_warning, verify_shards
+from dataset import DatasetError, Mixture, TokenShards, open_mixture
 from hardware import (
     DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run,
     fit_to_memory, peak_memory_mb, resolve_device, uses_fsdp,
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         elapsed_s = clock.step_done(elapsed_s)
         finite = update(run, step, loss, grad_norm)
         progress.step, progress.tokens_seen, progress.elapsed_s = step + 1, progress.tokens_seen + run.tokens_per_step, elapsed_s
+        progress.source_tokens = run.train_data.count_tokens(progress.source_tokens, step, step + 1, run.global_batch)
 
         step = progress.step
         if step % cfg.log_interval == 0 or step == cfg.max_iters or clock.out_of_time:
@@ -196,7 +198,7 @@ def log_step(run: Run, progress: Progress, lr: float, loss: float, grad_norm: fl
     write_metrics(run, {
         "step": progress.step, "loss": loss if finite else None, "lr": lr, "grad_norm": grad_norm,
         "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": mem, "tokens_seen": progress.tokens_seen,
-        "elapsed_s": progress.elapsed_s,
+        "elapsed_s": progress.elapsed_s, "source_tokens": progress.source_tokens,
     })
     if d.is_main:
         write_status(run.cfg.out_dir, "running", step=progress.step, elapsed_s=progress.elapsed_s)
@@ -273,13 +275,19 @@ class TimeBudget:
 
 @torch.no_grad()
 def evaluate(run: Run) -> Optional[dict]:
+    """Val loss and bits per byte of every data source with val windows, and their means
+    weighted as the mixture is: val_loss and val_bpb (one source: its own)."""
+    val = run.val_data
+    losses = {path: evaluate_source(run, data) for path, data in zip(val.paths, val.sources) if data.num_windows}
+    return val.val_metrics(losses) if losses else None
+
+
+def evaluate_source(run: Run, data: TokenShards) -> float:
     """Mean loss over one fixed set of eval_iters x batch_size validation windows, the same at
     every evaluation and for any world size: ranks take every world_size-th window and pad
     their last batch with ignored targets (-1) so all run the same number of forwards, as
     FSDP's collectives require."""
-    cfg, d, data, model = run.cfg, run.d, run.val_data, run.model
-    if data.num_windows == 0:
-        return None
+    cfg, d, model = run.cfg, run.d, run.model
     model.eval()
     picks = data.sample([cfg.seed, 1], cfg.eval_iters * cfg.batch_size)[d.rank :: d.world_size]
     per_rank = math.ceil(cfg.eval_iters * cfg.batch_size / d.world_size)
@@ -298,8 +306,7 @@ def evaluate(run: Run) -> Optional[dict]:
     if d.enabled:
         dist.all_reduce(sums)
     loss_total, token_total = sums.tolist()
-    val_loss = loss_total / token_total
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_bpb": bits_per_byte(val_loss, run.meta["splits"]["val"])}
+    return loss_total / token_total
 
 
 def checkpoint_state(run: Run, progress: Progress) -> dict:
@@ -315,6 +322,7 @@ def checkpoint_state(run: Run, progress: Progress) -> dict:
         "format_version": CHECKPOINT_FORMAT, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "model_config": run.model_cfg.to_dict(), "train_config": config_to_dict(cfg),
         "step": progress.step, "tokens_seen": progress.tokens_seen, "best_val_loss": progress.best_val_loss, "elapsed_s": progress.elapsed_s,
+        "source_tokens": progress.source_tokens,
         "tokenizer": run.meta["tokenizer"], "tokenizer_sha256": run.tokenizer_sha256,
         "data": {"data_dir": cfg.data_dir, "vocab_size": run.meta["vocab_size"], "eot_id": run.meta["eot_id"]},
         "rng": rngs, "sampler": {"seed": cfg.seed, "next_step": progress.step, "global_batch": run.global_batch},
@@ -370,27 +378,17 @@ def eval_and_save(run: Run, progress: Progress, reason: str, background: bool = 
 # ----------------------------------------------------------------------------- setup
 
 
-def load_data(cfg: TrainConfig, d: Dist) -> tuple[dict, str, TokenShards, TokenShards]:
-    """The dataset's meta.json, its tokenizer's fingerprint, and the train and val windows,
-    checked against meta.json before any model is built."""
-    meta = load_meta(cfg.data_dir)
-    verify_shards(cfg.data_dir, meta)
-    tokenizer_sha256 = tokenizer_fingerprint(cfg.data_dir, meta)
-    train_data = TokenShards(cfg.data_dir, meta, "train", cfg.block_size)
-    val_data = TokenShards(cfg.data_dir, meta, "val", cfg.block_size)
-    if train_data.num_windows == 0:
-        raise TrainError(f"the train split of {cfg.data_dir} has fewer than block_size+1={cfg.block_size + 1} tokens in every shard; lower block_size or add data")
-    warning = val_split_warning(cfg.data_dir, meta, val_data, cfg.eval_iters * cfg.batch_size)
-    if warning:
-        log0(d, f"warning: {warning}")
-    return meta, tokenizer_sha256, train_data, val_data
 
 
 def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[ShardedSaver]) -> tuple[Run, Progress]:
     """Everything before the first step: data, precision, the model (from scratch, --init_from
     or the checkpoint being resumed) with parallelism applied, optimizers and the start-up log."""
     sinks = MetricSinks(cfg, d.is_main)  # first: a missing wandb/tensorboard fails before any work
-    meta, tokenizer_sha256, train_data, val_data = load_data(cfg, d)
+    # data_dir's datasets (one, or a weighted mixture with one tokenizer), each checked against its meta.json
+    train_data, val_data, tokenizer_sha256, warnings = open_mixture(cfg.data_sources(), cfg.block_size, cfg.eval_iters * cfg.batch_size)
+    meta = train_data.metas[0]  # the tokenizer and vocabulary of them all
+    for warning in warnings:
+        log0(d, f"warning: {warning}")
     fsdp = uses_fsdp(cfg, d.world_size)
     dtype, dtype_why = choose_dtype(cfg.dtype, device, training=True, fsdp=fsdp)
     if fsdp and cfg.optimizer == "muon":
@@ -435,7 +433,8 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     progress = Progress()
     if ckpt is not None:
         restore_training_state(ckpt, resume_path, raw_model, optimizers, scaler, d.rank, device)
-        progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0))
+        progress = Progress(ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"], ckpt.get("elapsed_s", 0.0),
+                            ckpt.get("source_tokens") or train_data.count_tokens({}, 0, ckpt["step"], global_batch))
         log0(d, f"resumed from {resume_path} at step {progress.step}")
     del ckpt, init_state
 
@@ -457,7 +456,7 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"train": config_to_dict(cfg), "model": model_cfg.to_dict()}, f, indent=2)
         if tok_file:  # sample.py and export_hf.py then need only out_dir
-            shutil.copyfile(os.path.join(cfg.data_dir, tok_file), os.path.join(cfg.out_dir, tok_file))
+            shutil.copyfile(os.path.join(train_data.paths[0], tok_file), os.path.join(cfg.out_dir, tok_file))
         truncate_metrics(run.metrics_path, progress.step)
         write_status(cfg.out_dir, "running", step=progress.step, max_iters=cfg.max_iters, max_time_min=cfg.max_time_min,
                      elapsed_s=progress.elapsed_s, world_size=d.world_size,
@@ -479,8 +478,8 @@ class Run:
     device: torch.device
     meta: dict
     tokenizer_sha256: str
-    train_data: TokenShards
-    val_data: TokenShards
+    train_data: Mixture  # one dataset, or several by weight
+    val_data: Mixture
     model_cfg: ModelConfig
     raw_model: Transformer  # the plain (maybe FSDP-sharded) model: parameters and state dicts
     model: nn.Module  # what forward runs through: the DDP wrapper, or raw_model itself
@@ -515,12 +514,13 @@ class Progress:
     tokens_seen: int = 0
     best_val_loss: float = float("inf")
     elapsed_s: float = 0.0  # wall time of the run so far, across resumes: a time budget's clock
+    source_tokens: dict = field(default_factory=dict)  # tokens drawn from each dataset of data_dir
 
 
 def write_metrics(run: Run, record: dict) -> None:
     """Append one record to metrics.jsonl; NaN/inf become null, which every JSON reader accepts."""
     if run.d.is_main:
-        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        clean = finite_or_null(record)
         with open(run.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
         run.sinks.write(clean)

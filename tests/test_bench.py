@@ -4,9 +4,11 @@ import importlib.util
 import json
 import random
 
+import pytest
 import torch
 
 import bench
+from hardware import resolve_dtype
 
 
 def test_train_bench_reports_throughput_and_mfu(tmp_path, capsys):
@@ -20,7 +22,8 @@ def test_train_bench_reports_throughput_and_mfu(tmp_path, capsys):
     row = text.strip().splitlines()[-1].split(" | ")
     header = [h.strip(" |") for h in text.strip().splitlines()[-3].split(" | ")]
     values = dict(zip(header, (v.strip(" |") for v in row)))
-    assert values["config"] == "config/tiny_cpu.py" and values["batch"] == "2x64" and values["dtype"] == "float32"
+    auto = str(resolve_dtype("auto", torch.device("cpu"), training=True)).removeprefix("torch.")  # bf16 on an AMX CPU
+    assert values["config"] == "config/tiny_cpu.py" and values["batch"] == "2x64" and values["dtype"] == auto
     assert float(values["tokens_per_s"]) > 0 and 0 < float(values["mfu_pct"]) < 100
     assert "torch" in text and "CPU:" in text  # machine details go with the numbers
 
@@ -46,14 +49,23 @@ def test_first_difference_names_the_first_differing_token():
     assert bench.first_difference(a, torch.tensor([[1, 2]])) == "differ from token 2 of 4"
 
 
-def test_prepare_bench_rows_on_a_tiny_corpus(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_prepare_bench_rows_on_a_tiny_corpus(tmp_path, suffix):
     rng = random.Random(0)
     words = ["привет", "мир", "дом", "the", "cat", "sat", "on", "a", "mat"]
-    path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}, ensure_ascii=False) + "\n"
-                            for _ in range(400)), encoding="utf-8")
+    docs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(400)]
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".parquet":  # the parquet reader measured like the others, on the same text
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=50)
+    else:
+        path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    assert bench.read_documents([str(path)]) == docs
     rows = bench.benchmark_prepare([str(path)], "sp:300", workers=2)
-    assert [r["run"].split(" ")[0] for r in rows] == ["raw", "prepare.py", "prepare.py", "prepare.py"]
+    assert [r["run"].split(" ")[0] for r in rows] == ["raw", "prepare.py", "prepare.py", "reading", "prepare.py"]
+    assert rows[3]["MB/s"] > rows[0]["MB/s"]  # reading alone outpaces the tokenizer
     assert len({tuple(r) for r in rows}) == 1  # same columns in every row, as the markdown table needs
     assert all(r["MB/s"] > 0 and r["workers"] == 2 for r in rows)
     assert rows[1]["peak RSS MB, largest process"] > 10

@@ -254,3 +254,38 @@ def test_config_file_cannot_pollute_caller_globals(tmp_path):
     assert configurator.ConfigError is ConfigError and globals()["sys"] is sys
     with pytest.raises(ConfigError, match="unknown config key 'parse_args'"):
         parse_args(Cfg, [path])
+
+
+def test_data_dir_mixtures_from_the_command_line_and_from_a_config_file(tmp_path):
+    from configurator import TrainConfig
+
+    cli = parse_args(TrainConfig, ["--data_dir=data/fineweb2_ru:0.8,data/ru_books:0.2"])
+    assert cli.data_dir == "data/fineweb2_ru:0.8,data/ru_books:0.2"
+    assert cli.data_sources() == [("data/fineweb2_ru", 0.8), ("data/ru_books", 0.2)]
+    # a bare path weighs 1, weights are normalised, a colon that is no weight stays in the path
+    assert parse_args(TrainConfig, ["--data_dir=data/a, data/b:3"]).data_sources() == [("data/a", 0.25), ("data/b", 0.75)]
+    assert parse_args(TrainConfig, ["--data_dir=C:\\data"]).data_sources() == [("C:\\data", 1.0)]
+    assert TrainConfig().data_sources() == [("data/demo", 1.0)]
+    # a config file's list of (path, weight) pairs is the same mixture, kept as the string form
+    path = write(tmp_path, "data_dir = [('data/fineweb2_ru', 4), ('data/ru_books', 1)]\n")
+    cfg = parse_args(TrainConfig, [path])
+    assert cfg.data_dir == "data/fineweb2_ru:4.0,data/ru_books:1.0"
+    assert cfg.data_sources() == [("data/fineweb2_ru", 0.8), ("data/ru_books", 0.2)]
+    assert parse_args(TrainConfig, [write(tmp_path, "data_dir = ['data/x']\n")]).data_dir == "data/x"
+    assert TrainConfig(**config_to_dict(cfg)) == cfg  # config.json and checkpoints round-trip it
+
+
+@pytest.mark.parametrize("value, message", [
+    ("--data_dir=data/a:0,data/b", "data_dir gives data/a the weight 0.0; weights must be positive numbers"),
+    ("--data_dir=data/a:-1", "data_dir gives data/a the weight -1.0; weights must be positive numbers"),
+    ("--data_dir=data/a,,data/b", "data_dir 'data/a,,data/b' has an empty entry; write it as 'data/a:0.8,data/b:0.2'"),
+    ("--data_dir=data/a:1,data/a:2", "data_dir names data/a twice; give each dataset once, with its whole weight"),
+    ("--data_dir=[('data/a', 'much')]", "data_dir entry ('data/a', 'much') is not a path or a (path, weight) pair"),
+])
+def test_a_bad_mixture_is_one_line_naming_the_problem(value, message, capsys):
+    from configurator import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args_or_exit(TrainConfig, [value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: invalid config from the command line: {message}\n"

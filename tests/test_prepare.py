@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import corpus as corpus_module
 import dataset
 import prepare
 import tokenizer
@@ -245,6 +246,140 @@ def test_xz_inputs_and_their_default_out_dir(sp_dataset, tmp_path, monkeypatch):
     assert read_split(tmp_path / "data" / "books", "train") == docs + lines
 
 
+# ----------------------------------------------------------------------------- parquet and zstd
+
+
+def write_parquet_corpus(root: Path) -> tuple[list[str], dict[str, int], list]:
+    """Three parquet files in root/pq/ (several row groups each): good rows interleaved with
+    nulls, empty strings and invalid UTF-8, a file whose text column holds numbers, and one
+    without a text column. Returns the good documents in input order, the expected skips and
+    the rows of the first file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = root / "pq"
+    src.mkdir()
+    docs = make_docs(120, seed=7) + EDGE_DOCS
+    rows: list = []
+    for i, d in enumerate(docs):
+        rows.append(d)
+        rows += [None] if i % 9 == 0 else [""] if i % 13 == 0 else []
+    pq.write_table(pa.table({"id": list(range(len(rows))), "text": rows}), src / "a.parquet", row_group_size=17)
+    # b: large_string text with one invalid UTF-8 row (parquet readers do not check UTF-8)
+    raw = [d.encode() for d in docs[:5]] + [b"bad \xff byte"]
+    offsets = np.cumsum([0] + [len(r) for r in raw]).astype(np.int64)
+    bad = pa.LargeStringArray.from_buffers(len(raw), pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(raw)))
+    pq.write_table(pa.table({"text": bad}), src / "b.parquet", row_group_size=4)
+    pq.write_table(pa.table({"text": [1, None, 3]}), src / "c_numbers.parquet")
+    pq.write_table(pa.table({"content": ["no text column", "here"]}), src / "d_other_column.parquet")
+    # e: one row group (pandas' default), which several workers still share, a piece each
+    many = make_docs(80, seed=9)
+    pq.write_table(pa.table({"text": many[:40] + [None] + many[40:]}), src / "e_one_group.parquet")
+    good = docs + docs[:5] + ["bad \ufffd byte"] + many
+    nulls, empties = sum(r is None for r in rows) + 1, sum(r == "" for r in rows)
+    return good, {"empty_text": empties, "missing_text_key": 2, "null_text": nulls + 1, "text_not_string": 2}, rows
+
+
+def test_parquet_row_groups_and_files_round_trip_count_bad_rows_and_ignore_workers(sp_dataset, tmp_path):
+    good, skipped, rows = write_parquet_corpus(tmp_path)
+    tok = sp_dataset / "tokenizer.model"
+    one_group = corpus_module.find_input_files([str(tmp_path / "pq" / "e_one_group.parquet")], "line", "auto")
+    pieces = [p for task, _ in corpus_module.iter_tasks(one_group, 1000, None) for _, _, p in task]
+    assert len(pieces) == corpus_module.MAX_PIECES_PER_GROUP and sum(p.rows for p in pieces) == 81
+    outs = []
+    for workers in (1, 2):  # tiny tasks: two workers read row groups of one file out of order
+        out = tmp_path / f"w{workers}"
+        assert run("--input", tmp_path / "pq", "--tokenizer", tok, "--out_dir", out, "--workers", workers,
+                   "--val_fraction", 0.2, "--chunk_mb", 0.001) == 0
+        outs.append(out)
+    assert shard_bytes(outs[0]) == shard_bytes(outs[1])
+    meta = dataset.load_meta(str(outs[1]))
+    assert meta["skipped"] == skipped and meta["invalid_utf8"] == 1
+    threshold = prepare.val_threshold(0.2)
+    assert read_split(outs[1], "val") == [d for d in good if prepare.is_val_document(d.encode(), threshold)]
+    assert read_split(outs[1], "train") == [d for d in good if not prepare.is_val_document(d.encode(), threshold)]
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in good)
+    # The same text as .jsonl gives the same shards: parquet is only another container.
+    write_jsonl(tmp_path / "good.jsonl", good)
+    out = tmp_path / "as_jsonl"
+    assert run("--input", tmp_path / "good.jsonl", "--tokenizer", tok, "--out_dir", out, "--workers", 1, "--val_fraction", 0.2) == 0
+    assert shard_bytes(out) == shard_bytes(outs[0])
+    # --max_docs counts rows, bad ones included; sp:N trains on a parquet sample.
+    out = tmp_path / "max"
+    assert run("--input", tmp_path / "pq" / "a.parquet", "--tokenizer", "sp:512", "--out_dir", out, "--workers", 2,
+               "--val_fraction", 0, "--max_docs", 40, "--chunk_mb", 0.001) == 0
+    assert read_split(out, "train") == [r for r in rows[:40] if r]
+
+
+def test_zstd_jsonl_and_txt_round_trip_and_a_truncated_file_is_named(corpus, sp_dataset, tmp_path, capsys):
+    import zstandard
+
+    path, docs = corpus
+    lines = [d.replace("\n", " ").replace("\r", " ") for d in make_docs(25, seed=8)]
+    data = path.read_bytes()
+    # Two concatenated frames, as `cat a.zst b.zst` makes: both are read.
+    cut = data.index(b"\n", len(data) // 2) + 1
+    zst = tmp_path / "mixed.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(data[:cut]) + zstandard.ZstdCompressor(level=19).compress(data[cut:]))
+    txt = tmp_path / "lines.txt.zst"
+    txt.write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    tok = sp_dataset / "tokenizer.model"
+    out = tmp_path / "out"
+    assert run("--input", zst, "--tokenizer", tok, "--out_dir", out, "--workers", 2, "--val_fraction", 0.2, "--chunk_mb", 0.002) == 0
+    assert shard_bytes(out) == shard_bytes(sp_dataset)  # byte for byte what the plain .jsonl gave
+    assert run("--input", txt, "--tokenizer", tok, "--out_dir", tmp_path / "txt", "--workers", 1, "--val_fraction", 0) == 0
+    assert read_split(tmp_path / "txt", "train") == lines
+    capsys.readouterr()
+
+    truncated = tmp_path / "cut.jsonl.zst"
+    truncated.write_bytes(zst.read_bytes()[: len(zst.read_bytes()) - 50])
+    garbage = tmp_path / "garbage.txt.zst"
+    garbage.write_bytes(b"not zstd at all\n" * 100)
+    for bad in (truncated, garbage):
+        assert run("--input", bad, "--tokenizer", tok, "--out_dir", tmp_path / "bad", "--workers", 1) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"prepare.py: error: {bad} cannot be decompressed")
+        assert "truncated or corrupt" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists() and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("suffix, package", [(".parquet", "pyarrow"), (".jsonl.zst", "zstandard")])
+def test_a_missing_optional_package_is_one_line_naming_it(sp_dataset, tmp_path, monkeypatch, capsys, suffix, package):
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(b"whatever")
+    (tmp_path / "plain.jsonl").write_text('{"text": "no package needed"}\n', encoding="utf-8")
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")] or [package]:
+        monkeypatch.setitem(sys.modules, module, None)  # `import pyarrow` now fails as if not installed
+    with pytest.raises(ImportError):
+        __import__(package)
+    tok = sp_dataset / "tokenizer.model"
+    assert run("--input", tmp_path, "--tokenizer", tok, "--out_dir", tmp_path / "out", "--workers", 1) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"prepare.py: error: reading {suffix[suffix.rindex('.'):]} files ({path}) needs the {package} package, "
+                   f"which is not installed: pip install {package}")
+    # Nothing else needs it.
+    assert run("--input", tmp_path / "plain.jsonl", "--tokenizer", tok, "--out_dir", tmp_path / "out", "--workers", 1,
+               "--val_fraction", 0) == 0
+
+
+def test_an_interrupted_parquet_run_stops_cleanly(sp_dataset, tmp_path, monkeypatch):
+    write_parquet_corpus(tmp_path)
+    calls = []
+    real_write = dataset.ShardWriter.write
+
+    def interrupted_write(self, tokens):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt  # what Ctrl-C (or prepare.py's SIGTERM handler) raises
+        real_write(self, tokens)
+
+    monkeypatch.setattr(dataset.ShardWriter, "write", interrupted_write)
+    out = tmp_path / "ds"
+    assert run("--input", tmp_path / "pq", "--tokenizer", sp_dataset / "tokenizer.model", "--out_dir", out,
+               "--workers", 2, "--chunk_mb", 0.001) == 130
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
 def test_a_tiny_validation_split_gets_a_warning_that_names_the_fix(corpus, sp_dataset, tmp_path, capsys):
     path, _ = corpus
     tok = sp_dataset / "tokenizer.model"
@@ -469,14 +604,16 @@ def test_strict_turns_a_skip_into_an_error(sp_dataset, tmp_path, capsys):
 
 def test_input_errors_are_one_clear_line(sp_dataset, tmp_path, capsys):
     tok = str(sp_dataset / "tokenizer.model")
+    (tmp_path / "data.csv").write_text("text\nhello\n", encoding="utf-8")
     (tmp_path / "data.parquet").write_bytes(b"PAR1")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "all_bad.jsonl").write_text('{"x": 1}\n\n{"text": ""}\n', encoding="utf-8")
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     cases = [
         (["--input", tmp_path / "missing.jsonl"], "does not exist"),
-        (["--input", tmp_path / "data.parquet"], "Unsupported input file"),
-        (["--input", tmp_path / "empty_dir"], "No .jsonl or .txt files"),
+        (["--input", tmp_path / "data.csv"], "Unsupported input file"),
+        (["--input", tmp_path / "data.parquet"], "data.parquet is not a readable parquet file"),
+        (["--input", tmp_path / "empty_dir"], "No .jsonl, .txt (optionally .gz, .xz or .zst) or .parquet files"),
         (["--input", tmp_path / "all_bad.jsonl", "--val_fraction", 0], "No documents found"),
         (["--input", tmp_path / "empty.jsonl", "--val_fraction", 0], "No documents found"),
         (["--input", tmp_path / "all_bad.jsonl", "--val_input", tmp_path / "all_bad.jsonl", "--val_fraction", 0.1],

@@ -366,6 +366,10 @@ def test_tokenizer_falls_back_to_the_data_dir(tmp_path):
     torch.save(ckpt, path)
     tok = checkpoint.load_checkpoint_tokenizer(checkpoint.load_checkpoint(path), path)
     assert tok.decode(tok.encode("Привет")) == "Привет"
+    # A run on a mixture (--data_dir="a:0.7,b:0.3"): its datasets share the tokenizer.
+    for mixture in (f"{tmp_path / 'gone'}:0.7,{data_dir}:0.3", f"{data_dir}:1,{tmp_path / 'gone'}"):
+        ckpt["train_config"]["data_dir"] = mixture
+        assert checkpoint.checkpoint_tokenizer_path(ckpt, path) == str(data_dir / "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------- end of text, Ctrl-C

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runs
 import studio
 import train
 from configurator import TrainConfig
@@ -100,7 +101,7 @@ class Server:
         # Children train in their own sessions and outlive the studio by design: end any a test left.
         for status_file in self.runs.glob("*/status.json"):
             s = json.loads(status_file.read_text())
-            if s.get("state") == "running" and studio.train_alive(s.get("pid")):
+            if s.get("state") == "running" and runs.train_alive(s.get("pid")):
                 os.kill(s["pid"], signal.SIGKILL)
 
 
@@ -134,7 +135,7 @@ def test_lists_a_run_started_from_the_command_line(server, runs_dir):
 def test_states_of_dead_foreign_and_old_runs(server, runs_dir):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for name, record in [("dead", {"state": "running", "pid": dead.pid, "host": studio.HOST, "step": 4}),
+    for name, record in [("dead", {"state": "running", "pid": dead.pid, "host": runs.HOST, "step": 4}),
                          ("elsewhere", {"state": "running", "pid": 1, "host": "another-machine", "step": 4})]:
         (runs_dir / name).mkdir()
         (runs_dir / name / "status.json").write_text(json.dumps(record))
@@ -181,7 +182,7 @@ def test_metrics_are_read_incrementally_with_torn_lines_and_rewrites(server, run
 def test_read_new_lines_never_rereads_old_bytes(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1000)))
-    lines, cursor, reset, more = studio.read_new_lines(path, "")
+    lines, cursor, reset, more = runs.read_new_lines(path, "")
     assert len(lines) == 1000 and not reset and not more
     reads = []
 
@@ -203,10 +204,10 @@ def test_read_new_lines_never_rereads_old_bytes(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(studio, "open", lambda *a, **k: CountingFile(open(*a, **k)), raising=False)
+    monkeypatch.setattr(runs, "open", lambda *a, **k: CountingFile(open(*a, **k)), raising=False)
     with open(path, "a") as f:
         f.write('{"step": 1000, "loss": 0.5}\n')
-    lines, cursor, _, _ = studio.read_new_lines(path, cursor)
+    lines, cursor, _, _ = runs.read_new_lines(path, cursor)
     assert lines == ['{"step": 1000, "loss": 0.5}']
     # the fingerprint (256 bytes before the cursor), the new line, the new fingerprint: never the whole file
     assert reads == [256, len(lines[0]) + 1, 256]
@@ -492,7 +493,7 @@ def test_a_torn_last_metrics_line_never_spins(server, runs_dir):
     first = json.dumps({"step": 20, "loss": 2.0})
     run = plant_run(runs_dir, "torn", metrics=first + '\n{"step": 21, "loss": 1.0')
     try:
-        lines, cursor, reset, more = studio.read_new_lines(run / "metrics.jsonl")
+        lines, cursor, reset, more = runs.read_new_lines(run / "metrics.jsonl")
         assert (lines, reset, more) == ([first], False, False)  # the torn line waits; it is not "more"
         # Studio.summary read while "more" said so: on a torn line, forever, holding the studio's lock.
         own = studio.Studio(runs_dir, "token", set())
@@ -575,8 +576,10 @@ def test_every_path_valued_train_key_is_checked():
     paths = studio.config_paths({key: "x/y" for key in text_keys})
     assert set(text_keys) - set(paths) == {"device", "dtype", "optimizer", "parallel", "wandb_project"}
     assert {"data_dir", "out_dir", "tensorboard_dir", "init_from", "resume"} <= set(paths)
-    assert studio.config_paths({"init_from": "hf:models/q", "resume": "auto", "tensorboard_dir": None}) == {"init_from": "models/q"}
+    assert studio.config_paths({"init_from": "hf:models/q", "resume": "auto", "tensorboard_dir": None}) == {"init_from": ["models/q"]}
     assert studio.config_paths({"init_from": "scratch", "resume": "never"}) == {}
+    # a mixture names every dataset in it
+    assert studio.config_paths({"data_dir": "data/a:0.8, /elsewhere/b:0.2"}) == {"data_dir": ["data/a", "/elsewhere/b"]}
 
 
 def test_every_path_a_start_or_resume_names_stays_inside_runs_dir(server, runs_dir, tmp_path):
@@ -589,16 +592,20 @@ def test_every_path_a_start_or_resume_names_stays_inside_runs_dir(server, runs_d
         for override, key in ((f"--tensorboard_dir={outside}", "tensorboard_dir"), ("--tensorboard_dir=../tb", "tensorboard_dir"),
                               (f"--init_from={outside / 'ckpt.pt'}", "init_from"), (f"--init_from={outside}", "init_from"),
                               (f"--init_from=hf:{outside}", "init_from"), ("--init_from=escape/ckpt.pt", "init_from"),
-                              (f"--resume={outside / 'ckpt.pt'}", "resume"), (f"--data_dir={outside}", "data_dir")):
+                              (f"--resume={outside / 'ckpt.pt'}", "resume"), (f"--data_dir={outside}", "data_dir"),
+                              (f"--data_dir=data/tiny:0.9,{outside}:0.1", "data_dir"), ("--data_dir=data/tiny,../data", "data_dir")):
             for path in ("/api/estimate", "/api/start"):
                 status, body = server.call(path, {**form, "overrides": override})
                 assert status == 403 and f"{key}=" in body["error"] and "outside --runs_dir" in body["error"], (path, override, body)
-        for override in ("--init_from=cli/ckpt.pt", "--init_from=cli", "--init_from=hf:models/q", "--tensorboard_dir=tb"):
+        for override in ("--init_from=cli/ckpt.pt", "--init_from=cli", "--init_from=hf:models/q", "--tensorboard_dir=tb",
+                         "--data_dir=data/tiny:0.9,cli:0.1"):
             assert server.call("/api/estimate", {**form, "overrides": override})[0] == 200, override
         assert not (runs_dir / "never").exists()
         # Resume re-reads config.json (and status.json's cwd): planted ones get the same checks.
         for name, planted, cwd in (("tb", {"tensorboard_dir": str(outside)}, str(runs_dir)), ("init", {"init_from": f"hf:{outside}"}, str(runs_dir)),
-                                 ("rel", {"tensorboard_dir": "../../tb"}, str(runs_dir / "x")), ("cwd", {"data_dir": "data"}, str(outside))):
+                                 ("rel", {"tensorboard_dir": "../../tb"}, str(runs_dir / "x")), ("cwd", {"data_dir": "data"}, str(outside)),
+                                 ("mix", {"data_dir": f"data/tiny:1,{outside}:1"}, str(runs_dir)),
+                                 ("mixcwd", {"data_dir": f"{runs_dir / 'data' / 'tiny'}:1,cli:1"}, str(outside))):  # cli: outside/cli
             run = plant_run(runs_dir, f"planted-{name}", status={"state": "stopped", "cwd": cwd}, config=cli_config(runs_dir, **planted), ckpt=True)
             status, body = server.call("/api/resume", {"run": run.name})
             assert status == 403 and "outside --runs_dir" in body["error"] and not (run / "console.log").exists(), (name, body)
@@ -617,11 +624,11 @@ def test_resume_refuses_a_world_size_this_machine_cannot_run(server, runs_dir):
 
 def test_stop_signals_only_the_train_py_that_holds_the_runs_lock(server, runs_dir):
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "train.py"])  # looks like train.py
-    run = plant_run(runs_dir, "decoy", status={"state": "running", "pid": decoy.pid, "host": studio.HOST})
+    run = plant_run(runs_dir, "decoy", status={"state": "running", "pid": decoy.pid, "host": runs.HOST})
     try:
         assert server.run("decoy")["state"] == "crashed"  # not training here: nothing to stop
         assert server.call("/api/stop", {"run": "decoy"})[0] == 409
-        (run / "train.lock").write_text(f"pid {decoy.pid} on host {studio.HOST}\n")  # names it, but nobody holds it
+        (run / "train.lock").write_text(f"pid {decoy.pid} on host {runs.HOST}\n")  # names it, but nobody holds it
         assert server.call("/api/stop", {"run": "decoy"})[0] == 409
         with open(run / "train.lock", "a") as held:  # held, but by this test, not by the decoy
             fcntl.flock(held, fcntl.LOCK_EX)
@@ -655,7 +662,7 @@ def test_runs_dir_itself_is_never_a_new_run_and_never_hides_the_others(server, r
     for name in ("a", "b/c"):
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "metrics.jsonl").write_text("")
-    assert sorted(studio.run_name(tmp_path, p) for p in studio.find_runs(tmp_path)) == [".", "a", "b/c"]
+    assert sorted(runs.run_name(tmp_path, p) for p in runs.find_runs(tmp_path)) == [".", "a", "b/c"]
 
 
 def test_studio_refuses_a_missing_runs_dir(tmp_path, capsys):
@@ -735,3 +742,54 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.quit()
+
+
+def test_a_mixtures_per_source_numbers_reach_the_page_and_other_nesting_does_not():
+    """The studio's record cleaning once turned source_val_loss into null, so the per-source
+    chart never showed."""
+    lines = ['{"step": 4, "loss": 2.5, "source_tokens": {"data/a": 96, "data/b": 32}}',
+             '{"step": 5, "source_val_loss": {"data/a": 2.25, "data/b": NaN}, "source_val_bpb": {"data/a": "x", "data/b": [1]}, '
+             '"tokens_per_s": {"a": 1}, "source_deep": 3, "mfu": {"source_x": 1}}']
+    assert runs.parse_records(lines) == [
+        {"step": 4, "loss": 2.5, "source_tokens": {"data/a": 96, "data/b": 32}},
+        {"step": 5, "source_val_loss": {"data/a": 2.25, "data/b": None}, "source_val_bpb": {"data/a": None, "data/b": None},
+         "tokens_per_s": None, "source_deep": 3, "mfu": None},
+    ]
+
+
+def test_the_page_draws_a_mixtures_per_source_curves(tmp_path, dataset):
+    webdriver, opts, service = chromium_driver()
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    root = tmp_path / "runs"
+    digits = tmp_path / "digits.txt"
+    digits.write_text("".join(" ".join(str(i * j % 997) for j in range(40)) + "\n" for i in range(300)))
+    import prepare
+
+    assert prepare.main(["--input", str(digits), "--tokenizer", os.path.join(dataset, "tokenizer.tiktoken"), "--out_dir",
+                         str(tmp_path / "digits"), "--val_fraction", "0.1", "--workers", "1", "--no_progress"]) == 0
+    train.main([*TINY, f"--data_dir={dataset}:0.75,{tmp_path / 'digits'}:0.25", f"--out_dir={root / 'mix'}",
+                "--max_iters=6", "--eval_interval=2"])
+    records = [json.loads(line) for line in (root / "mix" / "metrics.jsonl").read_text().splitlines()]
+    evals, steps = [r for r in records if "source_val_loss" in r], [r for r in records if "source_tokens" in r]
+    assert len(evals) == 3 and len(steps) == 6
+    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    srv = Server(root)
+    browser = webdriver.Chrome(service=service, options=opts)
+    try:
+        browser.get(srv.url)
+        wait = WebDriverWait(browser, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname'))
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname').click()
+        card = lambda b: b.find_element(By.ID, "sources-card")  # noqa: E731
+        points = lambda b: int(b.find_element(By.ID, "chart-sources").get_attribute("data-points") or 0)  # noqa: E731
+        wait.until(lambda b: card(b).is_displayed() and points(b) == 2 * len(evals))  # val loss: a curve per source
+        legend = browser.find_element(By.ID, "legend-sources").text
+        assert f"mix {dataset}" in legend and f"mix {tmp_path / 'digits'}" in legend
+        Select(browser.find_element(By.ID, "sourcekey")).select_by_value("source_tokens")
+        wait.until(lambda b: points(b) == 2 * len(steps))
+    finally:
+        browser.quit()
+        srv.close()

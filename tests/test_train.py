@@ -284,15 +284,21 @@ def comparable(records: list[dict]) -> list[tuple]:
 def test_resume_after_kill_is_bit_exact_single_process(dataset, tmp_path, dropout):
     # With dropout every step draws random masks, so this also proves that nothing else (the CPU
     # peak-FLOPs probe at start-up, say) draws from the RNG between restore and training.
-    args = [*RESUME_RUN, f"--data_dir={dataset}", f"--dropout={dropout}"]
+    ref, cut = run_killed_and_resumed([*RESUME_RUN, f"--data_dir={dataset}", f"--dropout={dropout}"], tmp_path)
+    assert comparable(metrics(cut)) == comparable(metrics(ref))  # exact float equality
+
+
+def run_killed_and_resumed(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """out_dirs of a run of args, and of the same run killed with SIGKILL (kill -9) right
+    after its first checkpoint and resumed to the end."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     run_inprocess([*args, f"--out_dir={ref}"])
     proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={cut}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     saved_step = kill_after_first_checkpoint(proc, cut)
-    assert proc.returncode == -signal.SIGKILL and saved_step < 60
+    assert proc.returncode == -signal.SIGKILL and saved_step < max(train_losses(ref))
     run_inprocess([*args, f"--out_dir={cut}"])
-    assert comparable(metrics(cut)) == comparable(metrics(ref))  # exact float equality
+    return ref, cut
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
@@ -555,8 +561,14 @@ def test_metric_sinks_receive_every_metrics_record(dataset, tmp_path, monkeypatc
     out = tmp_path / "run"
     run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
                    "--wandb_project=homellm-test", f"--tensorboard_dir={tmp_path / 'tb'}"])
-    expected = [(r["step"], {k: v for k, v in r.items() if k != "step" and v is not None}) for r in metrics(out)]
+    def flat(record):  # per-source dicts become one scalar per source, named key/source
+        pairs = [(f"{k}/{sub}", x) for k, v in record.items() if isinstance(v, dict) for sub, x in v.items()]
+        return {k: v for k, v in [*record.items(), *pairs] if k != "step" and v is not None and not isinstance(v, dict)}
+
+    expected = [(r["step"], flat(r)) for r in metrics(out)]
     assert len(expected) == 6 and logged == expected  # 4 train records + 2 evaluations, same names and values
+    assert logged[3][1][f"source_tokens/{dataset}"] == logged[3][1]["tokens_seen"] == 3 * 4 * 32  # step 3: batch 4 x 32 tokens
+    assert logged[-1][1][f"source_val_loss/{dataset}"] == logged[-1][1]["val_loss"]
     assert scalars == [(step, k, v) for step, values in expected for k, v in values.items()]
     assert len(flushes) == 6 and flushes[-1] == len(scalars)  # on disk after every record
 

@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, REPO)  # run as `python tools/bench.py` from anywhere
 
 from configurator import TrainConfig, parse_args
-from corpus import find_input_files, iter_file_pieces, parse_piece
+from corpus import find_input_files, iter_file_pieces, read_piece
 from dataset import load_meta
 from hardware import compile_decode, configure_cpu_threads, device_peak_flops, peak_memory_mb, resolve_device, resolve_dtype
 from system import usable_cpus
@@ -253,8 +253,8 @@ def read_documents(paths: list[str], text_key: str = "text") -> list[str]:
     """Every document of the corpus files, in memory (corpus.py reads them as prepare.py does)."""
     docs = []
     for file in find_input_files(paths, "line", "train"):
-        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22):
-            docs.extend(parse_piece(file.kind, data, first_line, text_key).docs)
+        for first_line, data, _ in iter_file_pieces(file.path, file.kind, 1 << 22, text_key=text_key):
+            docs.extend(d for parsed in read_piece(file.kind, data, first_line, text_key) for d in parsed.docs)
     return docs
 
 
@@ -404,6 +404,9 @@ def bench_prepare(
         runs.append(run_watching_memory(base + ["--tokenizer", tok_file, "--out_dir", second]))
         encode_phase.append(load_meta(second)["timing_s"]["encode_text_mb_per_s"])
         raws.append(raw_tokenizer_throughput(paths, first, workers, text_key))
+    t0 = time.perf_counter()
+    read_documents(paths, text_key)
+    read_s = time.perf_counter() - t0
     meta2 = load_meta(second)
     text_mb = sum(meta2["splits"][s]["bytes"] for s in ("train", "val")) / 1e6
     best = min(runs, key=lambda r: r["seconds"])
@@ -417,6 +420,7 @@ def bench_prepare(
         "prepare": {**best, "mb_per_s": text_mb / best["seconds"], "encode_phase_mb_per_s": max(encode_phase),
                     "all_seconds": [r["seconds"] for r in runs], "all_encode_phase_mb_per_s": encode_phase},
         "raw": {**raw, "all_seconds": [r["seconds"] for r in raws]},
+        "read_only_s": read_s,
         "machine": {"cpu": cpu_model(), "cores": usable_cpus(), "python": platform.python_version(),
                     "platform": platform.platform(), "numpy": np.__version__,
                     "sentencepiece": _version("sentencepiece"), "tiktoken": _version("tiktoken"),
@@ -448,6 +452,7 @@ def benchmark_prepare(paths: list[str], tokenizer: str = "sp:32000", workers: in
         row("prepare.py end to end, tokenizer file given", prep["seconds"], r["ratio_end_to_end_median"],
             prep["cpu_s"], prep["peak_rss_largest_mb"], prep["peak_pss_total_mb"]),
         row("prepare.py tokenization phase", r["text_mb"] / prep["encode_phase_mb_per_s"], r["ratio_encode_phase_median"]),
+        row("reading and parsing the input only (corpus.py, 1 process)", r["read_only_s"], raw["seconds"] / r["read_only_s"]),
         row(f"prepare.py end to end, --tokenizer {r['tokenizer']}", trained["seconds"],
             trained["mb_per_s"] / raw["mb_per_s"], trained["cpu_s"], trained["peak_rss_largest_mb"],
             trained["peak_pss_total_mb"]),
