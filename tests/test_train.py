@@ -265,9 +265,33 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=120.0) -> None:
         time.sleep(0.005)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children before grandchildren), from /proc."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found
+
+
 def kill_after_first_checkpoint(cmd_proc: subprocess.Popen, out: Path) -> int:
+    """kill -9 of a whole run, ranks included, right after its first checkpoint. torchrun puts
+    its ranks in sessions of their own, so killpg of the launcher misses them; and ranks that
+    outlive the launcher stop gracefully (stop_when_the_launcher_dies), which is not a crash."""
     wait_for(out / "ckpt.pt", cmd_proc)
-    os.killpg(cmd_proc.pid, signal.SIGKILL)
+    os.kill(cmd_proc.pid, signal.SIGSTOP)  # no reaction to its ranks' deaths, no SIGTERM to them
+    for pid in [*reversed(descendants(cmd_proc.pid)), cmd_proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     cmd_proc.wait()
     return torch.load(out / "ckpt.pt", weights_only=True)["step"]
 
