@@ -769,6 +769,7 @@ class ShardedSaver:
         if self._pending is not None:
             self._pending[0].wait(self.timeout_min * 60)
             self._pending = None
+        self._group = None  # the group's threads end with its last reference (train.end_distributed)
         if self._stager is not None:
             self._stager.close()  # unpins and frees the host copy
             self._stager = None

@@ -20,12 +20,15 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -638,6 +641,10 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
         if device.type == "cuda" and cfg.parallel == "fsdp" and cfg.fsdp_cpu_offload:
             backend = "cuda:nccl,cpu:gloo"
         alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}  # not under torchrun
+        # Imported before the group exists: its functions take group=group.WORLD as a default,
+        # and imported later (DDP imports it through torch._dynamo) they would hold the group
+        # until Python exits, out of end_distributed's reach.
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
                                 device_id=device if device.type == "cuda" else None, **alone)
     return d, device
@@ -680,9 +687,25 @@ def main(argv: Optional[list[str]] = None) -> None:
             record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
         raise
     finally:
-        saver.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(saver, sys.exc_info()[1])
+
+
+def end_distributed(saver: ShardedSaver, error: Optional[BaseException]) -> None:
+    """Destroy the process groups and join gloo's threads while Python still runs. A gloo thread
+    lets go of a collective just after wait() returns; when Python is already exiting by then,
+    freeing the collective's tensors cannot take the GIL and the rank aborts ("terminate called
+    without an active exception", exit -6, after a run that went well). So the last references
+    go here: the tracebacks' (which hold the model), the wrappers' (DDP/FSDP, in cycles), then
+    the group's own, whose destructor joins the threads with the GIL released."""
+    saver.close()  # a background save in flight completes first
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+    if dist.is_initialized():
+        world = dist.group.WORLD  # kept until the wrappers' references are gone, so that its own is the last
+        dist.destroy_process_group(world)
+        gc.collect()
+        del world
 
 
 if __name__ == "__main__":
