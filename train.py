@@ -20,7 +20,6 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
-import gc
 import importlib
 import json
 import math
@@ -28,7 +27,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,18 +36,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, finite_or_null,
-    load_checkpoint, materialize, nonfinite_advice, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint,
-    truncate_metrics, write_status,
+    CHECKPOINT_FORMAT, CheckpointError, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, load_checkpoint,
+    materialize, nonfinite_advice, own_out_dir, restore_training_state, rng_state, save_checkpoint, truncate_metrics,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
 from dataset import DatasetError, Mixture, TokenShards, open_mixture
 from hardware import (
-    DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run,
+    DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run, end_distributed,
     fit_to_memory, peak_memory_mb, resolve_device, uses_fsdp,
 )
 from hf import load_hf_model
 from model import ModelConfig, Transformer, attention_kernel, count_params, estimate_mfu, make_optimizer
+from runlog import MetricSinks, RunLogError, append_metrics, record_crash, write_status
 from system import StopFlag, stop_when_the_launcher_dies
 from tokenizer import TokenizerError
 
@@ -59,7 +57,7 @@ class TrainError(RuntimeError):
 
 
 # Errors from the libraries that are the user's to fix: one line, exit 1, no traceback.
-USER_ERRORS = (TrainError, DatasetError, CheckpointError, DeviceError, TokenizerError)
+USER_ERRORS = (TrainError, DatasetError, CheckpointError, DeviceError, TokenizerError, RunLogError)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -521,12 +519,8 @@ class Progress:
 
 
 def write_metrics(run: Run, record: dict) -> None:
-    """Append one record to metrics.jsonl; NaN/inf become null, which every JSON reader accepts."""
     if run.d.is_main:
-        clean = finite_or_null(record)
-        with open(run.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
-        run.sinks.write(clean)
+        append_metrics(run.metrics_path, record, run.sinks)
 
 
 # ----------------------------------------------------------------------------- parallelism
@@ -687,25 +681,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
         raise
     finally:
-        end_distributed(saver, sys.exc_info()[1])
-
-
-def end_distributed(saver: ShardedSaver, error: Optional[BaseException]) -> None:
-    """Destroy the process groups and join gloo's threads while Python still runs. A gloo thread
-    lets go of a collective just after wait() returns; when Python is already exiting by then,
-    freeing the collective's tensors cannot take the GIL and the rank aborts ("terminate called
-    without an active exception", exit -6, after a run that went well). So the last references
-    go here: the tracebacks' (which hold the model), the wrappers' (DDP/FSDP, in cycles), then
-    the group's own, whose destructor joins the threads with the GIL released."""
-    saver.close()  # a background save in flight completes first
-    while error is not None:
-        traceback.clear_frames(error.__traceback__)
-        error = error.__context__
-    if dist.is_initialized():
-        world = dist.group.WORLD  # kept until the wrappers' references are gone, so that its own is the last
-        dist.destroy_process_group(world)
-        gc.collect()
-        del world
+        saver.close()  # a background save in flight completes before the process group goes
+        end_distributed(sys.exc_info()[1])
 
 
 if __name__ == "__main__":

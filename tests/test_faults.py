@@ -472,7 +472,7 @@ def test_10_out_of_range_values_are_usage_errors(dataset, tmp_path, capsys, flag
     ("prepare.py", ["--sp_sample_mb", "inf"], "prepare.py: error: --sp_sample_mb must be a positive number of MB, got inf"),
     ("prepare.py", ["--workers", "x"], "prepare.py: error: argument --workers: invalid int value: 'x'"),
     ("sample.py", ["--top_k", "x"], "error: argument --top_k: invalid int value: 'x'"),
-    ("export_hf.py", ["--out_dir", "x"], "error: the following arguments are required: --to"),
+    ("export_hf.py", ["--out_dir", "x"], "error: say what to write: --to DIR (Hugging Face), --to FILE.pt, or --gguf FILE.gguf"),
 ])
 def test_bad_flags_are_one_line_without_the_usage_block(script, args, phrase):
     result = run_py(script, *args)
