@@ -1,6 +1,6 @@
-"""A run's files on disk: HomeLLM's checkpoints (written atomically, found and loaded), the
-resume policy train.py follows, and what others watch while it trains (status.json, metric
-mirrors to W&B or TensorBoard).
+"""A run's checkpoints on disk: HomeLLM's checkpoints (written atomically, found and loaded)
+and the resume policy train.py follows. What others watch while it trains (status.json,
+metrics.jsonl and its W&B/TensorBoard mirrors) is runlog.py's.
 
     save_checkpoint(state, out_dir, step, keep)  # atomic ckpt.pt plus numbered copies
     path = find_checkpoint(out_dir)               # ckpt.pt, or the newest numbered copy
@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import os
 import pickle
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -33,13 +33,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from configurator import config_to_dict, parse_data_mixture
+from configurator import parse_data_mixture
 from dataset import file_sha256
 from model import ModelConfig, Transformer, count_params
 from system import pid_alive
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 CHECKPOINT_FORMAT = 1
+
+
+def print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class CheckpointError(RuntimeError):
@@ -125,12 +129,13 @@ def remove_stale_temp_files(out_dir: str) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None) -> str:
+def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None, log: Callable[[str], None] = print_stderr) -> str:
     """The checkpoint to load: `ckpt` when given, else the newest in out_dir (see
-    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs.
+    checkpoint_candidates): ckpt.pt for single-process and DDP runs, ckpt_STEP/ for FSDP runs;
+    a damaged ckpt_STEP/ is passed over with a note through `log`.
     out_dir None: the run in the current directory that saved most recently (newest_run)."""
     if ckpt:
-        if not os.path.isfile(ckpt) and not is_sharded(ckpt):
+        if not os.path.exists(ckpt):
             raise CheckpointError(f"checkpoint {ckpt} does not exist")
         return ckpt
     if out_dir is None:
@@ -141,7 +146,15 @@ def find_checkpoint(out_dir: Optional[str], ckpt: Optional[str] = None) -> str:
     if not candidates:
         raise CheckpointError(f"no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (nor a numbered or sharded ckpt_STEP one); "
                               "run train.py first (it writes them into --out_dir) or pass --ckpt PATH")
-    return candidates[0]
+    for path in candidates[:-1]:
+        if is_sharded(path):
+            try:
+                load_train_state(path)  # its records and index: cheap, no weights
+            except CheckpointError as err:
+                log(f"note: passing over {path}: {err}")
+                continue
+        return path
+    return candidates[-1]  # loading it says what is wrong
 
 
 def newest_run(root: str) -> str:
@@ -204,17 +217,7 @@ def load_checkpoint_file(path: str) -> object:
             # read, so the optimizer state in a training checkpoint costs no memory here.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:
-        # The weights-only unpickler names the global it refused ("GLOBAL posix.system"):
-        # that is a pickle that wants to build arbitrary objects, i.e. possibly run code.
-        culprit = re.search(r"GLOBAL (\S+)", str(err))
-        if isinstance(err, pickle.UnpicklingError) and culprit:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
-                "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
-            ) from None
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail.strip()})") from None
+        raise unreadable(path, err) from None
 
 
 def load_init_checkpoint(path: str) -> dict:
@@ -249,7 +252,9 @@ def grow_vocab(ckpt: dict, tokenizer: dict, vocab_size: int) -> tuple[ModelConfi
 
 def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
     """The tokenizer file of a checkpoint: train.py copies it next to ckpt.pt; a checkpoint moved
-    without it falls back to the data directory it was trained on."""
+    without it falls back to the data directory it was trained on. A file whose SHA-256 is not
+    the one the checkpoint recorded is not its tokenizer, whatever its name and size: another
+    tokenizer maps the same ids to other text, and would turn every sample into garbage."""
     info = ckpt.get("tokenizer")
     if not isinstance(info, dict):
         raise CheckpointError(f"{ckpt_path} records no tokenizer; it was not written by train.py")
@@ -260,9 +265,19 @@ def checkpoint_tokenizer_path(ckpt: dict, ckpt_path: str) -> str:
         data_dirs = [path for path, _ in parse_data_mixture(data_dir)] if isinstance(data_dir, str) and data_dir else []
     except ValueError:
         data_dirs = [data_dir]
+    trained_with = ckpt.get("tokenizer_sha256")
+    foreign = []
     for base_dir in (here, *data_dirs):
-        if base_dir and name and os.path.isfile(os.path.join(base_dir, name)):
-            return os.path.join(base_dir, name)
+        path = os.path.join(base_dir, name) if base_dir and name else ""
+        if path and os.path.isfile(path):
+            if not trained_with or file_sha256(path) == trained_with:
+                return path
+            foreign.append(path)
+    if foreign:
+        raise CheckpointError(
+            f"the tokenizer file {foreign[0]} is not the one {ckpt_path} was trained with (its sha256 differs from the "
+            f"recorded {trained_with[:12]}); copy {name} from the dataset it was trained on into {here}"
+        )
     raise CheckpointError(
         f"the tokenizer file {name or '(none recorded)'} of {ckpt_path} is neither next to it nor in its "
         f"data_dir {data_dir}; copy {name or 'it'} from the prepared dataset into {here}"
@@ -426,39 +441,48 @@ def truncate_metrics(path: str, step: int) -> None:
 
 def find_resume_checkpoint(out_dir: str, resume: str, log: Callable[[str], None], is_main: bool = True) -> tuple[Optional[str], Optional[dict]]:
     """The checkpoint to continue from, loaded: (path, ckpt), or (None, None) to start fresh.
-    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True).
+    A sharded checkpoint is loaded without its tensors here (ckpt["sharded"] is True), but
+    checked to be whole (load_train_state).
 
     --resume=auto takes the newest checkpoint that loads (ckpt.pt, a numbered copy, or an FSDP
-    run's ckpt_STEP/), saying so when it had to pass over a newer one. It never starts over on
-    top of checkpoints it cannot read: that would rotate them away. --resume=never moves an
-    earlier run's checkpoints and metrics into a subdirectory first, so starting over loses
-    nothing. log: how notes reach the user (train.py's prints on rank 0 only)."""
+    run's ckpt_STEP/), saying so when it had to pass over newer ones; those are moved into
+    unloadable-TIME/, since the run will reach their steps again and must not write over them.
+    It never starts over on top of checkpoints it cannot read: that would rotate them away.
+    --resume=never moves an earlier run's checkpoints, metrics, config and tokenizer into
+    previous-run-TIME/ first, so starting over loses nothing and the old run can still be
+    sampled there. --resume=PATH: that checkpoint (a .pt file or a ckpt_STEP/ directory).
+    log: how notes reach the user (train.py's prints on rank 0 only)."""
     def load(path: str) -> dict:
         return load_train_state(path) if is_sharded(path) else load_checkpoint(path)
 
     if resume not in ("auto", "never"):
+        if not os.path.exists(resume):
+            raise CheckpointError(f"--resume={resume}: no such checkpoint; --resume takes auto, never, or the path of a .pt file or ckpt_STEP/ directory")
         return resume, load(resume)
     candidates = checkpoint_candidates(out_dir) if os.path.isdir(out_dir) else []
     if resume == "never":
         if candidates and is_main:
-            archive = os.path.join(out_dir, time.strftime("previous-run-%Y%m%d-%H%M%S"))
-            os.makedirs(archive)
-            for name in os.listdir(out_dir):
-                if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in ("ckpt.pt", "metrics.jsonl", "config.json", "status.json"):
-                    os.replace(os.path.join(out_dir, name), os.path.join(archive, name))
-            log(f"--resume=never: moved the earlier run's checkpoints and metrics to {archive}")
+            names = [name for name in os.listdir(out_dir) if NUMBERED.fullmatch(name) or SHARDED.fullmatch(name) or name in RUN_RECORDS]
+            archive = move_aside(out_dir, "previous-run-", names)
+            for name in TOKENIZER_FILES & set(os.listdir(out_dir)):  # copied: the new run needs its own
+                shutil.copyfile(os.path.join(out_dir, name), os.path.join(archive, name))
+            log(f"--resume=never: moved the earlier run's checkpoints, metrics and config to {archive}")
         return None, None
-    problems = []
+    problems, passed_over = [], []
     for path in candidates:
         try:
             ckpt = load(path)
         except CheckpointError as err:
             problems.append(str(err))
+            passed_over.append(os.path.basename(path))
             log(f"warning: cannot resume from {path}: {err}")
             continue
         latest = os.path.join(out_dir, "ckpt.pt")
         if NUMBERED.fullmatch(os.path.basename(path)) and not os.path.exists(latest):
             log(f"note: {latest} is missing; resuming from the newest numbered copy that loads, {path}")
+        if passed_over and is_main:
+            aside = move_aside(out_dir, "unloadable-", passed_over)
+            log(f"note: moved {', '.join(passed_over)} to {aside}: this run goes on from {path} and must not write over them")
         return path, ckpt
     if problems:
         raise CheckpointError(
@@ -468,10 +492,25 @@ def find_resume_checkpoint(out_dir: str, resume: str, log: Callable[[str], None]
     return None, None
 
 
+RUN_RECORDS = ("ckpt.pt", "metrics.jsonl", "config.json", "status.json")
+TOKENIZER_FILES = {"tokenizer.model", "tokenizer.tiktoken"}  # the names prepare.py gives a dataset's tokenizer
+
+
+def move_aside(out_dir: str, prefix: str, names: list[str]) -> str:
+    """Move out_dir/NAME for each name into a new out_dir/PREFIX<time>/; returns its path."""
+    aside = os.path.join(out_dir, time.strftime(f"{prefix}%Y%m%d-%H%M%S"))
+    while os.path.exists(aside):  # twice in one second
+        aside += "-"
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
 def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: int, global_batch: int, tokenizer_sha256: str,
-                    out_dir_tokenizer: str, log: Callable[[str], None]) -> None:
+                    out_dir_tokenizer: str, log: Callable[[str], None], optimizer: str = "adamw") -> None:
     """Refuse to resume from a checkpoint that holds no training state or belongs to another
-    model or tokenizer; say what changes when the number of ranks did."""
+    model, optimizer or tokenizer; say what changes when the number of ranks did."""
     if ("optimizer" not in ckpt and not ckpt.get("sharded")) or "world_size" not in ckpt:
         raise CheckpointError(
             f"{path} holds weights but no training state (e.g. made by export_hf.py --import_from); "
@@ -483,6 +522,12 @@ def check_resumable(ckpt: dict, path: str, model_cfg: ModelConfig, world_size: i
         raise CheckpointError(
             f"cannot resume from {path}: the model config differs: {', '.join(diffs)}; use the same settings, "
             f"or start a new out_dir with --init_from={path} to warm-start from its weights"
+        )
+    trained_with_optimizer = (ckpt.get("train_config") or {}).get("optimizer", "adamw")
+    if trained_with_optimizer != optimizer:  # its state has other entries (Muon: momentum only)
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with --optimizer={trained_with_optimizer}, this run asks for {optimizer}; "
+            f"use --optimizer={trained_with_optimizer}, or start a new out_dir with --init_from={path} to switch with its weights"
         )
     if ckpt["world_size"] != world_size:
         # Weights and optimizer state reshard to any number of ranks. Which windows a step reads
@@ -523,102 +568,23 @@ def restore_training_state(ckpt: dict, path: str, model: Transformer, optimizers
     did not have keep their fresh seed."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
 
-    if ckpt.get("sharded"):
-        model_state, optim_state = get_state_dict(model, optimizers)
-        shards = {"model": model_state, "optimizer": optim_state}
-        load_sharded(path, shards)
-        set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
-    elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
-        optimizers[-1].load_state_dict(ckpt["optimizer"])
-    else:  # keyed by parameter name: each rank of a sharded model keeps its part
-        set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if rank < len(ckpt["rng"]):
-        set_rng_state(ckpt["rng"][rank], device)
-
-
-# ----------------------------------------------------------------------------- what others watch: status.json, metric mirrors
-
-
-def write_status(out_dir: str, state: str, reason: Optional[str] = None, **fields: Any) -> None:
-    """out_dir/status.json: running, finished, stopped or crashed, and why, for studio.py and
-    anyone else watching (a "running" whose pid is gone died without a word, e.g. kill -9).
-    Fields not given keep their last value. Written to a temp file and renamed, so a reader
-    never sees half of it; a few hundred bytes, cheap enough to rewrite at every log."""
-    path = os.path.join(out_dir, "status.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
-    record.update(fields, state=state, reason=reason, pid=os.getpid(), host=socket.gethostname(), updated=time.time())
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
-
-
-def record_crash(out_dir: str, reason: str) -> None:
-    """Mark a run that had started in out_dir as crashed; never hides the error being reported."""
-    if os.path.exists(os.path.join(out_dir, "status.json")):
-        try:
-            write_status(out_dir, "crashed", " ".join(reason.split())[:1000])
-        except OSError:
-            pass
-
-
-def optional_import(module: str, flag: str, package: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise CheckpointError(f"{flag} needs the {package} package, which is not installed: pip install {package} (or drop {flag})") from None
-
-
-def finite_or_null(record: dict) -> dict:
-    """A metrics record with NaN and inf, also inside per-source dicts, as None: JSON has no
-    NaN, and null is what every JSON reader accepts."""
-    return {k: finite_or_null(v) if isinstance(v, dict) else None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in record.items()}
-
-
-class MetricSinks:
-    """--wandb_project / --tensorboard_dir: every record written to metrics.jsonl also goes to
-    Weights & Biases and/or TensorBoard, under the same names. Both packages are optional and
-    imported only when asked for, on every rank, so a missing one stops the run before any
-    work; only rank 0 writes. W&B's run opens at the first record (a run that fails at start
-    leaves no empty W&B run) and finishes at exit by itself; TensorBoard is flushed after each
-    record, so nothing needs closing on any of train()'s ways out."""
-
-    def __init__(self, cfg: Any, is_main: bool):
-        self.cfg, self.is_main = cfg, is_main
-        self.wandb = optional_import("wandb", "--wandb_project", "wandb") if cfg.wandb_project else None
-        self.tensorboard = optional_import("torch.utils.tensorboard", "--tensorboard_dir", "tensorboard") if cfg.tensorboard_dir else None
-        self.wandb_run: Any = None
-        self.tb_writer: Any = None
-
-    def write(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        step = record["step"]
-        # A dict of per-source values (source_tokens, source_val_loss, ...) becomes one scalar
-        # per source: "source_val_loss/data/ru_books".
-        flat = {f"{k}/{sub}" if isinstance(v, dict) else k: x for k, v in record.items()
-                for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])}
-        scalars = {k: v for k, v in flat.items() if k != "step" and v is not None}
-        if self.wandb is not None:
-            if self.wandb_run is None:
-                name = os.path.basename(os.path.abspath(self.cfg.out_dir))
-                self.wandb_run = self.wandb.init(project=self.cfg.wandb_project, name=name, config=config_to_dict(self.cfg))
-            self.wandb_run.log(scalars, step=step)
-        if self.tensorboard is not None:
-            if self.tb_writer is None:
-                self.tb_writer = self.tensorboard.SummaryWriter(log_dir=self.cfg.tensorboard_dir)
-            for key, value in scalars.items():
-                self.tb_writer.add_scalar(key, value, step)
-            self.tb_writer.flush()
+        if ckpt.get("sharded"):
+            model_state, optim_state = get_state_dict(model, optimizers)
+            shards = {"model": model_state, "optimizer": optim_state}
+            load_sharded(path, shards)
+            set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        elif all(isinstance(k, int) for k in ckpt["optimizer"].get("state", {})):  # written before names were used
+            optimizers[-1].load_state_dict(ckpt["optimizer"])
+        else:  # keyed by parameter name: each rank of a sharded model keeps its part
+            set_optimizer_state_dict(model, optimizers, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][rank], device)
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # a state that does not fit this run's optimizer
+        raise CheckpointError(f"cannot restore the training state of {path} ({type(err).__name__}: {str(err)[:200]}); it does not "
+                              f"fit this run's model and optimizer: start a new out_dir with --init_from={path}") from None
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints (FSDP)
@@ -633,16 +599,21 @@ TRAIN_STATE = "train_state.pt"
 
 
 def is_sharded(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+    """A checkpoint that is a directory is a sharded one (whole or not: loading says)."""
+    return os.path.isdir(path)
 
 
-def sharded_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete ckpt_STEP/ directories in out_dir, oldest first."""
+def sharded_checkpoints(out_dir: str, complete: bool = False) -> list[tuple[int, str]]:
+    """(step, path) of the ckpt_STEP/ directories in out_dir, oldest first; complete=True:
+    only those holding both .metadata and train_state.pt, the ones rotation may remove. An
+    incomplete one (a copy cut short, a file deleted by hand) still holds weights: it is
+    listed, so that resuming passes over it with a word instead of starting over on top."""
     found = []
     for name in os.listdir(out_dir):
-        m = SHARDED.fullmatch(name)
-        if m and is_sharded(os.path.join(out_dir, name)) and os.path.isfile(os.path.join(out_dir, name, TRAIN_STATE)):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+        path = os.path.join(out_dir, name)
+        if (m := SHARDED.fullmatch(name)) and os.path.isdir(path):
+            if not complete or (os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, TRAIN_STATE))):
+                found.append((int(m.group(1)), path))
     return sorted(found)
 
 
@@ -744,6 +715,7 @@ class ShardedSaver:
         if self._pending is not None:
             self._pending[0].wait(self.timeout_min * 60)
             self._pending = None
+        self._group = None  # the group's threads end with its last reference (train.end_distributed)
         if self._stager is not None:
             self._stager.close()  # unpins and frees the host copy
             self._stager = None
@@ -757,7 +729,7 @@ def _publish_sharded(tmp: str, final: str, old: str, out_dir: str, keep: int, st
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    for _, stale in sharded_checkpoints(out_dir)[: -max(1, keep)]:
+    for _, stale in sharded_checkpoints(out_dir, complete=True)[: -max(1, keep)]:
         shutil.rmtree(stale)
 
 
@@ -780,20 +752,32 @@ def _sharded_save_advice(out_dir: str):
 def load_sharded(path: str, shards: dict) -> None:
     """Fill `shards` (state dicts of the current model and optimizer, sharded or not) from the
     sharded checkpoint at path. DCP reshards as needed: 2 ranks may load what 4 wrote, and a
-    single process (no process group) may load it too."""
+    single process (no process group) may load it too. Nothing in the directory can run code:
+    the index is read by read_sharded_index, the byte entries (an optimizer's param-group
+    settings) are unpickled with weights_only=True (_safe_load_planner)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(shards, storage_reader=_SafeReader(path), no_dist=not dist.is_initialized())
+    read_sharded_index(path)  # its problems as one clear line, before DCP wraps them
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(shards, storage_reader=_SafeReader(path), planner=_safe_load_planner(), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # (a BaseException): every rank's failures, gathered
+        raise unreadable(path, err, "sharded checkpoint") from None
 
 
 def load_train_state(path: str) -> dict:
-    """The non-tensor part of a sharded checkpoint (config, step, RNG, tokenizer, ...)."""
+    """The non-tensor part of a sharded checkpoint (config, step, RNG, tokenizer, ...), once
+    the directory is checked to be whole (read_sharded_index): a damaged one is reported here,
+    where resuming can still pass over it to an older one."""
+    if not os.path.isfile(os.path.join(path, TRAIN_STATE)):
+        raise CheckpointError(f"{path} is incomplete: it has no {TRAIN_STATE} (the step, RNG and tokenizer records); it cannot be resumed or sampled")
     state = load_checkpoint_file(os.path.join(path, TRAIN_STATE))
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}/{TRAIN_STATE} is not a HomeLLM training state")
+    read_sharded_index(path)
     return {**state, "sharded": True}
 
 
@@ -802,14 +786,78 @@ def load_sharded_weights(path: str) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     state = load_train_state(path)
-    try:
-        index = _SafeReader(path).read_metadata().state_dict_metadata
-        model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-                 for key, meta in index.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-        load_sharded(path, {"model": model})
-    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    index = read_sharded_index(path).state_dict_metadata
+    model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in index.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    load_sharded(path, {"model": model})
     return {**state, "model": model}
+
+
+def read_sharded_index(path: str) -> Any:
+    """DCP's index (.metadata) of a sharded checkpoint, checked against the directory: every
+    shard file it names is a plain file of this directory, present and long enough for the
+    bytes it should hold. The index is unpickled with an allow-list (_MetadataUnpickler):
+    DCP's own reader runs pickle.load on it, and a directory from a stranger must not run code."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is incomplete: it has no .metadata (the index of its shards)") from None
+    except Exception as err:  # anything a torn or foreign pickle raises
+        raise unreadable(os.path.join(path, ".metadata"), err, "sharded checkpoint index") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path}/.metadata is not a sharded checkpoint index")
+    sizes: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = str(getattr(info, "relative_path", ""))
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise CheckpointError(f"{path}/.metadata names {name!r} as a shard, which is not a file of this directory")
+        if name not in sizes:
+            try:
+                sizes[name] = os.path.getsize(os.path.join(path, name))
+            except OSError:
+                raise CheckpointError(f"{path} is damaged: its shard {name} is missing; resume from an older checkpoint") from None
+        if sizes[name] < info.offset + info.length:
+            raise CheckpointError(f"{path} is damaged: its shard {name} is truncated ({sizes[name]:,} bytes, the index needs "
+                                  f"{info.offset + info.length:,}); resume from an older checkpoint")
+    return metadata
+
+
+def unreadable(path: str, err: BaseException, what: str = "PyTorch checkpoint") -> CheckpointError:
+    """The one-line error for a file that would not load. A pickle that names a global the
+    safe unpickler refuses ("GLOBAL posix.system") wants to build arbitrary objects, i.e.
+    possibly run code: that is said plainly."""
+    culprit = re.search(r"GLOBAL (\S+)", str(err))
+    if culprit:
+        return CheckpointError(
+            f"refusing to load {path}: it holds Python objects ({culprit.group(1)}) that could run code when "
+            "unpickled, while a checkpoint written by train.py holds only tensors and plain data"
+        )
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    detail = lines[-2] if isinstance(err, pickle.UnpicklingError) and len(lines) > 2 else (lines or [""])[0]
+    return CheckpointError(f"{path} is not a readable {what} ({type(err).__name__}: {detail.strip()[:300]})")
+
+
+def _safe_load_planner():
+    """DCP's default load planner, except that byte entries (the non-tensor values of a state
+    dict) are unpickled with weights_only=True; DCP's own planner uses weights_only=False."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
+            if not self.flatten_state_dict:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+                return
+            *parents, last = self.mappings[read_item.dest_index.fqn]
+            node = self.original_state_dict
+            for key in parents:  # the path exists: only keys of the state dict being filled are read
+                node = node[key]
+            node[last] = loaded
+
+    return SafeLoadPlanner()
 
 
 def _safe_reader_class():
@@ -817,12 +865,10 @@ def _safe_reader_class():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
-        """DCP's reader, but its index (.metadata) is unpickled with a whitelist: the stock
-        reader runs pickle.load on it, and a directory from a stranger must not run code."""
+        """DCP's reader, but its index is read by read_sharded_index."""
 
         def read_metadata(self, *args, **kwargs):
-            with open(os.path.join(self.path, ".metadata"), "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+            metadata = read_sharded_index(str(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -836,15 +882,56 @@ def _SafeReader(path: str):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-               ("collections", "OrderedDict")}
+    """Unpickles DCP's index (.metadata) allowing only the exact (module, name) pairs such an
+    index holds: DCP's metadata records, torch.Size, dtypes, layouts and paths. The pair is
+    checked before anything is imported or looked up, and names are plain attributes: with
+    pickle protocol 4 a name may be dotted ("os.system" under an allowed module), which
+    resolves through that module's own imports to anything at all."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+            "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
 
     def find_class(self, module: str, name: str):
-        value = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or isinstance(value, torch.dtype):
-            return value
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
+        if name not in self.ALLOWED.get(module, ()):  # a dotted name is in no list
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint index")
+        return getattr(importlib.import_module(module), name)
+
+
+def count_nonfinite(model: torch.nn.Module) -> int:
+    """How many parameters hold a NaN or an infinity (for a sharded model, in this rank's part),
+    summed over the ranks when a process group is up: then a collective, every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    params = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    count = torch.tensor([sum(not bool(torch.isfinite(p).all()) for p in params)], device=params[0].device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    return int(count.item())
+
+
+def nonfinite_advice(last_saved: Optional[int]) -> str:
+    """What a run stopped by non-finite numbers tells the user: its checkpoint is from before."""
+    saved = f"the last checkpoint (step {last_saved}) is from before them" if last_saved is not None else "no checkpoint was saved"
+    return f"{saved}; lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
+
+
+def holds_training_state(path: str) -> bool:
+    """Whether the .pt file at path is a checkpoint train.py can resume (it has optimizer state)."""
+    try:
+        ckpt = load_checkpoint_file(path)  # mmapped: the optimizer state is not read
+    except CheckpointError:
+        return False
+    return isinstance(ckpt, dict) and "optimizer" in ckpt
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -860,6 +947,9 @@ def consolidate(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, 
     copied next to it, so sample.py --ckpt dest works anywhere."""
     if os.path.exists(dest) and not overwrite:
         raise CheckpointError(f"{dest} exists; pass --overwrite to replace it, or choose another --to")
+    if os.path.isdir(dest) or (os.path.isfile(dest) and holds_training_state(dest)):
+        raise CheckpointError(f"{dest} is {'a directory' if os.path.isdir(dest) else 'a training checkpoint'}; --overwrite replaces "
+                              "only a file an export wrote: choose another --to")
     ckpt = load_checkpoint(ckpt_path)
     tokenizer_src = checkpoint_tokenizer_path(ckpt, ckpt_path)
     state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "sharded")}

@@ -241,6 +241,10 @@ def _key(default: Any, help: str, **metadata: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+MAX_DIST_TIMEOUT_MIN = 525_600
+MAX_SEED = 2**62
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every key train.py accepts, with nanoGPT's names where nanoGPT has one."""
@@ -251,7 +255,7 @@ class TrainConfig:
                                       "file may give a list of (path, weight) pairs)")
     out_dir: str = _key("out", "checkpoints, config.json, metrics.jsonl")
     init_from: str = _key("scratch", "scratch | a run's out_dir, a ckpt.pt or a sharded ckpt_STEP/ (weights only: fine-tuning) | hf:DIR (local HF Llama/Qwen2)")
-    resume: str = _key("auto", "auto (continue if out_dir has ckpt.pt) | never | path/to/ckpt.pt")
+    resume: str = _key("auto", "auto (continue from out_dir's newest checkpoint that loads) | never | PATH (a .pt file or an FSDP run's ckpt_STEP/ directory)")
     keep_checkpoints: int = _key(2, "numbered ckpt_STEP.pt copies to keep besides ckpt.pt (0: none)")
     # model
     vocab_size: Optional[int] = _key(None, "embedding rows; None: the dataset tokenizer's vocabulary size")
@@ -305,6 +309,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Reject values that could only fail later (or silently do nothing), with the fix."""
+        for f in dataclasses.fields(self):  # e.g. --learning_rate=1e999 parses as inf
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be a finite number")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
                     "eval_interval", "eval_iters", "log_interval", "nonfinite_patience")
         for name in positive:
@@ -329,12 +337,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name}={value} must be positive")
+        if self.dist_timeout_min > MAX_DIST_TIMEOUT_MIN:  # longer overflows the nanoseconds torch.distributed counts in
+            raise ValueError(f"dist_timeout_min={self.dist_timeout_min:g} must be at most {MAX_DIST_TIMEOUT_MIN} (a year)")
+        if not 0 <= self.seed <= MAX_SEED:  # torch and numpy seeds are unsigned, at most 64 bits; ranks add their rank
+            raise ValueError(f"seed={self.seed} must be between 0 and {MAX_SEED} (2**62)")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if not self.out_dir.strip():
             raise ValueError("out_dir is empty; name a directory for checkpoints and logs, e.g. --out_dir=out")
         if isinstance(self.data_dir, str) and not self.data_dir.strip():
             raise ValueError("data_dir is empty; pass the directory prepare.py wrote, e.g. --data_dir=data/demo")
+        if not self.resume.strip():
+            raise ValueError("resume is empty; it takes auto, never, or a checkpoint's path (a .pt file or an FSDP run's ckpt_STEP/ directory)")
         # One string from here on (a list from a config file becomes 'path:weight,...'), so
         # config.json, checkpoints and every reader of data_dir see the form the command line takes.
         sources = parse_data_mixture(self.data_dir)
@@ -342,8 +356,6 @@ class TrainConfig:
             self.data_dir = sources[0][0] if len(sources) == 1 else ",".join(f"{path}:{weight!r}" for path, weight in sources)
         if self.fsdp_cpu_offload and self.parallel != "fsdp":
             raise ValueError("fsdp_cpu_offload=True offloads FSDP's shards; pass --parallel=fsdp too (it runs in one process as well)")
-        if self.resume not in ("auto", "never") and not self.resume.endswith(".pt"):
-            raise ValueError(f"resume={self.resume!r} must be auto, never or a path to a .pt checkpoint")
         # The architecture checks (heads dividing n_embd, n_kv_head dividing n_head, even
         # head_dim, dropout in [0, 1)) live in ModelConfig; run them now, not after data loading.
         self.model_config(self.vocab_size or 1)

@@ -23,6 +23,7 @@ them find_input_files names the package to install.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -74,7 +75,10 @@ def _input_kind(path: str, txt_mode: str) -> str | None:
 
 
 def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFile]:
-    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list."""
+    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list.
+    Only regular files are read: a FIFO or device would block the read (and prepare.py reads
+    an input twice, to sample and to tokenize); directories are walked once each, so symlink
+    loops end (see _walk)."""
     paths: list[str] = []
     for arg in args:
         if os.path.isfile(arg):
@@ -82,21 +86,20 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
                 raise CorpusError(f"Unsupported input file {arg}: prepare.py reads {SUFFIXES_TEXT}; convert it to .jsonl first.")
             paths.append(arg)
             continue
-        if os.path.isdir(arg):
-            candidates = [arg]
-        else:
-            candidates = sorted(glob.glob(arg, recursive=True))
-            if not candidates:
-                raise CorpusError(f"Input path {arg} does not exist; check --input/--val_input.")
+        if os.path.exists(arg) and not os.path.isdir(arg):
+            raise CorpusError(f"Input {arg} is not a regular file (a FIFO or a device?); prepare.py reads each input twice, so save it to a file first.")
+        candidates = [arg] if os.path.isdir(arg) else _glob(arg)
+        if not candidates:
+            raise CorpusError(f"Input path {arg} does not exist; check --input/--val_input.")
         found, ignored = [], []
         for c in candidates:
-            files = [c] if os.path.isfile(c) else _walk_files(c)
-            for f in files:
-                (found if _input_kind(f, txt_mode) else ignored).append(f)
+            for f in [c] if not os.path.isdir(c) else sorted(path for path, is_dir in _walk(c) if not is_dir):
+                (found if os.path.isfile(f) and _input_kind(f, txt_mode) else ignored).append(f)
         if not found:
             raise CorpusError(f"No {SUFFIXES_TEXT} files found in {arg}; check the path.")
         if ignored:
-            print(f"note: ignoring {len(ignored)} file(s) with other extensions under {arg}, e.g. {ignored[0]}", file=sys.stderr)
+            print(f"note: ignoring {len(ignored)} file(s) under {arg} that are not regular files of a kind it reads ({SUFFIXES_TEXT}), e.g. {ignored[0]}",
+                  file=sys.stderr)
         paths.extend(found)
     seen, result = set(), []
     for p in paths:
@@ -133,13 +136,39 @@ def _optional(module: str, package: str, suffix: str, path: str) -> Any:
         raise CorpusError(missing_package(package, suffix, path)) from None
 
 
-def _walk_files(root: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
-    return sorted(out)
+def _walk(root: str) -> Iterator[tuple[str, bool]]:
+    """(path, is_dir) of everything under root, sorted, hidden names skipped. Symlinked
+    directories are followed, but each real directory is entered once: a link back up the
+    tree (a loop) would otherwise make the walk endless."""
+    entered = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in entered)
+        entered.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
+        yield from ((os.path.join(dirpath, d), True) for d in dirnames)
+        yield from ((os.path.join(dirpath, f), False) for f in sorted(filenames) if not f.startswith("."))
 
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), but a "**" walks with _walk: glob's own recursion
+    follows symlinked directories into loops, without end (exponentially, with two links)."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, wanted = os.sep.join(parts[:fixed]) or (os.sep if pattern.startswith(os.sep) else "."), parts[fixed:]
+    if not os.path.isdir(root):
+        return []
+    found = [path for path, _ in _walk(root) if _matches(os.path.relpath(path, root).split(os.sep), wanted)]
+    return sorted(found if root != "." else [os.path.relpath(path) for path in found])
+
+
+def _matches(names: list[str], patterns: list[str]) -> bool:
+    """Path components against glob components, "**" standing for any number of them."""
+    if not patterns:
+        return not names
+    if patterns[0] == "**":
+        return any(_matches(names[i:], patterns[1:]) for i in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], patterns[0]) and _matches(names[1:], patterns[1:])
 
 
 @dataclass(frozen=True)

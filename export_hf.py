@@ -44,11 +44,12 @@ from checkpoint import CheckpointError, consolidate, find_checkpoint
 from gguf_export import OUTTYPES, write_gguf
 from hardware import DTYPES
 from hf import HFError, export_hf, import_hf
+from system import OneLineParser
 from tokenizer import TokenizerError
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export a HomeLLM checkpoint to a Hugging Face model directory, or import one (--import_from).")
+    parser = OneLineParser(description="Export a HomeLLM checkpoint to a Hugging Face model directory, or import one (--import_from).")
     parser.add_argument("--to", default=None, help="what to write: a HF model directory (export), the out_dir for ckpt.pt "
                         "(import), or a FILE.pt: the checkpoint consolidated into one HomeLLM file (weights, no optimizer)")
     parser.add_argument("--gguf", default=None, metavar="FILE.gguf", help="write a GGUF file for llama.cpp, Ollama and LM Studio "

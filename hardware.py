@@ -1,6 +1,7 @@
 """What this machine is and what fits on it: device and dtype choice, CPU threads, peak FLOP/s
 for MFU, memory readings, the training memory plan (--dry_run prints it, check_memory_fits
-refuses a run that would not fit), and how a compiled decode step suits the device.
+refuses a run that would not fit), how a compiled decode step suits the device, and how a
+process group ends without aborting the process (end_distributed).
 
 train.py, sample.py and tools/bench.py resolve --device/--dtype here, so "auto" means the same thing
 everywhere; where training and inference really differ (fp16 needs a loss scaler, so only
@@ -10,9 +11,11 @@ training falls back to it on GPUs without bf16), that is the explicit `training`
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import resource
 import time
+import traceback
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -624,3 +627,22 @@ def check_memory_fits(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int,
     hint = f"these would fit: {', '.join(options)}" if options else "use more GPUs with --parallel=fsdp (see --dry_run)"
     raise DeviceError(f"this run needs about {plan.total / 2**30:.1f} GiB per rank (the most for {biggest}: {plan.parts[biggest] / 2**30:.1f} GiB) "
                       f"but {what}; {hint}")
+
+
+def end_distributed(error: Optional[BaseException]) -> None:
+    """Destroy the process groups and join gloo's threads while Python still runs. A gloo thread
+    lets go of a collective just after wait() returns; when Python is already exiting by then,
+    freeing the collective's tensors cannot take the GIL and the rank aborts ("terminate called
+    without an active exception", exit -6, after a run that went well). So the last references
+    go here: the tracebacks' (which hold the model), the wrappers' (DDP/FSDP, in cycles), then
+    the group's own, whose destructor joins the threads with the GIL released."""
+    import torch.distributed as dist
+
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+    if dist.is_initialized():
+        world = dist.group.WORLD  # kept until the wrappers' references are gone, so that its own is the last
+        dist.destroy_process_group(world)
+        gc.collect()
+        del world

@@ -10,7 +10,7 @@ by name (hf_names), with no q/k permutation; reading a directory is renaming plu
 every config.json feature model.py does not implement. Only local directories are read, nothing
 is downloaded. Reading needs nothing beyond torch and numpy (.safetensors files are memory-mapped
 by read_safetensors); writing needs the `safetensors` package. The tokenizer conversions both
-ways live in tokenizer.py (hf_tokenizer, import_hf_tokenizer).
+ways: hf_tokenizer here (our tokenizer's files), import_hf_tokenizer in tokenizer.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 
 from checkpoint import CheckpointError, atomic_save, checkpoint_tokenizer_path, expected_shapes, load_checkpoint
 from model import ModelConfig
-from tokenizer import IM_END, QWEN2_PAT_STR, hf_tokenizer, import_hf_tokenizer
+from tokenizer import (CHATML_TEMPLATE, IM_END, QWEN2_PAT_STR, SP_UNKNOWN, TokenizerError, bytes_to_unicode, import_hf_tokenizer,
+                       read_sentencepiece, read_tiktoken_ranks, sentencepiece_tokenizer_json, tiktoken_tokenizer_json)
 
 
 class HFError(CheckpointError):
@@ -93,6 +95,9 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             refuse(field, rope, "RoPE rotates the whole head")
         rope_theta = rope.get("rope_theta", rope_theta)
+    for field, value in (("rope_theta", rope_theta), ("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)), ("initializer_range", hf.get("initializer_range", 0.02))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HFError(f"config.json has {field}={json.dumps(value)}, which is not a number")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(field), int):
             raise HFError(f"config.json has no integer {field}; it is not a complete {model_type} config")
@@ -148,7 +153,11 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             header_size = struct.unpack("<Q", f.read(8))[0]
+            if header_size > os.path.getsize(path) - 8:  # read blindly, a forged size asks for terabytes
+                raise ValueError(f"the header claims {header_size:,} bytes of a {os.path.getsize(path):,}-byte file")
             header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, never written back
         start = 8 + header_size
         tensors = {}
@@ -172,7 +181,10 @@ def read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and os.path.basename(f) == f for f in weight_map.values()):
+                raise HFError(f"{index} has no weight_map from tensor names to file names in its directory; it is not a Hugging Face weight index")
+            files = sorted(set(weight_map.values()))
             break
         if os.path.isfile(os.path.join(path, single)):
             files = [single]
@@ -202,7 +214,10 @@ def load_hf_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not os.path.isfile(config_path):
         raise HFError(f"{path} is not a Hugging Face model directory (no config.json)")
     hf_config = read_json(config_path)
-    cfg = model_config_from_hf(hf_config)
+    try:
+        cfg = model_config_from_hf(hf_config)
+    except (TypeError, AttributeError) as err:  # a field of an unexpected JSON type, e.g. a list for a number
+        raise HFError(f"{config_path} is malformed: a field has the wrong JSON type ({err})") from None
     hf_state = read_hf_weights(path)
     if hf_config["model_type"] == "llama" and cfg.qkv_bias:
         for i in range(cfg.n_layer):
@@ -288,16 +303,31 @@ def hf_config(cfg: ModelConfig, qwen: bool, bos_id: Optional[int], eos_id: Optio
     return config
 
 
-def prepare_dest(dest: str, overwrite: bool) -> None:
-    """Refuse to write into a non-empty directory unless asked; then clear only our own files."""
+IMPORT_FILES = ("ckpt.pt", "tokenizer.model", "tokenizer.tiktoken")  # what an import writes
+
+
+def is_export_file(name: str) -> bool:
+    return name in HF_FILES or (name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin")))
+
+
+def prepare_dest(dest: str, overwrite: bool, ours: Callable[[str], bool] = is_export_file) -> None:
+    """Refuse to write into a non-empty directory unless asked. Asked, still refuse a training
+    run, a prepared dataset, or any directory holding files this writer does not write (ours
+    says which): their config.json or tokenizer file share our names, and replacing them would
+    break the run or dataset. Then clear only our own files."""
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise HFError(f"--to {dest} is a file, not a directory; choose another --to")
-    if os.path.isdir(dest) and os.listdir(dest):
-        if not overwrite:
-            raise HFError(f"{dest} is not empty; pass --overwrite to replace its files, or choose another --to")
-        for name in os.listdir(dest):
-            if name in HF_FILES or (name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin"))):
-                os.remove(os.path.join(dest, name))
+    names = sorted(os.listdir(dest)) if os.path.isdir(dest) else []
+    if names and not overwrite:
+        raise HFError(f"{dest} is not empty; pass --overwrite to replace its files, or choose another --to")
+    foreign = [name for name in names if not ours(name)]
+    if foreign:
+        run = {"train.lock", "metrics.jsonl", "status.json"} & set(names) or any(re.fullmatch(r"ckpt_\d+(\.pt)?", n) for n in names)
+        kind = "a training run" if run else "a prepared dataset" if "meta.json" in names else "a directory holding files this command did not write"
+        raise HFError(f"{dest} is {kind} ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), so --overwrite will not "
+                      "write into it; choose another --to")
+    for name in names:
+        os.remove(os.path.join(dest, name))
     os.makedirs(dest, exist_ok=True)
 
 
@@ -321,6 +351,54 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, qwen: bool, 
         for i in range(cfg.n_layer):
             tensors[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.n_embd, dtype=dtype)
     return tensors
+
+
+def hf_tokenizer(info: dict, path: str, max_seq_len: int) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) for our tokenizer record `info` and its file.
+    eos is our eot token; bos only if the tokenizer has one; nothing is added when encoding;
+    a tokenizer with chat tokens gets the ChatML chat_template."""
+    eot_id, bos_id = info.get("eot_id"), info.get("bos_id")
+    if info.get("kind") == "sentencepiece":
+        sp = read_sentencepiece(path)
+        tokenizer = sentencepiece_tokenizer_json(sp)
+        id_to_text = {i: p["piece"] for i, p in enumerate(sp["pieces"])}
+        unk = next((p["piece"] for p in sp["pieces"] if p["type"] == SP_UNKNOWN), None)
+    elif info.get("kind") == "tiktoken":
+        if not info.get("pat_str"):
+            raise TokenizerError("the checkpoint's tiktoken tokenizer record has no pat_str")
+        ranks = read_tiktoken_ranks(path)
+        special = info.get("special_tokens") or {}
+        tokenizer = tiktoken_tokenizer_json(ranks, info["pat_str"], special)
+        byte_char = bytes_to_unicode()
+        id_to_text = {rank: "".join(byte_char[b] for b in token) for token, rank in ranks.items()}
+        id_to_text.update({i: s for s, i in special.items()})
+        unk = None
+    else:
+        raise TokenizerError(f"unknown tokenizer kind {info.get('kind')!r} in the checkpoint")
+    for role, token_id in (("eot_id", eot_id), ("bos_id", bos_id)):
+        if token_id is not None and token_id not in id_to_text:
+            raise TokenizerError(f"the tokenizer's {role}={token_id} is not a token of {path}")
+    config = {
+        # The generic class loads tokenizer.json as is; LlamaTokenizer would rebuild its own
+        # pipeline in transformers 5 and lose the normalizer and unigram scores.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": id_to_text[bos_id] if bos_id is not None else None,
+        "eos_token": id_to_text[eot_id] if eot_id is not None else None,
+        "unk_token": unk,
+        "pad_token": None,
+        # Our encode() adds nothing: documents are separated by eot in the data, not framed.
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # would change " ." into "." on decode
+        "model_max_length": max_seq_len,
+    }
+    if info["kind"] == "sentencepiece":
+        # Whether SentencePiece puts a space before the text (its dummy prefix; never with sp:N).
+        # llama.cpp's converter reads it from here, and assumes true when it is missing.
+        config["add_prefix_space"] = sp["add_dummy_prefix"]
+    if info.get("chat_tokens"):  # apply_chat_template then renders what chat_ids encodes
+        config["chat_template"] = CHATML_TEMPLATE
+    return tokenizer, config
 
 
 def export_hf(ckpt_path: str, dest: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> None:
@@ -369,7 +447,7 @@ def import_hf(path: str, dest: str, dtype: Optional[torch.dtype] = None, overwri
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed.weight"]  # one tensor again, as in the model
     created = not os.path.exists(dest)
-    prepare_dest(dest, overwrite)
+    prepare_dest(dest, overwrite, lambda name: name in IMPORT_FILES)
     ckpt_path = os.path.join(dest, "ckpt.pt")
     try:
         info = import_hf_tokenizer(path, dest)

@@ -98,7 +98,10 @@ def default_ffn_hidden(n_embd: int, multiple_of: int = 256) -> int:
 
 
 def _near_divisor(n: int, want: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+    """The divisor of n nearest to want (the smaller on a tie). Divisors come in pairs (d, n/d)
+    with d <= sqrt(n): O(sqrt(n)), so a typo like n_embd=100000001 is refused at once."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return min(small + [n // d for d in small], key=lambda d: (abs(d - want), d))
 
 
 # ----------------------------------------------------------------------------- building blocks

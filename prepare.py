@@ -31,7 +31,6 @@ against the bare tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -56,10 +55,10 @@ from corpus import (
     parse_piece, preload_readers, read_piece, sample_documents, utf8_document, val_threshold,
 )
 from dataset import CHAT_FILES, FORMAT_VERSION, DatasetError, ShardWriter, load_meta
-from system import die_with_parent, pid_alive, usable_cpus
+from system import OneLineParser, die_with_parent, pid_alive, usable_cpus
 from tokenizer import (
-    DEFAULT_TIKTOKEN_PATTERN, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, add_chat_tokens, chat_ids, load_tokenizer,
-    normalizes_text, resolve_tokenizer, save_tokenizer, train_sentencepiece,
+    DEFAULT_TIKTOKEN_PATTERN, LONG_TEXT, TIKTOKEN_NAMES, Tokenizer, TokenizerError, TokenizerPlan, add_chat_tokens, chat_ids,
+    load_tokenizer, normalizes_text, pieces_for_encoding, resolve_tokenizer, save_tokenizer, train_sentencepiece,
 )
 
 DEFAULT_TOKENIZER = "sp:32000"  # user corpora: a 32k BPE fits Russian (or mixed ru/en) text well
@@ -220,6 +219,7 @@ class TaskResult:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
     invalid_utf8: int = 0
+    unchecked_cuts: int = 0  # cuts inside long documents not checked to keep their tokens (see _tokens_with_eot)
     # Chat data, per split: the loss mask (uint8, beside train/val), the conversations as (n, 2)
     # int64 rows (start offset, offset of the first reply token) and the replies' UTF-8 bytes.
     masks: dict[str, np.ndarray] = field(default_factory=dict)
@@ -283,7 +283,9 @@ def process_task(pieces: list[Piece]) -> TaskResult:
                 else:
                     result.train_bytes += len(b)
             for split in ("train", "val"):
-                parts[split].append(_tokens_with_eot(tok, texts[split], setup.dtype))
+                tokens, cuts = _tokens_with_eot(tok, texts[split], setup.dtype)
+                parts[split].append(tokens)
+                result.unchecked_cuts += cuts
             result.train_docs, result.val_docs = result.train_docs + len(texts["train"]), result.val_docs + len(texts["val"])
     result.train = np.concatenate(parts["train"]) if parts["train"] else result.train
     result.val = np.concatenate(parts["val"]) if parts["val"] else result.val
@@ -333,7 +335,7 @@ def process_chat_task(pieces: list[Piece], setup: WorkerSetup, tok: Tokenizer) -
     return result
 
 
-def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
+def _encode_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
     """All docs' token ids, each document followed by EOT, as one array of dtype."""
     if not docs:
         return np.empty(0, dtype)
@@ -355,6 +357,26 @@ def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> np.ndarray:
         out[pos + n] = tok.eot_id
         pos += n + 1
     return out
+
+
+def _tokens_with_eot(tok: Tokenizer, docs: list[Any], dtype: str) -> tuple[np.ndarray, int]:
+    """_encode_with_eot, but a document longer than LONG_TEXT is encoded in pieces
+    (pieces_for_encoding): memory then holds the document plus one piece's encoding, not an
+    encoding many times the document's size. Also returns how many cuts were not checked to
+    leave the tokens as they were."""
+    parts, short, unchecked_cuts = [], [], 0
+    for d in docs:
+        if len(d) <= LONG_TEXT:
+            short.append(d)
+            continue
+        parts.append(_encode_with_eot(tok, short, dtype))
+        short = []
+        for piece, clean in pieces_for_encoding(d, lambda text: _encode_with_eot(tok, [text], dtype)[:-1], LONG_TEXT):
+            parts.append(_encode_with_eot(tok, [piece], dtype)[:-1])
+            unchecked_cuts += not clean
+        parts.append(np.array([tok.eot_id], dtype))
+    parts.append(_encode_with_eot(tok, short, dtype))
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), unchecked_cuts
 
 
 # ----------------------------------------------------------------------------- driver
@@ -428,7 +450,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     if cfg.val_inputs:
         val_fraction = 0.0
-    if cfg.shard_tokens < 1 or cfg.chunk_mb <= 0 or cfg.sp_sample_mb <= 0:
+    if cfg.shard_tokens < 1 or not 0 < cfg.chunk_mb < float("inf") or not 0 < cfg.sp_sample_mb < float("inf"):
         raise PrepareError("--shard_tokens, --chunk_mb and --sp_sample_mb must be positive.")
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise PrepareError("--max_docs must be at least 1.")
@@ -563,10 +585,13 @@ def _commit(tmp_dir: str, out_dir: str) -> None:
             os.remove(os.path.join(old, "dataset", name))
     try:
         os.rmdir(os.path.join(old, "dataset"))
+    except OSError:  # something we did not write appeared meanwhile: keep it, and disown the
+        # folder, or a later run would remove it as the leftover of a killed one
         os.remove(os.path.join(old, OWNER_FILE))
-        os.rmdir(old)
-    except OSError:  # something we did not write appeared meanwhile: keep it
         _log(f"note: {out_dir} was replaced; files prepare.py did not write were kept in {old}/dataset")
+        return
+    os.remove(os.path.join(old, OWNER_FILE))
+    os.rmdir(old)
 
 
 # A hidden working directory (.NAME.tmp-*, .NAME.old-*) carries the pid and host of the run that
@@ -619,7 +644,7 @@ def _prepare_into(
     totals = {s: {"documents": 0, "bytes": 0, **({"loss_tokens": 0, "loss_bytes": 0} if fmt == "chat" else {})} for s in ("train", "val")}
     truncated = 0
     skipped: dict[str, int] = {}
-    invalid_utf8, reported, n_docs, n_tokens = 0, 0, 0, 0
+    invalid_utf8, reported, n_docs, n_tokens, unchecked_cuts = 0, 0, 0, 0, 0
     total_disk = sum(f.size for f in all_files)
 
     from tqdm import tqdm
@@ -632,7 +657,7 @@ def _prepare_into(
     t_encode = time.time()
 
     def handle(result: TaskResult, disk: int) -> None:
-        nonlocal invalid_utf8, reported, n_docs, n_tokens, truncated
+        nonlocal invalid_utf8, reported, n_docs, n_tokens, truncated, unchecked_cuts
         for file_index, line, _reason, detail in result.examples:
             where = f"{all_files[file_index].path}:{line}"
             if cfg.strict:
@@ -646,6 +671,7 @@ def _prepare_into(
             skipped[reason] = skipped.get(reason, 0) + count
         invalid_utf8 += result.invalid_utf8
         truncated += result.truncated
+        unchecked_cuts += result.unchecked_cuts
         write_result(result, writers, totals)
         n_docs += result.train_docs + result.val_docs
         n_tokens += len(result.train) + len(result.val)
@@ -667,6 +693,9 @@ def _prepare_into(
     finally:
         bar.close()
     shards = {s: w.close() for s, w in writers.items()}
+    if unchecked_cuts:
+        _log(f"note: {unchecked_cuts} cut(s) inside documents longer than {LONG_TEXT:,} characters found no place that keeps "
+             "the tokens exactly (no newline or space nearby); the tokens at those cuts may differ slightly from a whole encode")
     t_done = time.time()
     check_totals(n_docs, totals, shards, skipped, invalid_utf8, val_fraction, bool(val_files))
 
@@ -806,8 +835,8 @@ def _run_pool(
 
 
 def parse_args(argv: list[str]) -> PrepareConfig:
-    p = argparse.ArgumentParser(
-        prog="prepare.py",
+    p = OneLineParser(
+        prog="prepare.py", error_prefix="prepare.py: error: ",
         description="Tokenize a .jsonl/.txt (.gz/.xz/.zst) or .parquet corpus into uint16/uint32 token shards for train.py. "
         "With no --input, builds the demo dataset from the Russian literature shipped in demo/.",
     )
@@ -856,6 +885,11 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     a = p.parse_args(argv)
     if a.workers < 0:
         p.error("--workers must be >= 0")
+    for flag in ("chunk_mb", "sp_sample_mb"):  # float() also takes nan and inf
+        if not 0 < getattr(a, flag) < float("inf"):
+            p.error(f"--{flag} must be a positive number of MB, got {getattr(a, flag)}")
+    if a.shard_tokens < 1:
+        p.error(f"--shard_tokens must be positive, got {a.shard_tokens}")
     return PrepareConfig(
         inputs=a.input, demo=a.demo, val_inputs=a.val_input, val_fraction=a.val_fraction, text_key=a.text_key,
         txt_mode=a.txt_mode, format=a.format, block_size=a.block_size, tokenizer=a.tokenizer, tiktoken_pattern=a.tiktoken_pattern,

@@ -28,6 +28,7 @@ import torch
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
 from hardware import DeviceError, choose_dtype, compile_decode, configure_cpu_threads, resolve_device
 from model import Transformer
+from system import OneLineParser
 from tokenizer import Tokenizer, chat_ids
 
 SEPARATOR = "-" * 40  # printed on its own line between samples
@@ -191,7 +192,7 @@ def stream_sample(
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.",
+    p = OneLineParser(description="Sample text from a HomeLLM checkpoint, streamed as it is generated.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default=None, help="where train.py wrote its checkpoints; None: the run here that saved last")
     p.add_argument("--ckpt", default=None, help="an explicit checkpoint file (overrides --out_dir)")
@@ -230,6 +231,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top_k={args.top_k} must be >= 0 (0 means no limit)")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top_p={args.top_p} must be in (0, 1]")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed={args.seed} must be between 0 and 2**64 - 1")
     if (args.system is not None or args.messages) and not args.chat:
         raise UsageError("--system and --messages belong to --chat")
     if args.chat and (args.interactive or args.num_samples > 1):

@@ -1,5 +1,6 @@
 """What the operating system says about this process and others: the CPUs it may use, whether
-another process is alive, dying with the parent, and signals asking a run to stop.
+another process is alive, dying with the parent, signals asking a run to stop, and the
+command-line parser whose errors are one line with exit status 2.
 
 No torch here: prepare.py, which never needs torch, shares these with train.py, checkpoint.py
 and the studio.
@@ -7,6 +8,7 @@ and the studio.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -69,6 +71,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def stop_when_the_launcher_dies() -> None:
+    """Under torchrun: SIGTERM this rank when the launcher process dies, however it dies (kill -9
+    included). StopFlag then has the ranks finish the step, save and exit, which releases the
+    run's train.lock; without it the orphaned ranks would train on, holding it."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(signal.SIGTERM)
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to finish the current step, save and exit 0."""
 
@@ -86,3 +96,15 @@ class StopFlag:
             return
         self.requested = True
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage block) and exits 2: `error_prefix`
+    + argparse's message, e.g. "error: argument --top_k: invalid int value: 'x'"."""
+
+    def __init__(self, *args, error_prefix: str = "error: ", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+
+    def error(self, message: str):
+        self.exit(2, f"{self.error_prefix}{' '.join(message.split())} (--help lists the options)\n")

@@ -13,9 +13,10 @@ What lives here:
   its loss mask for prepare.py, sample.py and the studio, CHATML_TEMPLATE is the same template
   in Jinja for Hugging Face exports, add_chat_tokens gives a tokenizer without chat tokens
   <|im_start|> and <|im_end|> at the next free ids.
-- Hugging Face conversions, both ways: our tokenizer as tokenizer.json + tokenizer_config.json
-  (hf_tokenizer, for export_hf.py), and a local HF model's tokenizer as ours
-  (import_hf_tokenizer, for prepare.py --tokenizer hf:DIR and export_hf.py --import_from).
+- Hugging Face conversions, both ways: our tokenizer's pipeline as tokenizer.json
+  (sentencepiece_tokenizer_json, tiktoken_tokenizer_json; hf.hf_tokenizer writes the files),
+  and a local HF model's tokenizer as ours (import_hf_tokenizer, for prepare.py --tokenizer
+  hf:DIR and export_hf.py --import_from).
   SentencePiece .model files are read with a tiny protobuf reader, so neither the protobuf nor
   the tokenizers package is needed.
 """
@@ -93,6 +94,49 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             return self.impl.decode(ids)
         return self.impl.decode(ids, errors="replace")
+
+
+LONG_TEXT = 1 << 20  # characters (or UTF-8 bytes): longer texts are encoded piece by piece
+
+
+def pieces_for_encoding(text: Any, encode: Any, piece_len: int = LONG_TEXT, window: int = 256) -> Iterator[tuple[Any, bool]]:
+    """text (str, or UTF-8 bytes) in pieces of at most about piece_len, for encoding one at a
+    time: a tokenizer's memory grows many times faster than its input (a 1 GB document made
+    SentencePiece fail with bad_alloc). Each cut is placed where encoding the two sides apart
+    gives the tokens of encoding them together, checked on a window around it (tokenizers
+    decide tokens locally: pre-split pieces, whitespace runs): after a newline, else a space,
+    in the last eighth of the piece. Yields (piece, clean); clean is False after a cut where
+    no such place was found and the piece was cut at its end anyway (at a character boundary)."""
+    newline, space = ("\n", " ") if isinstance(text, str) else (b"\n", b" ")
+
+    def boundary(pos: int, step: int) -> int:  # the nearest UTF-8 character boundary
+        while isinstance(text, bytes) and 0 < pos < len(text) and text[pos] & 0xC0 == 0x80:
+            pos += step
+        return pos
+
+    def clean_cut(cut: int) -> bool:
+        left, right = boundary(max(0, cut - window), 1), boundary(min(len(text), cut + window), -1)
+        return list(encode(text[left:right])) == list(encode(text[left:cut])) + list(encode(text[cut:right]))
+
+    start = 0
+    while len(text) - start > piece_len:
+        end, cut = start + piece_len, None
+        for sep in (newline, space):
+            pos = end
+            for _ in range(16):  # candidates from the end back
+                pos = text.rfind(sep, end - piece_len // 8, pos)
+                if pos < 0:
+                    break
+                if clean_cut(pos + 1):
+                    cut = pos + 1
+                    break
+            if cut is not None:
+                break
+        clean = cut is not None
+        cut = cut if clean else boundary(end, -1)
+        yield text[start:cut], clean
+        start = cut
+    yield text[start:], True
 
 
 def load_tokenizer(info: dict, base_dir: str) -> Tokenizer:
@@ -358,6 +402,7 @@ def save_tokenizer(plan: TokenizerPlan, out_dir: str) -> tuple[dict, Tokenizer]:
     if plan.kind == "sentencepiece":
         target = os.path.join(out_dir, "tokenizer.model")
         if plan.train_vocab is None:
+            load_sentencepiece(plan.path)  # a bad file is named as the user gave it, not as our temp copy
             shutil.copyfile(plan.path, target)
         tok = load_sentencepiece(target)
         info = dict(kind="sentencepiece", spec=plan.spec, file="tokenizer.model", name=None, pat_str=None,
@@ -791,54 +836,6 @@ def byte_level_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 # ----------------------------------------------------------------------------- Hugging Face: export and import
-
-
-def hf_tokenizer(info: dict, path: str, max_seq_len: int) -> tuple[dict, dict]:
-    """(tokenizer.json, tokenizer_config.json) for our tokenizer record `info` and its file.
-    eos is our eot token; bos only if the tokenizer has one; nothing is added when encoding;
-    a tokenizer with chat tokens gets the ChatML chat_template."""
-    eot_id, bos_id = info.get("eot_id"), info.get("bos_id")
-    if info.get("kind") == "sentencepiece":
-        sp = read_sentencepiece(path)
-        tokenizer = sentencepiece_tokenizer_json(sp)
-        id_to_text = {i: p["piece"] for i, p in enumerate(sp["pieces"])}
-        unk = next((p["piece"] for p in sp["pieces"] if p["type"] == SP_UNKNOWN), None)
-    elif info.get("kind") == "tiktoken":
-        if not info.get("pat_str"):
-            raise TokenizerError("the checkpoint's tiktoken tokenizer record has no pat_str")
-        ranks = read_tiktoken_ranks(path)
-        special = info.get("special_tokens") or {}
-        tokenizer = tiktoken_tokenizer_json(ranks, info["pat_str"], special)
-        byte_char = bytes_to_unicode()
-        id_to_text = {rank: "".join(byte_char[b] for b in token) for token, rank in ranks.items()}
-        id_to_text.update({i: s for s, i in special.items()})
-        unk = None
-    else:
-        raise TokenizerError(f"unknown tokenizer kind {info.get('kind')!r} in the checkpoint")
-    for role, token_id in (("eot_id", eot_id), ("bos_id", bos_id)):
-        if token_id is not None and token_id not in id_to_text:
-            raise TokenizerError(f"the tokenizer's {role}={token_id} is not a token of {path}")
-    config = {
-        # The generic class loads tokenizer.json as is; LlamaTokenizer would rebuild its own
-        # pipeline in transformers 5 and lose the normalizer and unigram scores.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": id_to_text[bos_id] if bos_id is not None else None,
-        "eos_token": id_to_text[eot_id] if eot_id is not None else None,
-        "unk_token": unk,
-        "pad_token": None,
-        # Our encode() adds nothing: documents are separated by eot in the data, not framed.
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,  # would change " ." into "." on decode
-        "model_max_length": max_seq_len,
-    }
-    if info["kind"] == "sentencepiece":
-        # Whether SentencePiece puts a space before the text (its dummy prefix; never with sp:N).
-        # llama.cpp's converter reads it from here, and assumes true when it is missing.
-        config["add_prefix_space"] = sp["add_dummy_prefix"]
-    if info.get("chat_tokens"):  # apply_chat_template then renders what chat_ids encodes
-        config["chat_template"] = CHATML_TEMPLATE
-    return tokenizer, config
 
 
 def _read_json(path: str) -> dict:

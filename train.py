@@ -20,6 +20,7 @@ resumed continues with bit-identical losses on CPU.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
@@ -35,19 +36,19 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import (
-    CHECKPOINT_FORMAT, CheckpointError, MetricSinks, ShardedSaver, check_resumable, find_resume_checkpoint, finite_or_null, grow_vocab,
-    load_init_checkpoint, materialize, own_out_dir, record_crash, restore_training_state, rng_state, save_checkpoint, truncate_metrics,
-    write_status,
+    CHECKPOINT_FORMAT, CheckpointError, ShardedSaver, check_resumable, count_nonfinite, find_resume_checkpoint, grow_vocab,
+    load_init_checkpoint, materialize, nonfinite_advice, own_out_dir, restore_training_state, rng_state, save_checkpoint, truncate_metrics,
 )
 from configurator import TrainConfig, config_to_dict, format_config, parse_args_or_exit
 from dataset import DatasetError, Mixture, TokenShards, open_mixture
 from hardware import (
-    DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run,
+    DeviceError, choose_dtype, configure_cuda_allocator, configure_training_threads, device_peak_flops, dry_run, end_distributed,
     fit_to_memory, peak_memory_mb, resolve_device, uses_fsdp,
 )
 from hf import load_hf_model
 from model import ModelConfig, Transformer, attention_kernel, count_params, estimate_mfu, make_optimizer
-from system import StopFlag
+from runlog import MetricSinks, RunLogError, append_metrics, record_crash, write_status
+from system import StopFlag, stop_when_the_launcher_dies
 from tokenizer import TokenizerError
 
 
@@ -56,7 +57,7 @@ class TrainError(RuntimeError):
 
 
 # Errors from the libraries that are the user's to fix: one line, exit 1, no traceback.
-USER_ERRORS = (TrainError, DatasetError, CheckpointError, DeviceError, TokenizerError)
+USER_ERRORS = (TrainError, DatasetError, CheckpointError, DeviceError, TokenizerError, RunLogError)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     run.model.train()
     run.speed_mark = (time.perf_counter(), progress.tokens_seen)
     batches = read_step(run, progress.step)
-    while cfg.max_iters is None or progress.step < cfg.max_iters:
+    while (cfg.max_iters is None or progress.step < cfg.max_iters) and not clock.out_of_time:
         step = progress.step
         lr = clock.lr(step)
         for group in (g for opt in run.optimizers for g in opt.param_groups):
@@ -82,7 +83,7 @@ def train(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
         batches = read_step(run, step + 1) if not clock.last_step and step + 1 != cfg.max_iters else []
         grad_norm = clip_gradients(run)
         loss, grad_norm, stop_asked, elapsed_s = step_statistics(run, loss_sum, grad_norm, stop, clock)
-        clock.step_done(elapsed_s)
+        elapsed_s = clock.step_done(elapsed_s)
         finite = update(run, step, loss, grad_norm)
         progress.step, progress.tokens_seen, progress.elapsed_s = step + 1, progress.tokens_seen + run.tokens_per_step, elapsed_s
         progress.source_tokens = run.train_data.count_tokens(progress.source_tokens, step, step + 1, run.global_batch)
@@ -174,13 +175,9 @@ def update(run: Run, step: int, loss: float, grad_norm: float) -> bool:
     else:
         run.nonfinite_steps += 1
         patience = run.cfg.nonfinite_patience
-        log0(run.d, f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped ({run.nonfinite_steps}/{patience})")
+        log0(run.d, f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped ({run.nonfinite_steps}/{patience})")
         if run.nonfinite_steps >= patience:
-            saved = f"the last checkpoint (step {run.last_saved}) is from before them" if run.last_saved is not None else "no checkpoint was saved"
-            raise TrainError(
-                f"the loss was non-finite for {run.nonfinite_steps} steps in a row (last at step {step}); {saved}; "
-                "lower learning_rate, raise warmup_iters or use --dtype=bfloat16/float32, then resume"
-            )
+            raise TrainError(f"the loss was non-finite for {run.nonfinite_steps} steps in a row (last at step {step + 1}); {nonfinite_advice(run.last_saved)}")
     run.scaler.update()
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
@@ -249,7 +246,7 @@ class TimeBudget:
         self.step_s: Optional[float] = None  # a step's duration, erring long
         self.paused = True  # the next step's time includes start-up or an evaluation: not a step's
         self.last_step = False
-        self.out_of_time = False
+        self.out_of_time = self.budget_s is not None and elapsed_s >= self.budget_s  # a finished run: nothing to do
 
     def lr(self, step: int) -> float:
         """The learning rate of `step`; also decides whether it is the budget's last step."""
@@ -266,12 +263,14 @@ class TimeBudget:
         """Seconds since the run began, on this process's clock (only rank 0's counts)."""
         return time.perf_counter() - self.started
 
-    def step_done(self, elapsed_s: float) -> None:
-        """Rank 0's reading at the end of a step."""
+    def step_done(self, elapsed_s: float) -> float:
+        """Rank 0's reading at the end of a step; returns the clock to record, which reads the
+        whole budget once it is spent: a finished run, run again, then has nothing left to do."""
         if not self.paused:
             self.step_s = max(elapsed_s - self.elapsed_s, 0.8 * (self.step_s or 0.0))
         self.elapsed_s, self.paused = elapsed_s, False
         self.out_of_time = self.budget_s is not None and (self.last_step or elapsed_s >= self.budget_s)
+        return max(elapsed_s, self.budget_s) if self.out_of_time else elapsed_s
 
 
 # ----------------------------------------------------------------------------- evaluation and checkpoints
@@ -336,7 +335,8 @@ def checkpoint_state(run: Run, progress: Progress) -> dict:
 
 def eval_and_save(run: Run, progress: Progress, reason: str, background: bool = False) -> None:
     """Evaluate, record, and write the checkpoint (rank 0), with every rank taking part.
-    During a streak of non-finite steps nothing is saved: the weights may already be wrecked,
+    Non-finite weights are never saved (the run stops), nor is anything during a streak of
+    non-finite steps or after a non-finite evaluation: the weights may already be wrecked,
     and the last checkpoint must stay one from before.
     background: a sharded checkpoint may be written while training goes on (--async_checkpoint);
     the last save of a run is always waited for."""
@@ -345,8 +345,11 @@ def eval_and_save(run: Run, progress: Progress, reason: str, background: bool = 
         progress.best_val_loss = min(progress.best_val_loss, result["val_loss"])
         log0(run.d, f"step {progress.step}: val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f} | bpb {result['val_bpb']:.4f}")
         write_metrics(run, {"step": progress.step, **result})
-    if run.nonfinite_steps:
-        log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {run.nonfinite_steps} step(s) were non-finite")
+    if count_nonfinite(run.raw_model):  # no later step can repair them: stop, and never save them
+        raise TrainError(f"step {progress.step}: the weights hold NaN or inf values; {nonfinite_advice(run.last_saved)}")
+    if run.nonfinite_steps or (result is not None and not math.isfinite(result["val_loss"])):
+        log0(run.d, f"step {progress.step}: not saving a checkpoint ({reason}): the last {run.nonfinite_steps} step(s) were non-finite"
+             if run.nonfinite_steps else f"step {progress.step}: not saving a checkpoint ({reason}): the validation loss is not finite")
         return
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -394,15 +397,17 @@ def setup(cfg: TrainConfig, d: Dist, device: torch.device, saver: Optional[Shard
     threads = configure_training_threads(device, fsdp and cfg.fsdp_cpu_offload, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
 
-    raw_model, model_cfg, init_state = build_model(cfg, meta, d)  # on the meta device
-    cfg, memory_note = fit_to_memory(cfg, model_cfg, d.world_size, device, dtype)
+    model_cfg, init_state = initial_weights(cfg, meta, d)
+    cfg, memory_note = fit_to_memory(cfg, model_cfg, d.world_size, device, dtype)  # before building anything: refused in seconds
+    with torch.device("meta"):  # shapes only; parallelism applies to it, then each rank allocates its part (materialize)
+        raw_model = Transformer(model_cfg)
     lock = own_out_dir(cfg.out_dir) if d.is_main else None  # held as long as the Run lives
     resume_path, ckpt = find_resume_checkpoint(cfg.out_dir, cfg.resume, lambda line: log0(d, line), d.is_main)
     tok_file = meta["tokenizer"].get("file") or ""
     if ckpt is not None:
         global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * d.world_size
         check_resumable(ckpt, resume_path, model_cfg, d.world_size, global_batch, tokenizer_sha256,
-                        os.path.join(cfg.out_dir, tok_file), lambda line: log0(d, line))
+                        os.path.join(cfg.out_dir, tok_file), lambda line: log0(d, line), cfg.optimizer)
         init_state = None if ckpt.get("sharded") else ckpt["model"]
 
     model: nn.Module = raw_model
@@ -514,12 +519,8 @@ class Progress:
 
 
 def write_metrics(run: Run, record: dict) -> None:
-    """Append one record to metrics.jsonl; NaN/inf become null, which every JSON reader accepts."""
     if run.d.is_main:
-        clean = finite_or_null(record)
-        with open(run.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
-        run.sinks.write(clean)
+        append_metrics(run.metrics_path, record, run.sinks)
 
 
 # ----------------------------------------------------------------------------- parallelism
@@ -577,10 +578,10 @@ def apply_ddp(model: Transformer, device: torch.device) -> nn.Module:
 # ----------------------------------------------------------------------------- the model's weights
 
 
-def build_model(cfg: TrainConfig, meta: dict, d: Dist) -> tuple[Transformer, ModelConfig, Optional[dict]]:
-    """The plain model on the meta device (shapes only, no memory yet), and the weights to load
-    into it from --init_from (None: a fresh init). Parallelism is applied to the meta model,
-    then each rank allocates only its own part (see materialize)."""
+def initial_weights(cfg: TrainConfig, meta: dict, d: Dist) -> tuple[ModelConfig, Optional[dict]]:
+    """The model's config and the weights to start from: --init_from's (a run directory, a
+    checkpoint or a HF directory; grown by the chat tokens prepare.py appended to its
+    tokenizer), or None for a fresh init."""
     init_state = None
     if cfg.init_from == "scratch":
         model_cfg = cfg.model_config(meta["vocab_size"])
@@ -600,15 +601,11 @@ def build_model(cfg: TrainConfig, meta: dict, d: Dist) -> tuple[Transformer, Mod
             model_cfg, init_state = grow_vocab(ckpt, meta["tokenizer"], meta["vocab_size"])
             log0(d, f"grew the vocabulary from {ckpt['model_config']['vocab_size']} to {model_cfg.vocab_size} tokens for the dataset's tokenizer: new embedding/output rows = mean of the old")
     if model_cfg.vocab_size < meta["vocab_size"]:
-        raise TrainError(
-            f"the model's vocab_size={model_cfg.vocab_size} is smaller than the dataset tokenizer's "
-            f"vocab_size={meta['vocab_size']}; leave vocab_size unset or prepare the data with the model's tokenizer"
-        )
+        raise TrainError(f"the model's vocab_size={model_cfg.vocab_size} is smaller than the dataset tokenizer's "
+                         f"vocab_size={meta['vocab_size']}; leave vocab_size unset or prepare the data with the model's tokenizer")
     if model_cfg.max_seq_len < cfg.block_size:
         raise TrainError(f"block_size={cfg.block_size} exceeds the initial model's max_seq_len={model_cfg.max_seq_len}")
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    return model, model_cfg, init_state
+    return model_cfg, init_state
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -645,6 +642,10 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Dist, torch.device]:
         if device.type == "cuda" and cfg.parallel == "fsdp" and cfg.fsdp_cpu_offload:
             backend = "cuda:nccl,cpu:gloo"
         alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}  # not under torchrun
+        # Imported before the group exists: its functions take group=group.WORLD as a default,
+        # and imported later (DDP imports it through torch._dynamo) they would hold the group
+        # until Python exits, out of end_distributed's reach.
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min),
                                 device_id=device if device.type == "cuda" else None, **alone)
     return d, device
@@ -663,6 +664,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cfg.dry_run:
         dry_run(cfg)
         return
+    stop_when_the_launcher_dies()
     d = Dist()
     # Made here, so that the finally below can let a background checkpoint write complete
     # before the process group it talks over is destroyed.
@@ -686,9 +688,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             record_crash(cfg.out_dir, f"{type(err).__name__}: {err}")
         raise
     finally:
-        saver.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        saver.close()  # a background save in flight completes before the process group goes
+        end_distributed(sys.exc_info()[1])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Sequence
 
 import pytest
 import regex  # tiktoken's dependency
+import torch
 
 import prepare
 from dataset import load_meta
@@ -108,6 +109,33 @@ def stream_decode(tokenizer, ids: Iterable[int], context: Sequence[int] = ()) ->
     tail = streamer.end()
     if tail:
         yield tail
+
+
+def shard_checkpoint(pt_path, dest, **param_group) -> None:
+    """The .pt checkpoint at pt_path rewritten as an FSDP run writes one: dest/ (ckpt_STEP/)
+    with DCP's .metadata and shards of {"model", "optimizer"}, plus train_state.pt with the
+    rest. param_group: values put into the optimizer's first param group (as bytes entries)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = torch.load(pt_path, weights_only=True)
+    shards = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+    shards["optimizer"]["param_groups"][0].update(param_group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(shards, checkpoint_id=str(dest), no_dist=True)
+    torch.save(state, f"{dest}/train_state.pt")
+
+
+def pickle_calling(module: str, qualname: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls module.qualname(arg) when loaded. STACK_GLOBAL takes a
+    dotted qualname, which pickle resolves attribute by attribute: ("some.allowed.module",
+    "os.system") reaches os.system through that module's own `import os`."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + text(module) + text(qualname) + b"\x93" + text(arg) + b"\x85R."  # STACK_GLOBAL, TUPLE1, REDUCE, STOP
 
 
 # ----------------------------------------------------------------------------- chat

@@ -25,7 +25,7 @@ import prepare
 import sample
 import system
 import train
-from conftest import TINY, write_byte_tokenizer
+from conftest import TINY, pickle_calling, shard_checkpoint, write_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,10 @@ def test_2_resume_never_moves_the_earlier_run_aside(dataset, tmp_path, capsys):
     [archive] = out.glob("previous-run-*")
     assert str(archive) in log
     assert (archive / "ckpt.pt").read_bytes() == old and (archive / "ckpt_000010.pt").exists() and (archive / "metrics.jsonl").exists()
+    # D3: the archived run keeps its tokenizer and config, so it can be sampled once data_dir is gone
+    ckpt = checkpoint.load_checkpoint(str(archive / "ckpt.pt"))
+    assert checkpoint.checkpoint_tokenizer_path(ckpt, str(archive / "ckpt.pt")) == str(archive / "tokenizer.tiktoken")
+    assert (archive / "config.json").exists()
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
@@ -128,6 +132,58 @@ def test_3_no_checkpoint_is_written_during_a_nonfinite_streak(dataset, tmp_path,
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_w1_nonfinite_weights_or_evaluation_are_never_saved(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    # Step 5's loss is finite, but its update leaves a NaN in the weights (as --learning_rate
+    # =1e999 did, now refused as a setting): the evaluation after it must neither save them
+    # nor claim an older checkpoint that is not there.
+    real_update = train.update
+
+    def update_that_wrecks(run, step, loss, grad_norm):
+        finite = real_update(run, step, loss, grad_norm)
+        if step + 1 == 5:
+            with torch.no_grad():
+                run.raw_model.norm.weight[0] = float("nan")
+        return finite
+
+    monkeypatch.setattr(train, "update", update_that_wrecks)
+    wreck = [*TINY, f"--data_dir={dataset}", "--max_iters=30", "--eval_interval=1"]
+    code, _, err = train_exit([*wreck, f"--out_dir={out}"], capsys)
+    assert code == 1 and "step 5: the weights hold NaN or inf values; the last checkpoint (step 4) is from before them" in one_line_error(err)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert sorted(p.name for p in out.glob("ckpt*")) == ["ckpt.pt", "ckpt_000004.pt"]
+    code, _, err = train_exit([*wreck, f"--out_dir={tmp_path / 'fresh'}", "--eval_interval=5"], capsys)
+    assert code == 1 and "no checkpoint was saved" in one_line_error(err) and not list((tmp_path / "fresh").glob("ckpt*"))
+    # An evaluation that is not finite counts as non-finite too.
+    monkeypatch.setattr(train, "evaluate", lambda run: {"val_loss": float("nan"), "val_ppl": float("nan"), "val_bpb": float("nan")})
+    log = run_to_step(dataset, tmp_path / "nan_eval", 2, "--eval_interval=1", capsys=capsys)
+    assert "step 2: not saving a checkpoint (end of training): the validation loss is not finite" in log
+    assert not list((tmp_path / "nan_eval").glob("ckpt*"))
+
+
+def test_w2_sample_and_export_refuse_a_tokenizer_the_checkpoint_was_not_trained_with(dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    out = tmp_path / "run"
+    run_to_step(data, out, 2, "--eval_interval=2", capsys=capsys)
+    # Same size, other text: bytes 0x61 "a" and 0x62 "b" trade ids.
+    lines = (out / "tokenizer.tiktoken").read_text().splitlines()
+    lines[0x61], lines[0x62] = lines[0x62].split()[0] + " 97", lines[0x61].split()[0] + " 98"
+    (out / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])  # data_dir still has the right one
+    capsys.readouterr()
+    shutil.rmtree(data)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])
+    phrase = f"the tokenizer file {out / 'tokenizer.tiktoken'} is not the one {out / 'ckpt.pt'} was trained with"
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:
+        export_hf.main(["--out_dir", str(out), "--to", str(tmp_path / "hf")])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err) and not (tmp_path / "hf").exists()
+
+
 def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
     # DCP's own reader unpickles .metadata with pickle.load; ours allows only DCP's index classes.
     marker = tmp_path / "pwned"
@@ -140,9 +196,128 @@ def test_a_sharded_checkpoint_from_a_stranger_cannot_run_code(tmp_path):
 
     (evil / ".metadata").write_bytes(pickle.dumps(Exploit()))
     torch.save({"step": 1, "model_config": {}, "tokenizer": {}}, evil / "train_state.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable sharded checkpoint.*not allowed"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"refusing to load .*ckpt_000001/.metadata: it holds Python objects \(posix.system\)"):
         checkpoint.load_checkpoint(str(evil))
     assert not marker.exists()
+
+
+def plant_sharded(out: Path, name: str, metadata: bytes) -> Path:
+    """out/NAME/: a sharded checkpoint directory with a real train_state.pt (from out/ckpt.pt)
+    and the given index bytes."""
+    planted = out / name
+    planted.mkdir()
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    del state["model"], state["optimizer"]
+    torch.save(state, planted / "train_state.pt")
+    (planted / ".metadata").write_bytes(metadata)
+    return planted
+
+
+def test_s1_a_planted_index_with_a_dotted_global_runs_nothing(dataset, tmp_path, capsys):
+    # Protocol 4 lets a pickle name ("torch.distributed.checkpoint.filesystem", "os.system"):
+    # an allowed module, and a dotted name that walks to os.system through its imports.
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    marker = tmp_path / "pwned"
+    plant_sharded(out, "ckpt_999999", pickle_calling("torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"))
+    refusal = "refusing to load"
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert "passing over" in err and "ckpt_999999" in err and refusal in err and "ckpt.pt: step 4" in err
+    export_hf.main(["--out_dir", str(out), "--to", str(tmp_path / "hf")])
+    assert refusal in capsys.readouterr().err and (tmp_path / "hf" / "model.safetensors").exists()
+    log = run_to_step(dataset, out, 6, "--eval_interval=2", capsys=capsys)
+    assert f"cannot resume from {out / 'ckpt_999999'}: {refusal}" in log and "at step 4" in log
+    assert not marker.exists()
+    [aside] = out.glob("unloadable-*")  # moved out of the way: the run must not write over it
+    assert (aside / "ckpt_999999" / ".metadata").exists()
+
+
+def test_s2_a_sharded_checkpoints_byte_entries_cannot_run_code(dataset, tmp_path, capsys):
+    # DCP's own load planner unpickles non-tensor values with weights_only=False.
+    out = tmp_path / "run"
+    run_to_step(dataset, out, 4, "--eval_interval=4", capsys=capsys)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    shard_checkpoint(out / "ckpt.pt", out / "ckpt_000004", weight_decay=Exploit())
+    os.remove(out / "ckpt.pt")
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=6"], capsys)
+    assert code == 1 and "refusing to load" in one_line_error(err) and "posix.system" in err
+    assert not marker.exists()
+
+
+def sharded_run(dataset, out, capsys) -> None:
+    """out/ as an FSDP run leaves it after step 8: ckpt_000004/ and ckpt_000008/, no .pt files."""
+    run_to_step(dataset, out, 8, "--eval_interval=4", capsys=capsys)
+    for step in (4, 8):
+        shard_checkpoint(out / f"ckpt_{step:06d}.pt", out / f"ckpt_{step:06d}")
+    for path in out.glob("*.pt"):
+        os.remove(path)
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("train_state.pt", "incomplete: it has no train_state.pt"),  # D1
+    ("__0_0.distcp", "its shard __0_0.distcp is missing"),  # T1
+    ("truncate", "its shard __0_0.distcp is truncated"),  # T1
+])
+def test_d1_t1_a_damaged_sharded_checkpoint_is_passed_over_and_never_written_over(dataset, tmp_path, capsys, damage, phrase):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)
+    newest = out / "ckpt_000008"
+    if damage == "truncate":
+        os.truncate(newest / "__0_0.distcp", 1000)
+    else:
+        os.remove(newest / damage)
+    kept = {p.name: p.read_bytes() for p in newest.iterdir()}
+    with pytest.raises(SystemExit) as exit_:  # named explicitly: one line, no traceback
+        sample.main(["--ckpt", str(newest)])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    sample.main(["--out_dir", str(out), "--max_new_tokens", "2", "--seed", "1"])  # the newest whole one
+    assert f"passing over {newest}" in capsys.readouterr().err
+    log = run_to_step(dataset, out, 12, "--eval_interval=4", capsys=capsys)
+    assert f"cannot resume from {newest}: " in log and phrase in log and "at step 4" in log
+    [aside] = out.glob("unloadable-*")
+    assert {p.name: p.read_bytes() for p in (aside / "ckpt_000008").iterdir()} == kept
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+def test_d1_a_run_whose_sharded_checkpoints_all_lack_their_state_is_refused_untouched(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)
+    for step in (4, 8):
+        os.remove(out / f"ckpt_{step:06d}" / "train_state.pt")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    code, _, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=12", "--eval_interval=4"], capsys)
+    assert code == 1 and "none of them loads" in one_line_error(err) and "no train_state.pt" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_d4_export_overwrite_refuses_runs_and_datasets(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    sharded_run(dataset, out, capsys)  # an FSDP run: config.json and the tokenizer sit among its ckpt_STEP/
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    targets = {out: "is a training run", ds: "is a prepared dataset"}
+    before = {target: {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} for target in targets}
+    for target, phrase in targets.items():
+        with pytest.raises(SystemExit) as exit_:
+            export_hf.main(["--ckpt", str(out / "ckpt_000008"), "--to", str(target), "--overwrite"])
+        assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+        assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before[target]
+    export_hf.main(["--ckpt", str(out / "ckpt_000008"), "--to", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit):  # import, too, would have replaced the run's tokenizer
+        export_hf.main(["--import_from", str(tmp_path / "hf"), "--to", str(out), "--overwrite"])
+    assert "is a training run" in one_line_error(capsys.readouterr().err)
+    single = tmp_path / "single"
+    run_to_step(dataset, single, 2, "--eval_interval=2", capsys=capsys)
+    kept = (single / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit):  # --to FILE.pt over a run's own checkpoint
+        export_hf.main(["--out_dir", str(single), "--to", str(single / "ckpt.pt"), "--overwrite"])
+    assert "is a training checkpoint" in one_line_error(capsys.readouterr().err) and (single / "ckpt.pt").read_bytes() == kept
 
 
 # ----------------------------------------------------------------------------- silent wrong results
@@ -193,6 +368,21 @@ def test_6_shards_are_checked_against_meta_json(dataset, tmp_path, capsys, damag
         tokens.tofile(shard)
     code, _, err = train_exit([*TINY, f"--data_dir={broken}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2"], capsys)
     assert code == 1 and phrase in one_line_error(err)
+
+
+def test_t7_an_out_of_vocabulary_id_anywhere_in_a_big_shard_is_refused_at_start(dataset, tmp_path, capsys):
+    # 3M tokens: a check that samples blocks of the shard (1M tokens in all) misses most of it,
+    # and the run then dies with an IndexError whenever a window reaches the bad id.
+    broken = tmp_path / "ds"
+    shutil.copytree(dataset, broken)
+    tokens = np.resize(np.fromfile(broken / "train_000000.bin", dtype=np.uint16), 3_000_000)
+    tokens[200_000] = 60000
+    tokens.tofile(broken / "train_000000.bin")
+    meta = json.loads((broken / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["tokens"] = len(tokens)
+    (broken / "meta.json").write_text(json.dumps(meta))
+    code, _, err = train_exit([*TINY, f"--data_dir={broken}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2"], capsys)
+    assert code == 1 and "train_000000.bin holds token id 60000 but the tokenizer has vocab_size=257" in one_line_error(err)
 
 
 def test_6_a_vocab_size_below_the_tokenizers_is_refused_at_start(dataset, tmp_path, capsys):
@@ -267,11 +457,27 @@ def test_9_a_demo_rerun_over_a_corrupt_meta_json_is_one_line(tmp_path, capsys):
     ("--block_size=0", "block_size=0"), ("--learning_rate=-0.1", "learning_rate=-0.1 must not be negative"),
     ("--dropout=1.0", "dropout=1.0 must be in [0, 1)"), ("--device=tpu", "device='tpu' is not one of"),
     ("--out_dir=", "out_dir is empty"), ("--max_iters=-5", "max_iters=-5 must be a positive integer"),
+    ("--seed=-1", "seed=-1 must be between 0 and"), ("--seed=" + "9" * 30, "must be between 0 and"),  # T3
+    ("--dist_timeout_min=1e12", "dist_timeout_min=1e+12 must be at most 525600"),  # T5: a 128-line C++ trace
+    ("--learning_rate=1e999", "learning_rate=inf must be a finite number"), ("--max_time_min=1e999", "max_time_min=inf must be a finite"),
 ])
 def test_10_out_of_range_values_are_usage_errors(dataset, tmp_path, capsys, flag, phrase):
     code, out, err = train_exit([*TINY, f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}", flag], capsys)
     assert code == 2 and phrase in one_line_error(err) and out == ""
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script, args, phrase", [
+    ("prepare.py", ["--chunk_mb", "nan"], "prepare.py: error: --chunk_mb must be a positive number of MB, got nan"),  # T4
+    ("prepare.py", ["--sp_sample_mb", "inf"], "prepare.py: error: --sp_sample_mb must be a positive number of MB, got inf"),
+    ("prepare.py", ["--workers", "x"], "prepare.py: error: argument --workers: invalid int value: 'x'"),
+    ("sample.py", ["--top_k", "x"], "error: argument --top_k: invalid int value: 'x'"),
+    ("export_hf.py", ["--out_dir", "x"], "error: say what to write: --to DIR (Hugging Face), --to FILE.pt, or --gguf FILE.gguf"),
+])
+def test_bad_flags_are_one_line_without_the_usage_block(script, args, phrase):
+    result = run_py(script, *args)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.count("\n") == 1 and err.startswith(phrase) and "usage:" not in err, err
 
 
 def test_10_an_out_dir_that_is_a_file_is_a_usage_error(dataset, tmp_path, capsys):
@@ -326,6 +532,14 @@ def test_12_sample_refuses_bad_bytes_and_nan_temperature_and_survives_a_tiny_one
     assert tiny == capsys.readouterr().out  # a vanishing temperature is greedy, not nan
 
 
+@pytest.mark.parametrize("seed", ["-1", "1" + "0" * 30])
+def test_t3_sample_refuses_a_seed_out_of_range_in_one_line(dataset, tmp_path, capsys, seed):
+    out = make_sample_run(dataset, tmp_path, capsys)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--out_dir", str(out), "--seed", seed])
+    assert exit_.value.code == 2 and "--seed=" in one_line_error(capsys.readouterr().err)
+
+
 def test_12_an_absurd_model_config_is_refused_before_allocating(dataset, tmp_path, capsys):
     out = make_sample_run(dataset, tmp_path, capsys)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -363,6 +577,23 @@ def test_13_import_refuses_odd_configs_in_one_line(tmp_path, capsys, config, phr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config, files, phrase", [  # T6: each was a traceback (MemoryError for the header)
+    ({**LLAMA, "rope_theta": [1, 2]}, {}, "rope_theta=[1, 2], which is not a number"),
+    ({**LLAMA, "layer_types": 5}, {}, "a field has the wrong JSON type"),
+    (LLAMA, {"model.safetensors": (2**45).to_bytes(8, "little") + b"{}"}, "the header claims 35,184,372,088,832 bytes of a 10-byte file"),
+    (LLAMA, {"model.safetensors.index.json": b'{"weight_map": [1, 2]}'}, "has no weight_map from tensor names to file names"),
+    (LLAMA, {"model.safetensors.index.json": b'{"weight_map": {"a": "../../secret"}}'}, "has no weight_map from tensor names"),
+])
+def test_t6_malformed_hf_folders_are_one_line(tmp_path, capsys, config, files, phrase):
+    path = hf_dir(tmp_path, config)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    with pytest.raises(SystemExit) as exit_:
+        export_hf.main(["--import_from", str(path), "--to", str(tmp_path / "out")])
+    assert exit_.value.code == 1 and phrase in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_13_import_of_a_corrupt_safetensors_file_leaves_nothing_behind(tmp_path, capsys):
     path = hf_dir(tmp_path, LLAMA)
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header")
@@ -393,6 +624,27 @@ def test_13_import_refuses_a_file_as_destination(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- leftovers
+
+
+def test_h4_symlink_loops_and_fifos_in_the_inputs_do_not_hang(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "a" / "b").mkdir(parents=True)
+    (corpus / "a" / "one.jsonl").write_text(json.dumps({"text": "первый документ"}) + "\n", encoding="utf-8")
+    (corpus / "a" / "b" / "two.jsonl").write_text(json.dumps({"text": "второй документ"}) + "\n", encoding="utf-8")
+    os.symlink("..", corpus / "a" / "up")  # two loops: glob's ** walked 2^depth paths
+    os.symlink("../..", corpus / "a" / "b" / "top")
+    os.mkfifo(corpus / "a" / "pipe.jsonl")  # opening it for reading would wait for a writer forever
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    args = ["--tokenizer", str(tok), "--workers", "1", "--val_fraction", "0", "--no_progress"]
+    for i, pattern in enumerate([f"{corpus}/**/*.jsonl", str(corpus)]):
+        assert prepare.main(["--input", pattern, "--out_dir", str(tmp_path / f"ds{i}"), *args]) == 0
+        err = capsys.readouterr().err
+        assert "ignoring 1 file(s)" in err and "pipe.jsonl" in err
+        meta = json.loads((tmp_path / f"ds{i}" / "meta.json").read_text())
+        assert meta["splits"]["train"]["documents"] == 2  # each file once, however many links lead to it
+    assert prepare.main(["--input", str(corpus / "a" / "pipe.jsonl"), "--out_dir", str(tmp_path / "ds9"), *args]) == 1
+    assert "is not a regular file" in capsys.readouterr().err
 
 
 def test_14_pool_workers_die_with_a_killed_parent(tmp_path):
@@ -442,6 +694,29 @@ def test_14_stale_work_dirs_of_killed_runs_are_removed_but_not_a_live_runs(tmp_p
     assert prepare.main(["--input", str(corpus), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "ds"), "--workers", "1", "--val_fraction", "0"]) == 0
     assert not stale.exists() and live.exists() and foreign.exists()
     assert not (tmp_path / "ds" / ".owner").exists()
+
+
+def test_d2_files_kept_from_a_replaced_dataset_are_never_cleaned_up_later(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"строка {i}\n" for i in range(100)), encoding="utf-8")
+    tok = tmp_path / "bytes.tiktoken"
+    write_byte_tokenizer(tok)
+    args = ["--input", str(corpus), "--tokenizer", str(tok), "--out_dir", str(tmp_path / "ds"), "--workers", "1", "--val_fraction", "0"]
+    assert prepare.main(args) == 0
+    check = prepare._check_out_dir
+
+    def user_adds_a_file_meanwhile(out_dir, overwrite):
+        check(out_dir, overwrite)
+        (tmp_path / "ds" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(prepare, "_check_out_dir", user_adds_a_file_meanwhile)
+    assert prepare.main([*args, "--overwrite"]) == 0
+    [kept] = tmp_path.glob(".ds.old-*")
+    assert f"kept in {kept}/dataset" in capsys.readouterr().err
+    assert (kept / "dataset" / "notes.txt").read_text() == "mine" and not (kept / ".owner").exists()  # no longer ours to remove
+    monkeypatch.setattr(prepare, "_check_out_dir", check)
+    assert prepare.main([*args, "--overwrite"]) == 0
+    assert (kept / "dataset" / "notes.txt").read_text() == "mine"
 
 
 def test_15_stale_save_temp_files_are_removed(dataset, tmp_path, capsys):

@@ -443,7 +443,7 @@ def test_continue_pretraining_a_hf_model_prepare_then_train(tmp_path):
     out = tmp_path / "out"
     train.main([f"--data_dir={data}", f"--out_dir={out}", f"--init_from=hf:{hf_dir}", "--block_size=32", "--batch_size=2",
                 "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--learning_rate=1e-4",
-                "--device=cpu", "--dtype=float32", "--compile=False"])  # compared with transformers' float32 loss
+                "--device=cpu", "--compile=False", "--dtype=float32"])  # compared with HF's fp32 loss
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     picks = train.TokenShards(str(data), meta, "train", 32).sample([1337, 0], 2)
     x, y = train.TokenShards(str(data), meta, "train", 32).read(picks, torch.device("cpu"))

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = {"prepare", "train", "sample", "export_hf"}
-LIBRARIES = {"model", "configurator", "tokenizer", "dataset", "corpus", "checkpoint", "hardware", "hf", "gguf_export", "system"}
+LIBRARIES = {"model", "configurator", "tokenizer", "dataset", "corpus", "checkpoint", "hardware", "hf", "gguf_export", "system", "runlog"}
 EXTRAS = ("studio", "tools")  # folders of scripts that use the libraries; nothing imports them
 MAX_LINES = 1000
 MAX_ROLE_FUNCTION_LINES = 120

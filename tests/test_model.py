@@ -55,6 +55,12 @@ def test_config_rejects_bad_values_with_the_fix(overrides, message):
 def test_config_error_suggests_a_divisor():
     with pytest.raises(ValueError, match=r"e\.g\. 5\)"):
         tiny(n_embd=40, n_head=6)
+    # Found among the divisor pairs (d, n/d), d <= sqrt(n): a 13-digit n_embd answers at once
+    # (issue 21 H6: every d up to n took 6 s for n_embd=100000001).
+    with pytest.raises(ValueError, match=r"e\.g\. 1000003\)"):
+        tiny(n_embd=1000003 * 999983, n_head=1000000)
+    with pytest.raises(ValueError, match=r"e\.g\. 999983\)"):
+        tiny(n_embd=1000003 * 999983, n_head=999990)
 
 
 def test_config_round_trips_through_dict():

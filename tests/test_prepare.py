@@ -162,6 +162,32 @@ def test_existing_sentencepiece_model_is_reused(corpus, sp_dataset, tmp_path):
     assert shard_bytes(out) == shard_bytes(sp_dataset)
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken"])
+def test_a_huge_document_is_encoded_in_pieces_to_the_same_tokens(corpus, sp_dataset, tmp_path, monkeypatch, capsys, kind):
+    # Issue 21 H3: a tokenizer's memory grows many times faster than its input (a 100 MB
+    # document peaked at 3 GB). Documents past LONG_TEXT (made tiny here) are encoded in pieces
+    # cut where the tokens stay exactly those of a whole encode.
+    if kind == "sentencepiece":
+        tok = sp_dataset / "tokenizer.model"
+    else:
+        tok = tmp_path / "bytes.tiktoken"
+        tok.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    _, docs = corpus
+    huge = "".join(docs)  # newlines, runs of spaces and tabs, Cyrillic, code: ~30 KB
+    path = write_jsonl(tmp_path / "c.jsonl", docs[:50] + [huge] + docs[50:])
+    args = ["--input", path, "--tokenizer", tok, "--workers", 1, "--val_fraction", 0]
+    assert run(*args, "--out_dir", tmp_path / "whole") == 0
+    monkeypatch.setattr(prepare, "LONG_TEXT", 2000)
+    assert run(*args, "--out_dir", tmp_path / "pieces") == 0
+    assert shard_bytes(tmp_path / "pieces") == shard_bytes(tmp_path / "whole")
+    assert "note:" not in capsys.readouterr().err
+    # No newline or space to cut at: a counted cut, and the text still comes back whole.
+    path = write_jsonl(tmp_path / "c.jsonl", docs[:5] + ["ы" * 5000])
+    assert run("--input", path, "--tokenizer", tok, "--workers", 1, "--val_fraction", 0, "--out_dir", tmp_path / "cut") == 0
+    assert "found no place that keeps the tokens exactly" in capsys.readouterr().err
+    assert read_split(tmp_path / "cut", "train") == docs[:5] + ["ы" * 5000]
+
+
 def test_txt_gz_lines_directories_globs_and_file_mode(sp_dataset, tmp_path):
     docs = make_docs(40, seed=1)
     flat = [d.replace("\n", " ") for d in docs]  # line mode: one document per line
@@ -490,6 +516,10 @@ def test_tokenizer_spec_errors(corpus, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and no_leftovers(tmp_path)
+    (tmp_path / "bad.model").write_text("not a model")  # named as given, not as the temp copy (.x.tmp-*/tokenizer.model)
+    assert run("--input", path, "--tokenizer", tmp_path / "bad.model", "--out_dir", tmp_path / "x", "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert f"Cannot load SentencePiece model {tmp_path / 'bad.model'} (" in err and ".tmp-" not in err
     with pytest.raises(tokenizer.TokenizerError, match="missing"):
         tokenizer.load_tokenizer({"kind": "sentencepiece", "file": "tokenizer.model"}, str(tmp_path))
 

@@ -25,7 +25,7 @@ import train
 from configurator import TrainConfig
 from model import ModelConfig
 from dataset import TokenShards
-from conftest import CHAT_TINY, TINY
+from conftest import CHAT_TINY, TINY, shard_checkpoint
 from train import get_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +159,17 @@ def test_a_model_too_big_for_this_machine_is_refused_in_seconds(dataset, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_the_memory_check_comes_before_the_model_is_built(dataset, tmp_path, capsys, monkeypatch):
+    # --n_layer=100000 used to build 100000 blocks (on the meta device, for minutes) first.
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the memory check")
+
+    monkeypatch.setattr(train, "Transformer", built)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, "--n_layer=100000", "--n_embd=512", "--n_head=8", f"--data_dir={dataset}", f"--out_dir={tmp_path / 'o'}"])
+    assert exit_.value.code == 1 and "error: this run needs about" in capsys.readouterr().err
+
+
 def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train.main([f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
@@ -182,6 +193,8 @@ def test_nonfinite_loss_skips_then_stops_without_touching_the_checkpoint(dataset
     assert (out / "ckpt.pt").read_bytes() == before
     skipped = [r for r in metrics(out) if r.get("loss", 0) is None]
     assert skipped and all(r["step"] > 4 for r in skipped)  # recorded as null, never NaN
+    # the skipped step is numbered as its log line and metrics record are
+    assert int(re.search(r"step (\d+): non-finite loss", captured.out).group(1)) == skipped[0]["step"]
 
 
 def test_atomic_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -206,6 +219,24 @@ def test_resume_refuses_another_model_config(dataset, tmp_path, capsys):
         run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--n_layer=3"])
     err = capsys.readouterr().err
     assert "the model config differs: n_layer=2 (checkpoint) vs 3 (now)" in err and "--init_from=" in err
+    with pytest.raises(SystemExit):  # T2: Muon's state has other entries than AdamW's (a KeyError deep in torch)
+        run_inprocess([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=4", "--optimizer=muon"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it was trained with --optimizer=adamw, this run asks for muon; use --optimizer=adamw" in err
+
+
+def test_resume_takes_the_path_of_a_sharded_checkpoint_directory(dataset, tmp_path, capsys):
+    # --resume=PATH names any checkpoint, an FSDP run's ckpt_STEP/ directory included.
+    out = tmp_path / "run"
+    args = [*TINY, f"--data_dir={dataset}", "--eval_interval=4"]
+    run_inprocess([*args, f"--out_dir={out}", "--max_iters=4"])
+    shard_checkpoint(out / "ckpt.pt", tmp_path / "ckpt_000004")
+    run_inprocess([*args, f"--out_dir={tmp_path / 'more'}", "--max_iters=8", f"--resume={tmp_path / 'ckpt_000004'}"])
+    assert f"resumed from {tmp_path / 'ckpt_000004'} at step 4" in capsys.readouterr().out
+    assert sorted(train_losses(tmp_path / "more")) == [5, 6, 7, 8]
+    with pytest.raises(SystemExit):
+        run_inprocess([*args, f"--out_dir={tmp_path / 'typo'}", "--max_iters=8", "--resume=nevr"])
+    assert "--resume=nevr: no such checkpoint; --resume takes auto, never, or the path of" in capsys.readouterr().err
 
 
 def test_init_from_a_checkpoint_warm_starts_the_weights(dataset, tmp_path):
@@ -235,9 +266,33 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=120.0) -> None:
         time.sleep(0.005)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (children before grandchildren), from /proc."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found
+
+
 def kill_after_first_checkpoint(cmd_proc: subprocess.Popen, out: Path) -> int:
+    """kill -9 of a whole run, ranks included, right after its first checkpoint. torchrun puts
+    its ranks in sessions of their own, so killpg of the launcher misses them; and ranks that
+    outlive the launcher stop gracefully (stop_when_the_launcher_dies), which is not a crash."""
     wait_for(out / "ckpt.pt", cmd_proc)
-    os.killpg(cmd_proc.pid, signal.SIGKILL)
+    os.kill(cmd_proc.pid, signal.SIGSTOP)  # no reaction to its ranks' deaths, no SIGTERM to them
+    for pid in [*reversed(descendants(cmd_proc.pid)), cmd_proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     cmd_proc.wait()
     return torch.load(out / "ckpt.pt", weights_only=True)["step"]
 
@@ -284,6 +339,29 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(dataset, tmp_path):
     assert step == max(train_losses(out))
 
 
+def test_ranks_save_and_stop_when_the_launcher_is_killed(dataset, tmp_path):
+    # Issue 21 H5: kill -9 of torchrun left both ranks training, holding train.lock.
+    import fcntl
+
+    out = tmp_path / "run"
+    proc = torchrun([*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=100000", "--eval_interval=100000"],
+                    start_new_session=True)
+    try:
+        wait_for(out / "metrics.jsonl", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
+        output, _ = proc.communicate(timeout=120)  # the ranks hold its stdout: EOF once both have exited
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "received SIGTERM" in output and "(stopped by signal)" in output, output[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "stopped"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == max(train_losses(out))
+    with open(out / "train.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: a new run may take out_dir
+
+
 def test_ddp_two_ranks_equal_one_process_with_double_accumulation_and_resume_exactly(dataset, tmp_path):
     one, ddp, cut = tmp_path / "one", tmp_path / "ddp", tmp_path / "cut"
     args = [*RESUME_RUN, f"--data_dir={dataset}", "--batch_size=4"]
@@ -320,8 +398,9 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     out = tmp_path / "fsdp"
     # eval_iters x batch_size = 3 x 3 = 9 validation windows: rank 0 takes 5, rank 1 takes 4 plus
     # one padding row, which must neither change the mean nor leave FSDP's collectives unmatched.
-    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3", "--batch_size=3",
-              "--dtype=float32"]  # compared across runs below
+    # float32: the losses are compared across layouts at fp32 tolerances (--dtype auto may pick bf16).
+    common = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--eval_interval=4", "--lr_decay_iters=12", "--eval_iters=3",
+              "--batch_size=3", "--dtype=float32"]
     fsdp = [*common, "--parallel=fsdp"]
     log = finish(torchrun([*fsdp, "--max_iters=4"]))
     assert "parallel: fsdp" in log
@@ -588,6 +667,20 @@ def test_a_time_budgeted_run_resumes_on_its_own_clock(dataset, tmp_path):
     resumed = [r for r in records if r["step"] > saved]
     assert resumed[0]["elapsed_s"] > saved_elapsed  # the clock went on from the checkpoint's count
     assert records[-1]["lr"] == pytest.approx(3e-4) and records[-1]["elapsed_s"] <= 0.2 * 60 + 2
+
+
+def test_a_finished_time_budgeted_run_run_again_does_nothing(dataset, tmp_path, capsys):
+    # As with max_iters: it used to train one more step per re-run and rotate checkpoints away.
+    out = tmp_path / "timed"
+    args = [*TINY, f"--data_dir={dataset}", f"--out_dir={out}", "--max_iters=None", "--max_time_min=0.05", "--eval_interval=3"]
+    run_inprocess(args)
+    files = {p.name: p.read_bytes() for p in out.glob("ckpt*")}
+    records = metrics(out)
+    capsys.readouterr()
+    run_inprocess(args)
+    assert f"done: step {records[-1]['step']}," in capsys.readouterr().out
+    assert metrics(out) == records and {p.name: p.read_bytes() for p in out.glob("ckpt*")} == files
+    assert json.loads((out / "status.json").read_text())["reason"] == "time budget"
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(dataset, tmp_path):
