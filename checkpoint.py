@@ -222,8 +222,10 @@ def load_checkpoint_file(path: str) -> object:
 
 def load_init_checkpoint(path: str) -> dict:
     """The checkpoint that train.py --init_from names: a run directory (its newest checkpoint, see
-    find_checkpoint), a .pt file or an FSDP run's sharded ckpt_STEP/ directory."""
-    return load_checkpoint(find_checkpoint(path) if os.path.isdir(path) and not is_sharded(path) else path)
+    find_checkpoint), a .pt file or an FSDP run's sharded ckpt_STEP/ directory (a directory that
+    holds DCP's index or train_state.pt; whether it is whole, loading says)."""
+    sharded = any(os.path.isfile(os.path.join(path, name)) for name in (".metadata", TRAIN_STATE))
+    return load_checkpoint(find_checkpoint(path) if os.path.isdir(path) and not sharded else path)
 
 
 def grow_vocab(ckpt: dict, tokenizer: dict, vocab_size: int) -> tuple[ModelConfig, dict]:

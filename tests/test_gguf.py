@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import prepare
 import tokenizer as toklib
 import train
 from checkpoint import load_checkpoint, load_checkpoint_tokenizer, model_from_checkpoint
-from conftest import CHAT_TINY, TINY, copy_conversation, learn_bpe_ranks, write_copy_conversations
+from conftest import CHAT_TINY, TINY, copy_conversation, learn_bpe_ranks, shard_checkpoint, write_copy_conversations
 from model import ModelConfig, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,6 +221,18 @@ def test_modelfile_runs_the_gguf_with_the_trained_context(runs):
     assert "FROM ./model-q8_0.gguf" in lines  # the last export of the fixture, next to the Modelfile
     assert f"PARAMETER num_ctx {run.cfg.max_seq_len}" in lines
     assert 'TEMPLATE """{{ .Prompt }}"""' in lines and "PARAMETER temperature 0.8" in lines and "PARAMETER top_k 200" in lines
+
+
+def test_a_sharded_checkpoint_exports_the_same_gguf(runs, tmp_path):
+    """An FSDP run's ckpt_STEP/ is read on the CPU (no process group, no GPU) into the same file
+    as its ckpt.pt."""
+    run = runs["sp"]
+    run_dir = tmp_path / os.path.basename(run.out_dir)  # the GGUF's general.name
+    run_dir.mkdir()
+    shard_checkpoint(os.path.join(run.out_dir, "ckpt.pt"), run_dir / "ckpt_000200")
+    shutil.copy(os.path.join(run.out_dir, "tokenizer.model"), run_dir)
+    export_hf.main(["--out_dir", str(run_dir), "--gguf", str(tmp_path / "gguf" / "model.gguf"), "--outtype", "f32"])
+    assert (tmp_path / "gguf" / "model.gguf").read_bytes() == open(run.gguf("f32"), "rb").read()
 
 
 @pytest.mark.parametrize("outtype", ["bf16", "q8_0"])

@@ -441,11 +441,7 @@ def test_fsdp_saves_sharded_and_resumes_on_any_number_of_ranks(dataset, tmp_path
     tuned = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=True)["model"]
     assert torch.equal(tuned["embed.weight"], sharded["model"]["embed.weight"])
     assert torch.equal(tuned["layers.0.attn.q_proj.weight"], sharded["model"]["layers.0.attn.q_proj.weight"])
-    # ... and writes a GGUF from the shards too, read on the CPU (no process group, no GPU).
-    import gguf  # requirements-dev.txt
-    export_hf.main(["--out_dir", str(out), "--gguf", str(tmp_path / "gguf" / "model.gguf"), "--outtype", "f32"])
-    embd = next(t for t in gguf.GGUFReader(tmp_path / "gguf" / "model.gguf").tensors if t.name == "token_embd.weight")
-    assert np.array_equal(np.asarray(embd.data), sharded["model"]["embed.weight"].numpy())
+    # (A GGUF from shards: tests/test_gguf.py, with a tokenizer llama.cpp can load; this one is bytes alone.)
 
 
 def test_async_checkpoint_writes_in_the_background_the_same_checkpoints(dataset, tmp_path):
