@@ -590,8 +590,8 @@ def read_sentencepiece(path: str) -> dict:
              "add_dummy_prefix": True, "remove_extra_whitespaces": True, "escape_whitespaces": True,
              "treat_whitespace_as_suffix": False, "denormalizer": b""}
     try:
-        for field, value in proto_fields(data):
-            if field == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
+        for number, value in proto_fields(data):
+            if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
                 piece = {"piece": "", "score": 0.0, "type": SP_NORMAL}
                 for f, v in proto_fields(value):
                     if f == 1:
@@ -601,7 +601,7 @@ def read_sentencepiece(path: str) -> dict:
                     elif f == 3:
                         piece["type"] = v
                 model["pieces"].append(piece)
-            elif field == 2:  # TrainerSpec
+            elif number == 2:  # TrainerSpec
                 for f, v in proto_fields(value):
                     if f == 3:
                         model["model_type"] = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(v, str(v))
@@ -609,7 +609,7 @@ def read_sentencepiece(path: str) -> dict:
                         model["treat_whitespace_as_suffix"] = bool(v)
                     elif f == 35:
                         model["byte_fallback"] = bool(v)
-            elif field == 3:  # NormalizerSpec
+            elif number == 3:  # NormalizerSpec
                 for f, v in proto_fields(value):
                     if f == 2:
                         model["charsmap"] = v
@@ -619,7 +619,7 @@ def read_sentencepiece(path: str) -> dict:
                         model["remove_extra_whitespaces"] = bool(v)
                     elif f == 5:
                         model["escape_whitespaces"] = bool(v)
-            elif field == 5:  # denormalizer NormalizerSpec
+            elif number == 5:  # denormalizer NormalizerSpec
                 model["denormalizer"] = dict(proto_fields(value)).get(2, b"")
     except (ValueError, IndexError, TypeError, AttributeError, struct.error):  # not a ModelProto
         raise TokenizerError(f"{path} is not a SentencePiece model file") from None
