@@ -456,8 +456,6 @@ def test_a_chat_models_gguf_chats_in_llama_cpp_as_sample_py_does(sp_chat_run, tm
     tokenizer.chat_template and <|im_end|> as eos and end of turn: the prompt llama.cpp builds
     from the GGUF's own template is sample.py --chat's, token for token, and llama.cpp's greedy
     reply is sample.py's, ending at <|im_end|>. The Modelfile chats too."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     dest = tmp_path / "chat.gguf"
     export_hf.main(["--out_dir", sp_chat_run, "--gguf", str(dest), "--outtype", "f32"])
     ckpt_path = os.path.join(sp_chat_run, "ckpt.pt")
@@ -472,7 +470,9 @@ def test_a_chat_models_gguf_chats_in_llama_cpp_as_sample_py_does(sp_chat_run, tm
     assert ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""'
             in modelfile)
 
-    require_llama_cpp()
+    require_llama_cpp()  # the file's fields are checked above without it
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     llm = llama_cpp.Llama(str(dest), n_ctx=256, n_threads=2, verbose=False)
     assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm._model.model), im_end)
     chat_format = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="")
