@@ -3,6 +3,7 @@ from the command line), incremental metrics, start -> metrics -> stop -> resume 
 train.py child, sampling, the token / Host / Origin / path checks, and a headless Chromium
 driving the page."""
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -697,41 +698,44 @@ def test_studio_refuses_a_missing_runs_dir(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the page in a real browser
 
 
-def chromium_driver():
-    """Selenium driving Debian's chromium with its matching chromedriver; no browser download.
-    Skips where there is none, unless HOMELLM_REQUIRE_BROWSER=1 (CI) makes that a failure."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+@contextlib.contextmanager
+def studio_page(url: str, profile: Path):
+    """A headless Debian chromium (with its matching chromedriver; no browser download) on the
+    studio's page, and a wait that outlasts the page's redraws. Skips where there is none,
+    unless HOMELLM_REQUIRE_BROWSER=1 (CI) makes that a failure."""
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     try:
         from selenium import webdriver
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.support.ui import WebDriverWait
     except ImportError:
         webdriver = None
-    if not (browser and driver and webdriver):
+    if not (browser_path and driver and webdriver):
         why = "the browser test needs chromium, chromedriver (apt-get install chromium chromium-driver) and selenium"
         if os.environ.get("HOMELLM_REQUIRE_BROWSER") == "1":
             pytest.fail(why + " (HOMELLM_REQUIRE_BROWSER=1)")
         pytest.skip(why)
     opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
+    opts.binary_location = browser_path
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1500,1150"):
+                "--disable-component-update", "--disable-sync", "--window-size=1500,1150", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
-    return webdriver, opts, Service(driver)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        browser.get(url)
+        # The page redraws the run pane every poll: an element found a moment ago may be gone.
+        yield browser, WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    finally:
+        browser.quit()
 
 
 def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
-    webdriver, opts, service = chromium_driver()
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    with studio_page(server.url, tmp_path / "profile") as (browser, wait):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
 
-    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    browser = webdriver.Chrome(service=service, options=opts)
-    try:
-        browser.get(server.url)
-        # The page redraws the run pane every poll: an element found a moment ago may be gone.
-        wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
         wait.until(lambda b: "cli" in b.find_element(By.ID, "runrows").text)
         browser.find_element(By.CSS_SELECTOR, '[data-tab="new"]').click()
         wait.until(lambda b: len(Select(b.find_element(By.ID, "preset")).options) > 1)
@@ -762,40 +766,31 @@ def test_the_page_starts_watches_and_stops_a_run(server, runs_dir, tmp_path):
         shot = tmp_path / "studio.png"
         browser.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        browser.quit()
 
 
 def test_the_sample_box_chats_with_a_chat_tuned_run(server, runs_dir, chat_run, tmp_path):
-    webdriver, opts, service = chromium_driver()
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     shutil.copytree(chat_run, runs_dir / "chat-ui")
-    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    browser = webdriver.Chrome(service=service, options=opts)
     try:
-        browser.get(server.url)
-        wait = WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
-        wait.until(lambda b: "chat-ui" in b.find_element(By.ID, "runrows").text)
-        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="chat-ui"] .runname').click()
-        browser.find_element(By.CSS_SELECTOR, '[data-tab="sample"]').click()
-        wait.until(lambda b: b.find_element(By.ID, "samplebtn").text == "Send" and b.find_element(By.ID, "samplebtn").is_enabled())
-        browser.find_element(By.ID, "temperature").clear()
-        browser.find_element(By.ID, "temperature").send_keys("0")
-        rng = random.Random(8)
-        turns = [copy_conversation(rng), copy_conversation(rng)]
-        for message, word in turns:
-            browser.find_element(By.ID, "prompt").send_keys(message)
-            browser.find_element(By.ID, "samplebtn").click()
-            wait.until(lambda b: b.find_element(By.ID, "sampleout").text.endswith(f"model: {word}") and b.find_element(By.ID, "samplebtn").is_enabled())
-        # Both turns stay on screen: the second request carried the first exchange as history.
-        assert browser.find_element(By.ID, "sampleout").text == "\n".join(f"you: {m}\nmodel: {w}" for m, w in turns)
-        browser.find_element(By.ID, "newchat").click()
-        assert browser.find_element(By.ID, "sampleout").text == ""
+        with studio_page(server.url, tmp_path / "profile") as (browser, wait):
+            from selenium.webdriver.common.by import By
+
+            wait.until(lambda b: "chat-ui" in b.find_element(By.ID, "runrows").text)
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-run="chat-ui"] .runname').click()
+            browser.find_element(By.CSS_SELECTOR, '[data-tab="sample"]').click()
+            wait.until(lambda b: b.find_element(By.ID, "samplebtn").text == "Send" and b.find_element(By.ID, "samplebtn").is_enabled())
+            browser.find_element(By.ID, "temperature").clear()
+            browser.find_element(By.ID, "temperature").send_keys("0")
+            rng = random.Random(8)
+            turns = [copy_conversation(rng), copy_conversation(rng)]
+            for message, word in turns:
+                browser.find_element(By.ID, "prompt").send_keys(message)
+                browser.find_element(By.ID, "samplebtn").click()
+                wait.until(lambda b: b.find_element(By.ID, "sampleout").text.endswith(f"model: {word}") and b.find_element(By.ID, "samplebtn").is_enabled())
+            # Both turns stay on screen: the second request carried the first exchange as history.
+            assert browser.find_element(By.ID, "sampleout").text == "\n".join(f"you: {m}\nmodel: {w}" for m, w in turns)
+            browser.find_element(By.ID, "newchat").click()
+            assert browser.find_element(By.ID, "sampleout").text == ""
     finally:
-        browser.quit()
         shutil.rmtree(runs_dir / "chat-ui")
 
 
@@ -813,11 +808,6 @@ def test_a_mixtures_per_source_numbers_reach_the_page_and_other_nesting_does_not
 
 
 def test_the_page_draws_a_mixtures_per_source_curves(tmp_path, dataset):
-    webdriver, opts, service = chromium_driver()
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
     root = tmp_path / "runs"
     digits = tmp_path / "digits.txt"
     digits.write_text("".join(" ".join(str(i * j % 997) for j in range(40)) + "\n" for i in range(300)))
@@ -830,21 +820,20 @@ def test_the_page_draws_a_mixtures_per_source_curves(tmp_path, dataset):
     records = [json.loads(line) for line in (root / "mix" / "metrics.jsonl").read_text().splitlines()]
     evals, steps = [r for r in records if "source_val_loss" in r], [r for r in records if "source_tokens" in r]
     assert len(evals) == 3 and len(steps) == 6
-    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
     srv = Server(root)
-    browser = webdriver.Chrome(service=service, options=opts)
     try:
-        browser.get(srv.url)
-        wait = WebDriverWait(browser, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname'))
-        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname').click()
-        card = lambda b: b.find_element(By.ID, "sources-card")  # noqa: E731
-        points = lambda b: int(b.find_element(By.ID, "chart-sources").get_attribute("data-points") or 0)  # noqa: E731
-        wait.until(lambda b: card(b).is_displayed() and points(b) == 2 * len(evals))  # val loss: a curve per source
-        legend = browser.find_element(By.ID, "legend-sources").text
-        assert f"mix {dataset}" in legend and f"mix {tmp_path / 'digits'}" in legend
-        Select(browser.find_element(By.ID, "sourcekey")).select_by_value("source_tokens")
-        wait.until(lambda b: points(b) == 2 * len(steps))
+        with studio_page(srv.url, tmp_path / "profile") as (browser, wait):
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import Select
+
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname'))
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-run="mix"] .runname').click()
+            card = lambda b: b.find_element(By.ID, "sources-card")  # noqa: E731
+            points = lambda b: int(b.find_element(By.ID, "chart-sources").get_attribute("data-points") or 0)  # noqa: E731
+            wait.until(lambda b: card(b).is_displayed() and points(b) == 2 * len(evals))  # val loss: a curve per source
+            legend = browser.find_element(By.ID, "legend-sources").text
+            assert f"mix {dataset}" in legend and f"mix {tmp_path / 'digits'}" in legend
+            Select(browser.find_element(By.ID, "sourcekey")).select_by_value("source_tokens")
+            wait.until(lambda b: points(b) == 2 * len(steps))
     finally:
-        browser.quit()
         srv.close()
