@@ -46,14 +46,17 @@ def train_losses(out_dir) -> dict[int, float]:
 
 
 def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints its Python stacks
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + random.randint(0, 500)), str(REPO / "train.py"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def finish(proc: subprocess.Popen, timeout=180) -> str:
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
+    if proc.returncode != 0:  # the first rank to die says why near its "Fatal Python error"; the tail has the launcher's summary
+        fatal = out.find("Fatal Python error")
+        pytest.fail((out[max(0, fatal - 500):fatal + 4000] + "\n[...]\n" if fatal >= 0 else "") + out[-3000:])
     return out
 
 
