@@ -107,12 +107,19 @@ def find_input_files(args: list[str], txt_mode: str, split: str) -> list[InputFi
         if key not in seen:
             seen.add(key)
             result.append(InputFile(p, _input_kind(p, txt_mode) or "", split, os.path.getsize(p)))
-    for suffix, module, package in OPTIONAL_PACKAGES:
-        needs = next((f.path for f in result if f.path.lower().endswith(suffix)), None)
+    for suffix, module, package, needs in _optional_needs(result):
         # find_spec: checked, but imported only where used (pyarrow alone takes ~0.1 s)
-        if needs and importlib.util.find_spec(package) is None:
+        if importlib.util.find_spec(package) is None:
             raise CorpusError(missing_package(package, suffix, needs))
     return result
+
+
+def _optional_needs(files: list[InputFile]) -> Iterator[tuple[str, str, str, str]]:
+    """(suffix, module, package, the first file that needs it) of each optional reader these files need."""
+    for suffix, module, package in OPTIONAL_PACKAGES:
+        needs = next((f.path for f in files if f.path.lower().endswith(suffix)), None)
+        if needs:
+            yield suffix, module, package, needs
 
 
 def missing_package(package: str, suffix: str, path: str) -> str:
@@ -122,10 +129,8 @@ def missing_package(package: str, suffix: str, path: str) -> str:
 def preload_readers(files: list[InputFile]) -> None:
     """Import the optional modules that reading `files` needs now, e.g. before forking workers,
     which then inherit them instead of each importing pyarrow (~0.1 s) on its first task."""
-    for suffix, module, package in OPTIONAL_PACKAGES:
-        needs = next((f.path for f in files if f.path.lower().endswith(suffix)), None)
-        if needs:
-            _optional(module, package, suffix, needs)
+    for suffix, module, package, needs in _optional_needs(files):
+        _optional(module, package, suffix, needs)
 
 
 def _optional(module: str, package: str, suffix: str, path: str) -> Any:
